@@ -1,0 +1,259 @@
+//! Settings of every mesh process, layered with the `config` crate:
+//! defaults in code < an optional TOML file < `ESTATE__…` environment variables
+//! (for example `ESTATE__DATABASE__URL`, `ESTATE__LISTEN`). Command-line flags,
+//! where a binary has them, are applied last by the binary.
+//!
+//! Secrets (database passwords inside URLs) are never printed: [`Settings`]
+//! implements `Debug` by hand and redacts them.
+
+use serde::Deserialize;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+/// Errors while reading settings.
+#[derive(Debug, thiserror::Error)]
+pub enum SettingsError {
+    /// The file or an environment variable holds a value of the wrong form.
+    #[error("settings: {0}")]
+    Invalid(String),
+}
+
+/// Everything a mesh process needs to start.
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    /// Directory for SQLite files and generated keys (embedded default).
+    pub data_dir: PathBuf,
+    /// Address of the gRPC listener; port 0 picks a free port.
+    pub listen: SocketAddr,
+    /// Database connection.
+    pub database: DatabaseSettings,
+    /// Redis, for the distributed mode. Unset: in-process cache and pub/sub.
+    pub redis: RedisSettings,
+    /// Where keys live and whether to create them.
+    pub keys: KeySettings,
+    /// Logs and traces.
+    pub telemetry: TelemetrySettings,
+    /// Token issuance.
+    pub auth: AuthSettings,
+    /// Request limits.
+    pub limits: LimitSettings,
+}
+
+/// Database connection settings.
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DatabaseSettings {
+    /// `sqlite://path` or `postgres://…`. Unset: `sqlite://<data_dir>/mesh.db`.
+    pub url: Option<String>,
+    /// Pool size.
+    pub max_connections: u32,
+    /// Seconds to wait for a pooled connection before UNAVAILABLE.
+    pub acquire_timeout_secs: u64,
+    /// PostgreSQL `statement_timeout` in milliseconds (0: none).
+    pub statement_timeout_ms: u64,
+    /// Run migrations on start (the embedded default does).
+    pub migrate_on_start: bool,
+}
+
+/// Redis settings.
+#[derive(Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RedisSettings {
+    /// `redis://host:port/db`. Unset: in-process.
+    pub url: Option<String>,
+}
+
+/// Key files.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeySettings {
+    /// Directory of key files. Unset: `<data_dir>/keys`.
+    pub dir: Option<PathBuf>,
+    /// Create missing keys (embedded default); false when keys are mounted.
+    pub generate_missing: bool,
+}
+
+/// Telemetry settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TelemetrySettings {
+    /// `tracing` env-filter directive, e.g. "info,sqlx=warn".
+    pub log_filter: String,
+    /// "text" or "json".
+    pub log_format: String,
+    /// OTLP/gRPC collector endpoint, e.g. "http://127.0.0.1:4317". Unset: no export.
+    pub otlp_endpoint: Option<String>,
+}
+
+/// Token settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthSettings {
+    /// `iss` claim of tokens this mesh issues and accepts.
+    pub issuer: String,
+    /// Lifetime of a token when the request names none.
+    pub default_token_ttl_secs: u64,
+    /// Lifetime of the bootstrap admin token written on first start.
+    pub admin_token_ttl_secs: u64,
+}
+
+/// Request limits.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitSettings {
+    /// Largest gRPC message accepted, in bytes.
+    pub max_message_bytes: usize,
+    /// Largest page a list call returns.
+    pub max_page_size: u32,
+}
+
+impl std::fmt::Debug for Settings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Settings")
+            .field("data_dir", &self.data_dir)
+            .field("listen", &self.listen)
+            .field("database_url", &self.database.url.as_deref().map(redact_url))
+            .field("redis_url", &self.redis.url.as_deref().map(redact_url))
+            .field("keys_dir", &self.keys_dir())
+            .field("otlp_endpoint", &self.telemetry.otlp_endpoint)
+            .finish_non_exhaustive()
+    }
+}
+
+impl std::fmt::Debug for DatabaseSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DatabaseSettings")
+            .field("url", &self.url.as_deref().map(redact_url))
+            .field("max_connections", &self.max_connections)
+            .finish_non_exhaustive()
+    }
+}
+
+impl std::fmt::Debug for RedisSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisSettings").field("url", &self.url.as_deref().map(redact_url)).finish()
+    }
+}
+
+/// Hides the password of a URL such as `postgres://user:secret@host/db`.
+pub fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme_end), Some(at)) if at > scheme_end => {
+            let userinfo = &url[scheme_end + 3..at];
+            let user = userinfo.split(':').next().unwrap_or("");
+            format!("{}://{}:***@{}", &url[..scheme_end], user, &url[at + 1..])
+        }
+        _ => url.to_owned(),
+    }
+}
+
+const DEFAULTS: &str = r#"
+data_dir = "./data"
+listen = "127.0.0.1:50051"
+
+[database]
+max_connections = 10
+acquire_timeout_secs = 5
+statement_timeout_ms = 5000
+migrate_on_start = true
+
+[redis]
+
+[keys]
+generate_missing = true
+
+[telemetry]
+log_filter = "info,sqlx=warn,h2=warn,tower=warn"
+log_format = "text"
+
+[auth]
+issuer = "estate-mesh"
+default_token_ttl_secs = 86400
+admin_token_ttl_secs = 31536000
+
+[limits]
+max_message_bytes = 4194304
+max_page_size = 500
+"#;
+
+impl Settings {
+    /// Loads defaults, then `file` if given, then `ESTATE__…` variables.
+    pub fn load(file: Option<&Path>) -> Result<Self, SettingsError> {
+        Self::load_with_env(file, std::env::vars())
+    }
+
+    /// Like [`Settings::load`] with an explicit environment (tests).
+    pub fn load_with_env(
+        file: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, SettingsError> {
+        let mut builder = config::Config::builder()
+            .add_source(config::File::from_str(DEFAULTS, config::FileFormat::Toml));
+        if let Some(path) = file {
+            builder = builder.add_source(config::File::from(path).format(config::FileFormat::Toml).required(true));
+        }
+        let env_map: std::collections::HashMap<String, String> =
+            env.into_iter().filter(|(k, _)| k.starts_with("ESTATE__")).collect();
+        builder = builder.add_source(
+            config::Environment::with_prefix("ESTATE")
+                .prefix_separator("__")
+                .separator("__")
+                .try_parsing(true)
+                .source(Some(env_map)),
+        );
+        let cfg = builder.build().map_err(|e| SettingsError::Invalid(e.to_string()))?;
+        cfg.try_deserialize().map_err(|e| SettingsError::Invalid(e.to_string()))
+    }
+
+    /// The directory of key files.
+    pub fn keys_dir(&self) -> PathBuf {
+        self.keys.dir.clone().unwrap_or_else(|| self.data_dir.join("keys"))
+    }
+
+    /// The database URL, defaulting to a SQLite file in the data directory.
+    pub fn database_url(&self) -> String {
+        self.database
+            .url
+            .clone()
+            .unwrap_or_else(|| format!("sqlite://{}", self.data_dir.join("mesh.db").display()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect()
+    }
+
+    #[test]
+    fn defaults_then_file_then_env() -> Result<(), Box<dyn std::error::Error>> {
+        let s = Settings::load_with_env(None, env(&[]))?;
+        assert_eq!(s.listen.port(), 50051);
+        assert!(s.database_url().starts_with("sqlite://"));
+
+        let dir = tempfile::tempdir()?;
+        let file = dir.path().join("mesh.toml");
+        std::fs::write(&file, "listen = \"127.0.0.1:6000\"\n[database]\nmax_connections = 3\n")?;
+        let s = Settings::load_with_env(Some(&file), env(&[]))?;
+        assert_eq!(s.listen.port(), 6000);
+        assert_eq!(s.database.max_connections, 3);
+
+        let s = Settings::load_with_env(
+            Some(&file),
+            env(&[("ESTATE__LISTEN", "127.0.0.1:7000"), ("ESTATE__DATABASE__URL", "postgres://u:pw@h/db")]),
+        )?;
+        assert_eq!(s.listen.port(), 7000);
+        assert_eq!(s.database_url(), "postgres://u:pw@h/db");
+        assert!(!format!("{s:?}").contains("pw"));
+        Ok(())
+    }
+
+    #[test]
+    fn bad_values_are_reported() {
+        let r = Settings::load_with_env(None, env(&[("ESTATE__LISTEN", "not an address")]));
+        assert!(r.is_err());
+    }
+}

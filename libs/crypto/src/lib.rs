@@ -1,0 +1,274 @@
+//! Key material of the mesh and the operations on it.
+//!
+//! - [`SigningKeyPair`]: Ed25519 keys with a key id, used for access tokens and,
+//!   in later services, consent attestations (R9), audit checkpoints (R11) and
+//!   deletion certificates (R6).
+//! - [`KeyedHasher`]: HMAC-SHA256 under a mesh secret, for phone numbers (never
+//!   stored in clear) and pseudonymous person ids (R17).
+//!
+//! Keys live in files of mode 0600 in a keys directory; the embedded default
+//! generates them on first start, the distributed mode mounts them as secrets.
+
+use ed25519_dalek::pkcs8::EncodePrivateKey;
+use ed25519_dalek::{Signature, Signer, SigningKey, Verifier, VerifyingKey};
+use hmac::{Hmac, Mac};
+use sha2::{Digest, Sha256};
+use std::fs::{self, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+/// Errors of key loading and signing.
+#[derive(Debug, thiserror::Error)]
+pub enum CryptoError {
+    /// A key file could not be read or written.
+    #[error("key file {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A key file exists but does not hold a key of the expected form.
+    #[error("key file {path} is malformed: {reason}")]
+    Malformed { path: PathBuf, reason: &'static str },
+    /// A key file is missing and generation was not allowed.
+    #[error("key file {0} is missing; generate keys or mount them")]
+    Missing(PathBuf),
+    /// The operating system's random source failed.
+    #[error("random source failed: {0}")]
+    Random(String),
+    /// PKCS#8 encoding failed.
+    #[error("key encoding failed")]
+    Encoding,
+}
+
+fn random_32() -> Result<[u8; 32], CryptoError> {
+    let mut b = [0u8; 32];
+    getrandom::fill(&mut b).map_err(|e| CryptoError::Random(e.to_string()))?;
+    Ok(b)
+}
+
+/// Reads a 32-byte key stored as hex text, or creates it when `generate` is set.
+fn load_or_create_32(path: &Path, generate: bool) -> Result<[u8; 32], CryptoError> {
+    match fs::read_to_string(path) {
+        Ok(text) => {
+            let bytes = hex::decode(text.trim()).map_err(|_| CryptoError::Malformed {
+                path: path.to_owned(),
+                reason: "expected 64 hex characters",
+            })?;
+            <[u8; 32]>::try_from(bytes.as_slice()).map_err(|_| CryptoError::Malformed {
+                path: path.to_owned(),
+                reason: "expected 32 bytes",
+            })
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            if !generate {
+                return Err(CryptoError::Missing(path.to_owned()));
+            }
+            let key = random_32()?;
+            write_secret_file(path, hex::encode(key).as_bytes())?;
+            Ok(key)
+        }
+        Err(source) => Err(CryptoError::Io { path: path.to_owned(), source }),
+    }
+}
+
+/// Writes `contents` to `path` with mode 0600, atomically (temp file + rename),
+/// creating the parent directory with mode 0700.
+pub fn write_secret_file(path: &Path, contents: &[u8]) -> Result<(), CryptoError> {
+    let io = |source| CryptoError::Io { path: path.to_owned(), source };
+    if let Some(parent) = path.parent() {
+        if !parent.as_os_str().is_empty() && !parent.exists() {
+            fs::create_dir_all(parent).map_err(io)?;
+            fs::set_permissions(parent, fs::Permissions::from_mode(0o700)).map_err(io)?;
+        }
+    }
+    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+    {
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)
+            .map_err(io)?;
+        f.write_all(contents).map_err(io)?;
+        f.sync_all().map_err(io)?;
+    }
+    fs::rename(&tmp, path).map_err(io)
+}
+
+/// An Ed25519 key pair with its key id (first 8 bytes of SHA-256 of the
+/// public key, hex), so that verifiers can pick the right key after rotation.
+#[derive(Clone)]
+pub struct SigningKeyPair {
+    key: SigningKey,
+    key_id: String,
+}
+
+impl std::fmt::Debug for SigningKeyPair {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SigningKeyPair").field("key_id", &self.key_id).finish_non_exhaustive()
+    }
+}
+
+impl SigningKeyPair {
+    /// Loads the key at `path` (64 hex chars of seed), generating it if missing
+    /// and `generate` is set.
+    pub fn load_or_generate(path: &Path, generate: bool) -> Result<Self, CryptoError> {
+        let seed = load_or_create_32(path, generate)?;
+        Ok(Self::from_seed(seed))
+    }
+
+    /// Builds the pair from a 32-byte seed.
+    pub fn from_seed(seed: [u8; 32]) -> Self {
+        let key = SigningKey::from_bytes(&seed);
+        let key_id = key_id_of(&key.verifying_key());
+        Self { key, key_id }
+    }
+
+    /// A fresh random key pair (tests, rotation).
+    pub fn generate() -> Result<Self, CryptoError> {
+        Ok(Self::from_seed(random_32()?))
+    }
+
+    /// The key id.
+    pub fn key_id(&self) -> &str {
+        &self.key_id
+    }
+
+    /// The public half, for publication.
+    pub fn verifying_key(&self) -> VerifyingKey {
+        self.key.verifying_key()
+    }
+
+    /// The public key as 32 raw bytes.
+    pub fn public_key_bytes(&self) -> [u8; 32] {
+        self.key.verifying_key().to_bytes()
+    }
+
+    /// PKCS#8 DER of the private key (for JWT libraries).
+    pub fn private_pkcs8_der(&self) -> Result<Vec<u8>, CryptoError> {
+        self.key
+            .to_pkcs8_der()
+            .map(|d| d.as_bytes().to_vec())
+            .map_err(|_| CryptoError::Encoding)
+    }
+
+    /// Signs `message`.
+    pub fn sign(&self, message: &[u8]) -> [u8; 64] {
+        self.key.sign(message).to_bytes()
+    }
+}
+
+/// The key id of a public key.
+pub fn key_id_of(key: &VerifyingKey) -> String {
+    let digest = Sha256::digest(key.as_bytes());
+    hex::encode(&digest[..8])
+}
+
+/// Verifies an Ed25519 signature with a raw 32-byte public key.
+pub fn verify_signature(public_key: &[u8; 32], message: &[u8], signature: &[u8]) -> bool {
+    let Ok(key) = VerifyingKey::from_bytes(public_key) else {
+        return false;
+    };
+    let Ok(sig) = Signature::from_slice(signature) else {
+        return false;
+    };
+    key.verify(message, &sig).is_ok()
+}
+
+/// SHA-256 of `data`, hex.
+pub fn sha256_hex(data: &[u8]) -> String {
+    hex::encode(Sha256::digest(data))
+}
+
+/// HMAC-SHA256 under the mesh secret, with domain separation, so that phone
+/// numbers can be matched without being stored and persons get stable
+/// pseudonyms that reveal nothing (R17).
+#[derive(Clone)]
+pub struct KeyedHasher {
+    secret: [u8; 32],
+}
+
+impl std::fmt::Debug for KeyedHasher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("KeyedHasher(..)")
+    }
+}
+
+impl KeyedHasher {
+    /// Loads the secret at `path`, generating it if missing and allowed.
+    pub fn load_or_generate(path: &Path, generate: bool) -> Result<Self, CryptoError> {
+        Ok(Self { secret: load_or_create_32(path, generate)? })
+    }
+
+    /// Builds a hasher from raw secret bytes.
+    pub fn from_secret(secret: [u8; 32]) -> Self {
+        Self { secret }
+    }
+
+    fn mac(&self, domain: &str, tenant_id: &str, value: &str) -> [u8; 32] {
+        // The key length is fixed at 32 bytes, which HMAC always accepts.
+        let mut mac = match <Hmac<Sha256> as Mac>::new_from_slice(&self.secret) {
+            Ok(m) => m,
+            Err(_) => unreachable_hmac(),
+        };
+        for part in [domain, tenant_id, value] {
+            mac.update(&(part.len() as u64).to_be_bytes());
+            mac.update(part.as_bytes());
+        }
+        mac.finalize().into_bytes().into()
+    }
+
+    /// Keyed hash of a normalised phone number within a tenant, hex.
+    pub fn phone_hash(&self, tenant_id: &str, normalised_phone: &str) -> String {
+        hex::encode(self.mac("phone.v1", tenant_id, normalised_phone))
+    }
+
+    /// The pseudonymous id of a person: stable, tenant-bound, not reversible
+    /// without the mesh secret.
+    pub fn pseudonym(&self, tenant_id: &str, person_id: &str) -> String {
+        format!("psn_{}", hex::encode(&self.mac("pseudonym.v1", tenant_id, person_id)[..16]))
+    }
+}
+
+#[allow(clippy::panic)]
+fn unreachable_hmac() -> ! {
+    // HMAC accepts keys of any length; this cannot happen with a 32-byte key.
+    panic!("hmac rejected a 32-byte key")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_persist_and_sign() -> Result<(), CryptoError> {
+        let dir = tempfile::tempdir().map_err(|e| CryptoError::Io { path: PathBuf::new(), source: e })?;
+        let path = dir.path().join("keys/token.ed25519");
+        let a = SigningKeyPair::load_or_generate(&path, true)?;
+        let b = SigningKeyPair::load_or_generate(&path, false)?;
+        assert_eq!(a.key_id(), b.key_id());
+        let mode = fs::metadata(&path).map_err(|e| CryptoError::Io { path: path.clone(), source: e })?.permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        let sig = a.sign(b"hello");
+        assert!(verify_signature(&b.public_key_bytes(), b"hello", &sig));
+        assert!(!verify_signature(&b.public_key_bytes(), b"hellO", &sig));
+        Ok(())
+    }
+
+    #[test]
+    fn missing_key_without_generation_fails() {
+        let r = SigningKeyPair::load_or_generate(Path::new("/nonexistent/dir/k"), false);
+        assert!(matches!(r, Err(CryptoError::Missing(_))));
+    }
+
+    #[test]
+    fn pseudonyms_are_tenant_bound() {
+        let h = KeyedHasher::from_secret([7; 32]);
+        assert_ne!(h.pseudonym("t1", "p"), h.pseudonym("t2", "p"));
+        assert_eq!(h.pseudonym("t1", "p"), h.pseudonym("t1", "p"));
+        assert_ne!(h.phone_hash("t1", "+86138"), h.phone_hash("t1", "+86139"));
+    }
+}

@@ -1,0 +1,201 @@
+//! What every mesh process starts with, so that the all-in-one `estate-mesh`
+//! and the one-service binaries compose the same pieces instead of copying them:
+//!
+//! - [`Runtime`]: settings, keys (loaded or generated), the database pool with
+//!   the outbox migrated, and the event bus (Redis when configured).
+//! - [`GrpcApp`]: a pre-bound listener (port 0 works) and a tonic server with
+//!   the authentication layer (R14), tonic-health, tonic-reflection, a maximum
+//!   message size, and graceful shutdown on SIGTERM / Ctrl-C.
+
+use estate_auth::{AuthLayer, TokenAuthority};
+use estate_bus::EventBus;
+use estate_config::Settings;
+use estate_crypto::{KeyedHasher, SigningKeyPair};
+use estate_store::{Db, DbOptions};
+use std::future::Future;
+use std::net::SocketAddr;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tonic::service::RoutesBuilder;
+use tonic::transport::server::Router;
+use tower::layer::util::{Identity, Stack};
+
+/// File name of the token signing key in the keys directory.
+pub const TOKEN_KEY_FILE: &str = "token-signing.ed25519";
+/// File name of the keyed-hash secret in the keys directory.
+pub const HASH_SECRET_FILE: &str = "keyed-hash.secret";
+
+/// Errors while starting a process.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// Keys could not be loaded or created.
+    #[error(transparent)]
+    Keys(#[from] estate_crypto::CryptoError),
+    /// The database could not be opened or migrated.
+    #[error(transparent)]
+    Store(#[from] estate_store::StoreError),
+    /// Redis could not be reached.
+    #[error(transparent)]
+    Bus(#[from] estate_bus::BusError),
+    /// The listener could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The token authority could not be built.
+    #[error("token authority: {0}")]
+    Tokens(String),
+    /// The gRPC server failed.
+    #[error("grpc server: {0}")]
+    Serve(#[from] tonic::transport::Error),
+    /// Reflection could not be built from the descriptor sets.
+    #[error("reflection: {0}")]
+    Reflection(String),
+}
+
+/// The mesh's own keys.
+#[derive(Debug, Clone)]
+pub struct MeshKeys {
+    /// Signs access tokens.
+    pub token_signing: SigningKeyPair,
+    /// Keys phone hashes and pseudonyms.
+    pub hasher: KeyedHasher,
+}
+
+impl MeshKeys {
+    /// Loads keys from the configured directory, creating missing ones when
+    /// `keys.generate_missing` is set.
+    pub fn load(settings: &Settings) -> Result<Self, StartError> {
+        let dir = settings.keys_dir();
+        let generate = settings.keys.generate_missing;
+        Ok(Self {
+            token_signing: SigningKeyPair::load_or_generate(&dir.join(TOKEN_KEY_FILE), generate)?,
+            hasher: KeyedHasher::load_or_generate(&dir.join(HASH_SECRET_FILE), generate)?,
+        })
+    }
+}
+
+/// Shared state of a process: settings, keys, database and bus.
+#[derive(Debug, Clone)]
+pub struct Runtime {
+    /// Effective settings.
+    pub settings: Settings,
+    /// The mesh keys.
+    pub keys: MeshKeys,
+    /// Issues and verifies tokens.
+    pub tokens: TokenAuthority,
+    /// The database pool.
+    pub db: Db,
+    /// The event bus.
+    pub bus: EventBus,
+}
+
+impl Runtime {
+    /// Opens everything `settings` names. Runs the outbox migrations when
+    /// `database.migrate_on_start` is set.
+    pub async fn open(settings: Settings) -> Result<Self, StartError> {
+        let keys = MeshKeys::load(&settings)?;
+        let tokens = TokenAuthority::new(settings.auth.issuer.clone(), &keys.token_signing)
+            .map_err(|e| StartError::Tokens(e.to_string()))?;
+        let db = Db::connect(&DbOptions {
+            url: settings.database_url(),
+            max_connections: settings.database.max_connections,
+            acquire_timeout: Duration::from_secs(settings.database.acquire_timeout_secs),
+            statement_timeout_ms: settings.database.statement_timeout_ms,
+        })
+        .await?;
+        if settings.database.migrate_on_start {
+            db.migrate_outbox().await?;
+        }
+        let bus = match &settings.redis.url {
+            Some(url) => EventBus::redis(url).await?,
+            None => EventBus::local(),
+        };
+        Ok(Self { settings, keys, tokens, db, bus })
+    }
+}
+
+/// A gRPC server bound to its port, ready to run.
+#[derive(Debug)]
+pub struct GrpcApp {
+    listener: TcpListener,
+    port: u16,
+    router: Router<Stack<AuthLayer, Identity>>,
+}
+
+impl GrpcApp {
+    /// Binds `runtime.settings.listen` and mounts `services` behind the
+    /// authentication layer, plus health (reporting each of `service_names`
+    /// as serving) and reflection over every descriptor set of the mesh.
+    pub async fn build(runtime: &Runtime, services: RoutesBuilder, service_names: &[&str]) -> Result<Self, StartError> {
+        let addr = runtime.settings.listen;
+        let listener = TcpListener::bind(addr).await.map_err(|source| StartError::Bind { addr, source })?;
+        let port = listener.local_addr().map_err(|source| StartError::Bind { addr, source })?.port();
+
+        let (health_reporter, health_service) = tonic_health::server::health_reporter();
+        for name in service_names {
+            health_reporter
+                .set_service_status(*name, tonic_health::ServingStatus::Serving)
+                .await;
+        }
+        health_reporter.set_service_status("", tonic_health::ServingStatus::Serving).await;
+        let reflection = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(estate_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .build_v1()
+            .map_err(|e| StartError::Reflection(e.to_string()))?;
+
+        let mut routes = services;
+        routes.add_service(health_service);
+        routes.add_service(reflection);
+        let router = tonic::transport::Server::builder()
+            .layer(AuthLayer::new(runtime.tokens.verifying_keys().clone()))
+            .add_routes(routes.routes());
+        Ok(Self { listener, port, router })
+    }
+
+    /// The bound port (useful with port 0).
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// Serves until `shutdown` resolves, then drains in-flight calls.
+    pub async fn run_until(self, shutdown: impl Future<Output = ()>) -> Result<(), StartError> {
+        let incoming = tokio_stream::wrappers::TcpListenerStream::new(self.listener);
+        self.router.serve_with_incoming_shutdown(incoming, shutdown).await?;
+        Ok(())
+    }
+
+    /// Serves until SIGTERM or Ctrl-C.
+    pub async fn run_until_stopped(self) -> Result<(), StartError> {
+        self.run_until(shutdown_signal()).await
+    }
+}
+
+/// Resolves on SIGTERM or Ctrl-C.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        if let Err(e) = tokio::signal::ctrl_c().await {
+            tracing::error!(error = %e, "cannot listen for ctrl-c");
+            std::future::pending::<()>().await;
+        }
+    };
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot listen for sigterm");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    tokio::select! {
+        () = ctrl_c => {},
+        () = term => {},
+    }
+    tracing::info!("shutdown signal received; draining calls");
+}

@@ -1,0 +1,75 @@
+//! Logs and traces of a mesh process.
+//!
+//! Logs go to stderr as text or JSON, filtered by `telemetry.log_filter`.
+//! When `telemetry.otlp_endpoint` is set, spans are also exported over
+//! OTLP/gRPC. Log fields never carry secrets, PINs, phone numbers, templates or
+//! images: services record ids and pseudonyms only.
+
+use estate_config::TelemetrySettings;
+use opentelemetry::trace::TracerProvider as _;
+use opentelemetry_otlp::WithExportConfig;
+use opentelemetry_sdk::Resource;
+use opentelemetry_sdk::trace::SdkTracerProvider;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{EnvFilter, Layer};
+
+/// Errors while setting up telemetry.
+#[derive(Debug, thiserror::Error)]
+pub enum TelemetryError {
+    /// The log filter does not parse.
+    #[error("telemetry.log_filter is not a valid filter: {0}")]
+    Filter(String),
+    /// The OTLP exporter could not be built.
+    #[error("cannot set up the OTLP exporter: {0}")]
+    Otlp(String),
+}
+
+/// Flushes and stops trace export when dropped.
+#[derive(Debug, Default)]
+pub struct TelemetryGuard {
+    provider: Option<SdkTracerProvider>,
+}
+
+impl Drop for TelemetryGuard {
+    fn drop(&mut self) {
+        if let Some(p) = self.provider.take() {
+            if let Err(e) = p.shutdown() {
+                eprintln!("trace exporter shutdown: {e}");
+            }
+        }
+    }
+}
+
+/// Installs the global subscriber for `service_name`. A second call in the
+/// same process (tests starting several servers) keeps the first subscriber.
+pub fn init(settings: &TelemetrySettings, service_name: &'static str) -> Result<TelemetryGuard, TelemetryError> {
+    let filter = EnvFilter::try_new(&settings.log_filter).map_err(|e| TelemetryError::Filter(e.to_string()))?;
+    let fmt_layer = if settings.log_format == "json" {
+        tracing_subscriber::fmt::layer().json().with_writer(std::io::stderr).boxed()
+    } else {
+        tracing_subscriber::fmt::layer().with_writer(std::io::stderr).boxed()
+    };
+
+    let mut guard = TelemetryGuard::default();
+    let otel_layer = match &settings.otlp_endpoint {
+        Some(endpoint) => {
+            let exporter = opentelemetry_otlp::SpanExporter::builder()
+                .with_tonic()
+                .with_endpoint(endpoint.clone())
+                .build()
+                .map_err(|e| TelemetryError::Otlp(e.to_string()))?;
+            let provider = SdkTracerProvider::builder()
+                .with_batch_exporter(exporter)
+                .with_resource(Resource::builder().with_service_name(service_name).build())
+                .build();
+            let tracer = provider.tracer(service_name);
+            guard.provider = Some(provider);
+            Some(tracing_opentelemetry::layer().with_tracer(tracer))
+        }
+        None => None,
+    };
+
+    let _already_set = tracing_subscriber::registry().with(filter).with(fmt_layer).with(otel_layer).try_init();
+    Ok(guard)
+}

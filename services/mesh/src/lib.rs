@@ -1,0 +1,113 @@
+//! `estate-mesh`: every implemented service in one process, on one port, with
+//! SQLite files and keys under a data directory and an in-process bus: the
+//! embedded default that runs with no set-up.
+//!
+//! It composes the same service libraries that also run as separate
+//! processes; nothing here re-implements a service.
+
+use estate_auth::Principal;
+use estate_config::Settings;
+use estate_runtime::{GrpcApp, Runtime, StartError};
+use std::future::Future;
+use std::path::{Path, PathBuf};
+
+/// File in the data directory holding the bootstrap platform-admin token.
+pub const ADMIN_TOKEN_FILE: &str = "admin.token";
+
+/// Errors of the all-in-one process.
+#[derive(Debug, thiserror::Error)]
+pub enum MeshError {
+    /// A piece failed to start.
+    #[error(transparent)]
+    Start(#[from] StartError),
+    /// Migrations failed.
+    #[error(transparent)]
+    Store(#[from] estate_store::StoreError),
+    /// The admin token could not be written.
+    #[error("cannot write the admin token: {0}")]
+    AdminToken(String),
+}
+
+/// Applies every service's migrations.
+pub async fn migrate_all(runtime: &Runtime) -> Result<(), estate_store::StoreError> {
+    runtime.db.migrate_outbox().await?;
+    estate_identity::migrate(&runtime.db).await?;
+    Ok(())
+}
+
+/// The all-in-one mesh, bound and ready to serve.
+#[derive(Debug)]
+pub struct Application {
+    app: GrpcApp,
+    runtime: Runtime,
+    admin_token_path: PathBuf,
+}
+
+impl Application {
+    /// Opens storage and keys under the data directory (creating them on
+    /// first start), migrates, writes the admin token if there is none, and
+    /// binds the listener.
+    pub async fn build(settings: Settings) -> Result<Self, MeshError> {
+        let runtime = Runtime::open(settings).await?;
+        if runtime.settings.database.migrate_on_start {
+            migrate_all(&runtime).await?;
+        }
+        let admin_token_path = runtime.settings.data_dir.join(ADMIN_TOKEN_FILE);
+        ensure_admin_token(&runtime, &admin_token_path)?;
+
+        let mut routes = tonic::service::RoutesBuilder::default();
+        routes.add_service(estate_identity::server(&runtime));
+        let app = GrpcApp::build(&runtime, routes, &[estate_identity::SERVICE_NAME]).await?;
+        Ok(Self { app, runtime, admin_token_path })
+    }
+
+    /// The bound port.
+    pub fn port(&self) -> u16 {
+        self.app.port()
+    }
+
+    /// Where the platform-admin token is.
+    pub fn admin_token_path(&self) -> &Path {
+        &self.admin_token_path
+    }
+
+    /// The shared runtime (database, keys, bus), for tests and tools.
+    pub fn runtime(&self) -> &Runtime {
+        &self.runtime
+    }
+
+    /// Serves until `shutdown` resolves.
+    pub async fn run_until(self, shutdown: impl Future<Output = ()>) -> Result<(), MeshError> {
+        self.app.run_until(shutdown).await?;
+        self.runtime.db.close().await;
+        Ok(())
+    }
+
+    /// Serves until SIGTERM / Ctrl-C.
+    pub async fn run_until_stopped(self) -> Result<(), MeshError> {
+        self.run_until(estate_runtime::shutdown_signal()).await
+    }
+}
+
+/// Writes a platform-admin token to `path` (mode 0600) unless a valid one is
+/// already there.
+fn ensure_admin_token(runtime: &Runtime, path: &Path) -> Result<(), MeshError> {
+    if let Ok(existing) = std::fs::read_to_string(path) {
+        let still_valid = runtime
+            .tokens
+            .verifying_keys()
+            .verify(existing.trim(), String::new())
+            .is_ok_and(|c| c.principal == Principal::PlatformAdmin);
+        if still_valid {
+            return Ok(());
+        }
+        tracing::warn!(path = %path.display(), "admin token expired or signed by another key; writing a new one");
+    }
+    let issued = runtime
+        .tokens
+        .issue(Principal::PlatformAdmin, "bootstrap-admin", runtime.settings.auth.admin_token_ttl_secs)
+        .map_err(|e| MeshError::AdminToken(e.to_string()))?;
+    estate_crypto::write_secret_file(path, format!("{}\n", issued.token).as_bytes())
+        .map_err(|e| MeshError::AdminToken(e.to_string()))?;
+    Ok(())
+}

@@ -141,11 +141,17 @@ impl TokenAuthority {
         }
         let now = estate_core::now_ms() / 1000;
         let ttl = i64::try_from(ttl_secs).unwrap_or(i64::MAX);
+        self.issue_between(principal, subject, now, now.saturating_add(ttl))
+    }
+
+    /// Signs a token with explicit issue and expiry times (seconds since the
+    /// epoch). For tests of expiry and for tools that pre-date tokens.
+    pub fn issue_between(&self, principal: Principal, subject: &str, issued_at: i64, expires_at: i64) -> Result<IssuedToken> {
         let claims = Claims {
             iss: self.issuer.clone(),
             sub: subject.to_owned(),
-            iat: now,
-            exp: now.saturating_add(ttl),
+            iat: issued_at,
+            exp: expires_at,
             jti: uuid::Uuid::new_v4().to_string(),
             principal,
         };

@@ -1,1 +1,205 @@
-//! placeholder
+//! Spawns the real mesh for tests: port 0 on loopback, a fresh SQLite file in
+//! a temporary directory, or, when `ESTATE_TEST_DATABASE_URL` names a
+//! PostgreSQL server, a fresh database created on it for this one test.
+//! `ESTATE_TEST_REDIS_URL` switches the bus to Redis.
+
+use anyhow::Context;
+use estate_auth::{IssuedToken, Principal, TokenAuthority};
+use estate_config::Settings;
+use estate_proto::identity::identity_service_client::IdentityServiceClient;
+use estate_store::Db;
+use std::time::Duration;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tonic::metadata::{AsciiMetadataValue, MetadataValue};
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Channel, Endpoint};
+
+/// Environment variable naming a PostgreSQL server (any database on it) to
+/// run the tests against; unset means SQLite.
+pub const DATABASE_ENV: &str = "ESTATE_TEST_DATABASE_URL";
+/// Environment variable naming a Redis server for the bus.
+pub const REDIS_ENV: &str = "ESTATE_TEST_REDIS_URL";
+
+/// Adds `authorization: Bearer <token>` to every call.
+#[derive(Debug, Clone)]
+pub struct Bearer(Option<AsciiMetadataValue>);
+
+impl Bearer {
+    /// A bearer of `token`.
+    pub fn new(token: &str) -> anyhow::Result<Self> {
+        Ok(Self(Some(MetadataValue::try_from(format!("Bearer {token}"))?)))
+    }
+
+    /// No token at all.
+    pub fn none() -> Self {
+        Self(None)
+    }
+}
+
+impl tonic::service::Interceptor for Bearer {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(v) = &self.0 {
+            req.metadata_mut().insert("authorization", v.clone());
+        }
+        Ok(req)
+    }
+}
+
+/// An identity client authenticated with some token.
+pub type IdentityClient = IdentityServiceClient<InterceptedService<Channel, Bearer>>;
+
+/// A running mesh owned by one test.
+#[derive(Debug)]
+pub struct TestMesh {
+    /// Bound port on 127.0.0.1.
+    pub port: u16,
+    /// The platform-admin token the mesh wrote on first start.
+    pub admin_token: String,
+    /// Data directory (deleted on drop).
+    pub data_dir: tempfile::TempDir,
+    tokens: TokenAuthority,
+    db: Db,
+    bus: estate_bus::EventBus,
+    channel: Channel,
+    shutdown: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<()>>,
+    pg_database: Option<(String, String)>,
+}
+
+/// Creates a fresh PostgreSQL database next to `base_url`; returns its URL
+/// and name.
+async fn fresh_postgres(base_url: &str) -> anyhow::Result<(String, String)> {
+    use estate_store::sqlx::{self, Connection};
+    let name = format!("estate_test_{}", uuid::Uuid::new_v4().simple());
+    sqlx::any::install_default_drivers();
+    let mut conn = sqlx::AnyConnection::connect(base_url).await.context("connect to the test PostgreSQL server")?;
+    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}"))).execute(&mut conn).await?;
+    conn.close().await?;
+    let (prefix, _) = base_url.rsplit_once('/').context("database url has no /database part")?;
+    Ok((format!("{prefix}/{name}"), name))
+}
+
+impl TestMesh {
+    /// Starts a mesh with default settings.
+    pub async fn spawn() -> anyhow::Result<Self> {
+        Self::spawn_with(|_| {}).await
+    }
+
+    /// Starts a mesh after `adjust` has changed its settings.
+    pub async fn spawn_with(adjust: impl FnOnce(&mut Settings)) -> anyhow::Result<Self> {
+        let data_dir = tempfile::tempdir()?;
+        let mut settings = Settings::load_with_env(None, Vec::new())?;
+        settings.data_dir = data_dir.path().to_path_buf();
+        settings.listen = "127.0.0.1:0".parse()?;
+        settings.telemetry.log_filter = "warn".into();
+        let mut pg_database = None;
+        if let Ok(base) = std::env::var(DATABASE_ENV) {
+            let (url, name) = fresh_postgres(&base).await?;
+            settings.database.url = Some(url);
+            settings.database.max_connections = 5;
+            pg_database = Some((base, name));
+        }
+        if let Ok(redis) = std::env::var(REDIS_ENV) {
+            settings.redis.url = Some(redis);
+        }
+        adjust(&mut settings);
+
+        let app = estate_mesh::Application::build(settings).await?;
+        let port = app.port();
+        let admin_token = std::fs::read_to_string(app.admin_token_path())?.trim().to_owned();
+        let tokens = app.runtime().tokens.clone();
+        let db = app.runtime().db.clone();
+        let bus = app.runtime().bus.clone();
+        let (tx, rx) = oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            if let Err(e) = app
+                .run_until(async {
+                    let _ = rx.await;
+                })
+                .await
+            {
+                eprintln!("test mesh stopped with an error: {e}");
+            }
+        });
+        let channel = Endpoint::from_shared(format!("http://127.0.0.1:{port}"))?
+            .connect_timeout(Duration::from_secs(5))
+            .timeout(Duration::from_secs(30))
+            .connect()
+            .await?;
+        Ok(Self { port, admin_token, data_dir, tokens, db, bus, channel, shutdown: Some(tx), task: Some(task), pg_database })
+    }
+
+    /// The endpoint URL.
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// A channel to the mesh.
+    pub fn channel(&self) -> Channel {
+        self.channel.clone()
+    }
+
+    /// The mesh database, for assertions on stored rows (outbox).
+    pub fn db(&self) -> &Db {
+        &self.db
+    }
+
+    /// The mesh's event bus, to observe announced events.
+    pub fn bus(&self) -> &estate_bus::EventBus {
+        &self.bus
+    }
+
+    /// The mesh's token authority, to mint tokens for any principal directly.
+    pub fn tokens(&self) -> &TokenAuthority {
+        &self.tokens
+    }
+
+    /// Mints a one-hour token for `principal`.
+    pub fn token_for(&self, principal: Principal) -> anyhow::Result<IssuedToken> {
+        Ok(self.tokens.issue(principal, "test", 3600)?)
+    }
+
+    /// An identity client using `token`.
+    pub fn identity(&self, token: &str) -> anyhow::Result<IdentityClient> {
+        Ok(IdentityServiceClient::with_interceptor(self.channel(), Bearer::new(token)?))
+    }
+
+    /// An identity client sending no token.
+    pub fn identity_anonymous(&self) -> IdentityClient {
+        IdentityServiceClient::with_interceptor(self.channel(), Bearer::none())
+    }
+
+    /// The admin's identity client.
+    pub fn admin(&self) -> anyhow::Result<IdentityClient> {
+        self.identity(&self.admin_token)
+    }
+
+    /// Stops the mesh and drops its PostgreSQL database, if any.
+    pub async fn stop(mut self) -> anyhow::Result<()> {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(task) = self.task.take() {
+            let _ = tokio::time::timeout(Duration::from_secs(10), task).await;
+        }
+        self.db.close().await;
+        if let Some((base, name)) = self.pg_database.take() {
+            use estate_store::sqlx::{self, Connection};
+            let mut conn = sqlx::AnyConnection::connect(&base).await?;
+            sqlx::query(sqlx::AssertSqlSafe(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")))
+                .execute(&mut conn)
+                .await?;
+            conn.close().await?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for TestMesh {
+    fn drop(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+    }
+}

@@ -58,6 +58,7 @@ pub struct TestMesh {
     pub admin_token: String,
     /// Data directory (deleted on drop).
     pub data_dir: tempfile::TempDir,
+    db_url: String,
     tokens: TokenAuthority,
     db: Db,
     bus: estate_bus::EventBus,
@@ -88,13 +89,23 @@ impl TestMesh {
 
     /// Starts a mesh after `adjust` has changed its settings.
     pub async fn spawn_with(adjust: impl FnOnce(&mut Settings)) -> anyhow::Result<Self> {
+        Self::spawn_inner(adjust, true).await
+    }
+
+    /// Starts a mesh on storage that `adjust` points at (a restart), without
+    /// creating a fresh database and without dropping it on stop.
+    pub async fn spawn_reusing(adjust: impl FnOnce(&mut Settings)) -> anyhow::Result<Self> {
+        Self::spawn_inner(adjust, false).await
+    }
+
+    async fn spawn_inner(adjust: impl FnOnce(&mut Settings), fresh_database: bool) -> anyhow::Result<Self> {
         let data_dir = tempfile::tempdir()?;
         let mut settings = Settings::load_with_env(None, Vec::new())?;
         settings.data_dir = data_dir.path().to_path_buf();
         settings.listen = "127.0.0.1:0".parse()?;
         settings.telemetry.log_filter = "warn".into();
         let mut pg_database = None;
-        if let Ok(base) = std::env::var(DATABASE_ENV) {
+        if let (true, Ok(base)) = (fresh_database, std::env::var(DATABASE_ENV)) {
             let (url, name) = fresh_postgres(&base).await?;
             settings.database.url = Some(url);
             settings.database.max_connections = 5;
@@ -104,6 +115,7 @@ impl TestMesh {
             settings.redis.url = Some(redis);
         }
         adjust(&mut settings);
+        let db_url = settings.database_url();
 
         let app = estate_mesh::Application::build(settings).await?;
         let port = app.port();
@@ -127,12 +139,17 @@ impl TestMesh {
             .timeout(Duration::from_secs(30))
             .connect()
             .await?;
-        Ok(Self { port, admin_token, data_dir, tokens, db, bus, channel, shutdown: Some(tx), task: Some(task), pg_database })
+        Ok(Self { port, admin_token, data_dir, db_url, tokens, db, bus, channel, shutdown: Some(tx), task: Some(task), pg_database })
     }
 
     /// The endpoint URL.
     pub fn endpoint(&self) -> String {
         format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// The database URL the mesh uses.
+    pub fn db_url(&self) -> &str {
+        &self.db_url
     }
 
     /// A channel to the mesh.

@@ -23,6 +23,9 @@ pub enum MeshError {
     /// Migrations failed.
     #[error(transparent)]
     Store(#[from] estate_store::StoreError),
+    /// The data directory could not be created.
+    #[error("cannot create the data directory {0}")]
+    DataDir(String),
     /// The admin token could not be written.
     #[error("cannot write the admin token: {0}")]
     AdminToken(String),
@@ -48,6 +51,7 @@ impl Application {
     /// first start), migrates, writes the admin token if there is none, and
     /// binds the listener.
     pub async fn build(settings: Settings) -> Result<Self, MeshError> {
+        prepare_data_dir(&settings.data_dir)?;
         let runtime = Runtime::open(settings).await?;
         if runtime.settings.database.migrate_on_start {
             migrate_all(&runtime).await?;
@@ -87,6 +91,18 @@ impl Application {
     pub async fn run_until_stopped(self) -> Result<(), MeshError> {
         self.run_until(estate_runtime::shutdown_signal()).await
     }
+}
+
+/// Creates the data directory readable by its owner only: it holds personal
+/// data (the SQLite database) and keys.
+fn prepare_data_dir(dir: &Path) -> Result<(), MeshError> {
+    use std::os::unix::fs::PermissionsExt;
+    if !dir.exists() {
+        std::fs::create_dir_all(dir).map_err(|e| MeshError::DataDir(format!("{}: {e}", dir.display())))?;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+            .map_err(|e| MeshError::DataDir(format!("{}: {e}", dir.display())))?;
+    }
+    Ok(())
 }
 
 /// Writes a platform-admin token to `path` (mode 0600) unless a valid one is

@@ -6,10 +6,10 @@ use estate_test_support::TestMesh;
 use std::os::unix::fs::PermissionsExt;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+use tonic_reflection::pb::v1::ServerReflectionRequest;
 use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
 use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
 use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
-use tonic_reflection::pb::v1::ServerReflectionRequest;
 
 #[tokio::test]
 async fn health_reports_serving_without_a_token() -> anyhow::Result<()> {
@@ -27,7 +27,10 @@ async fn reflection_lists_every_service_and_resolves_its_schema() -> anyhow::Res
     let mesh = TestMesh::spawn().await?;
     let mut reflection = ServerReflectionClient::new(mesh.channel());
     let requests = vec![
-        ServerReflectionRequest { host: String::new(), message_request: Some(MessageRequest::ListServices(String::new())) },
+        ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(MessageRequest::ListServices(String::new())),
+        },
         ServerReflectionRequest {
             host: String::new(),
             message_request: Some(MessageRequest::FileContainingSymbol("estate.identity.v1.IdentityService".into())),
@@ -39,7 +42,9 @@ async fn reflection_lists_every_service_and_resolves_its_schema() -> anyhow::Res
         anyhow::bail!("expected a service list, got {first:?}");
     };
     let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
-    for expected in ["estate.identity.v1.IdentityService", "grpc.health.v1.Health", "grpc.reflection.v1.ServerReflection"] {
+    for expected in
+        ["estate.identity.v1.IdentityService", "grpc.health.v1.Health", "grpc.reflection.v1.ServerReflection"]
+    {
         assert!(names.iter().any(|n| n == expected), "{expected} missing from {names:?}");
     }
     let second = stream.message().await?.and_then(|r| r.message_response);

@@ -54,13 +54,10 @@ fn request_id_of<B>(req: &http::Request<B>) -> String {
 
 fn authenticate<B>(keys: &VerifyingKeys, req: &http::Request<B>) -> Result<Caller, Status> {
     let request_id = request_id_of(req);
-    let value = req
-        .headers()
-        .get(http::header::AUTHORIZATION)
-        .ok_or_else(|| Status::unauthenticated("missing authorization metadata; send \"authorization: Bearer <token>\""))?;
-    let text = value
-        .to_str()
-        .map_err(|_| Status::unauthenticated("the authorization metadata is not valid text"))?;
+    let value = req.headers().get(http::header::AUTHORIZATION).ok_or_else(|| {
+        Status::unauthenticated("missing authorization metadata; send \"authorization: Bearer <token>\"")
+    })?;
+    let text = value.to_str().map_err(|_| Status::unauthenticated("the authorization metadata is not valid text"))?;
     let token = text
         .strip_prefix("Bearer ")
         .or_else(|| text.strip_prefix("bearer "))
@@ -105,8 +102,5 @@ where
 /// The authenticated caller of a request. Fails only if the server was built
 /// without [`AuthLayer`], which is a bug.
 pub fn caller<T>(req: &tonic::Request<T>) -> Result<Caller, Status> {
-    req.extensions()
-        .get::<Caller>()
-        .cloned()
-        .ok_or_else(|| Status::unauthenticated("the call was not authenticated"))
+    req.extensions().get::<Caller>().cloned().ok_or_else(|| Status::unauthenticated("the call was not authenticated"))
 }

@@ -106,11 +106,7 @@ impl Caller {
 
     /// Requires the platform admin.
     pub fn require_platform_admin(&self) -> Result<()> {
-        if self.is_platform_admin() {
-            Ok(())
-        } else {
-            Err(Error::denied("this call needs the platform admin token"))
-        }
+        if self.is_platform_admin() { Ok(()) } else { Err(Error::denied("this call needs the platform admin token")) }
     }
 
     /// The regulator's jurisdictions, if the caller is one.

@@ -60,9 +60,7 @@ impl VerifyingKeys {
         if header.alg != Algorithm::EdDSA {
             return Err(Error::Unauthenticated("the bearer token must be signed with EdDSA".into()));
         }
-        let kid = header
-            .kid
-            .ok_or_else(|| Error::Unauthenticated("the bearer token names no key id".into()))?;
+        let kid = header.kid.ok_or_else(|| Error::Unauthenticated("the bearer token names no key id".into()))?;
         let key = self
             .keys
             .get(&kid)
@@ -126,7 +124,12 @@ impl TokenAuthority {
         let issuer = issuer.into();
         let der = key.private_pkcs8_der().map_err(|e| Error::Internal(e.to_string()))?;
         let verifying = VerifyingKeys::new(issuer.clone(), [(key.key_id().to_owned(), key.public_key_bytes())]);
-        Ok(Self { issuer, key_id: key.key_id().to_owned(), encoding: Arc::new(EncodingKey::from_ed_der(&der)), verifying })
+        Ok(Self {
+            issuer,
+            key_id: key.key_id().to_owned(),
+            encoding: Arc::new(EncodingKey::from_ed_der(&der)),
+            verifying,
+        })
     }
 
     /// The keys that verify this authority's tokens.
@@ -146,7 +149,13 @@ impl TokenAuthority {
 
     /// Signs a token with explicit issue and expiry times (seconds since the
     /// epoch). For tests of expiry and for tools that pre-date tokens.
-    pub fn issue_between(&self, principal: Principal, subject: &str, issued_at: i64, expires_at: i64) -> Result<IssuedToken> {
+    pub fn issue_between(
+        &self,
+        principal: Principal,
+        subject: &str,
+        issued_at: i64,
+        expires_at: i64,
+    ) -> Result<IssuedToken> {
         let claims = Claims {
             iss: self.issuer.clone(),
             sub: subject.to_owned(),

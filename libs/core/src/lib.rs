@@ -9,8 +9,8 @@ mod time_util;
 
 pub use error::{Error, Result};
 pub use jurisdiction::JurisdictionCode;
-pub use person::{MINOR_AGE_YEARS, BirthDate, normalise_phone};
-pub use time_util::{now_ms, ms_to_timestamp_parts};
+pub use person::{BirthDate, MINOR_AGE_YEARS, normalise_phone};
+pub use time_util::{ms_to_timestamp_parts, now_ms};
 
 /// Returns a new time-ordered identifier (UUIDv7, hyphenated, lowercase).
 ///

@@ -15,8 +15,8 @@ impl BirthDate {
     /// Parses "YYYY-MM-DD", naming `field` on error.
     pub fn parse(field: &'static str, value: &str) -> Result<Self> {
         let fmt = format_description!("[year]-[month]-[day]");
-        let date = Date::parse(value.trim(), &fmt)
-            .map_err(|_| Error::invalid(field, "must be a date written YYYY-MM-DD"))?;
+        let date =
+            Date::parse(value.trim(), &fmt).map_err(|_| Error::invalid(field, "must be a date written YYYY-MM-DD"))?;
         let today = OffsetDateTime::now_utc().date();
         if date > today {
             return Err(Error::invalid(field, "must not be in the future"));

@@ -52,14 +52,10 @@ fn random_32() -> Result<[u8; 32], CryptoError> {
 fn load_or_create_32(path: &Path, generate: bool) -> Result<[u8; 32], CryptoError> {
     match fs::read_to_string(path) {
         Ok(text) => {
-            let bytes = hex::decode(text.trim()).map_err(|_| CryptoError::Malformed {
-                path: path.to_owned(),
-                reason: "expected 64 hex characters",
-            })?;
-            <[u8; 32]>::try_from(bytes.as_slice()).map_err(|_| CryptoError::Malformed {
-                path: path.to_owned(),
-                reason: "expected 32 bytes",
-            })
+            let bytes = hex::decode(text.trim())
+                .map_err(|_| CryptoError::Malformed { path: path.to_owned(), reason: "expected 64 hex characters" })?;
+            <[u8; 32]>::try_from(bytes.as_slice())
+                .map_err(|_| CryptoError::Malformed { path: path.to_owned(), reason: "expected 32 bytes" })
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             if !generate {
@@ -77,21 +73,16 @@ fn load_or_create_32(path: &Path, generate: bool) -> Result<[u8; 32], CryptoErro
 /// creating the parent directory with mode 0700.
 pub fn write_secret_file(path: &Path, contents: &[u8]) -> Result<(), CryptoError> {
     let io = |source| CryptoError::Io { path: path.to_owned(), source };
-    if let Some(parent) = path.parent() {
-        if !parent.as_os_str().is_empty() && !parent.exists() {
-            fs::create_dir_all(parent).map_err(io)?;
-            fs::set_permissions(parent, fs::Permissions::from_mode(0o700)).map_err(io)?;
-        }
+    if let Some(parent) = path.parent()
+        && !parent.as_os_str().is_empty()
+        && !parent.exists()
+    {
+        fs::create_dir_all(parent).map_err(io)?;
+        fs::set_permissions(parent, fs::Permissions::from_mode(0o700)).map_err(io)?;
     }
     let tmp = path.with_extension(format!("tmp{}", std::process::id()));
     {
-        let mut f = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&tmp)
-            .map_err(io)?;
+        let mut f = OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp).map_err(io)?;
         f.write_all(contents).map_err(io)?;
         f.sync_all().map_err(io)?;
     }
@@ -149,10 +140,7 @@ impl SigningKeyPair {
 
     /// PKCS#8 DER of the private key (for JWT libraries).
     pub fn private_pkcs8_der(&self) -> Result<Vec<u8>, CryptoError> {
-        self.key
-            .to_pkcs8_der()
-            .map(|d| d.as_bytes().to_vec())
-            .map_err(|_| CryptoError::Encoding)
+        self.key.to_pkcs8_der().map(|d| d.as_bytes().to_vec()).map_err(|_| CryptoError::Encoding)
     }
 
     /// Signs `message`.
@@ -250,7 +238,8 @@ mod tests {
         let a = SigningKeyPair::load_or_generate(&path, true)?;
         let b = SigningKeyPair::load_or_generate(&path, false)?;
         assert_eq!(a.key_id(), b.key_id());
-        let mode = fs::metadata(&path).map_err(|e| CryptoError::Io { path: path.clone(), source: e })?.permissions().mode();
+        let mode =
+            fs::metadata(&path).map_err(|e| CryptoError::Io { path: path.clone(), source: e })?.permissions().mode();
         assert_eq!(mode & 0o777, 0o600);
         let sig = a.sign(b"hello");
         assert!(verify_signature(&b.public_key_bytes(), b"hello", &sig));

@@ -136,9 +136,7 @@ impl GrpcApp {
 
         let (health_reporter, health_service) = tonic_health::server::health_reporter();
         for name in service_names {
-            health_reporter
-                .set_service_status(*name, tonic_health::ServingStatus::Serving)
-                .await;
+            health_reporter.set_service_status(*name, tonic_health::ServingStatus::Serving).await;
         }
         health_reporter.set_service_status("", tonic_health::ServingStatus::Serving).await;
         let reflection = tonic_reflection::server::Builder::configure()

@@ -69,11 +69,10 @@ impl Db {
         sqlx::any::install_default_drivers();
         let (backend, url) = if let Some(path) = opts.url.strip_prefix("sqlite://") {
             let path_only = path.split('?').next().unwrap_or(path);
-            if let Some(parent) = std::path::Path::new(path_only).parent() {
-                if !parent.as_os_str().is_empty() {
-                    std::fs::create_dir_all(parent)
-                        .map_err(|e| StoreError::Connect(sqlx::Error::Io(e)))?;
-                }
+            if let Some(parent) = std::path::Path::new(path_only).parent()
+                && !parent.as_os_str().is_empty()
+            {
+                std::fs::create_dir_all(parent).map_err(|e| StoreError::Connect(sqlx::Error::Io(e)))?;
             }
             let url = if path.contains('?') { opts.url.clone() } else { format!("{}?mode=rwc", opts.url) };
             (Backend::Sqlite, url)

@@ -31,7 +31,7 @@ impl Page {
                 .decode(page_token)
                 .ok()
                 .and_then(|b| String::from_utf8(b).ok())
-                .ok_or_else(|| bad_token())?;
+                .ok_or_else(bad_token)?;
             let id = raw.strip_prefix("p1:").ok_or_else(bad_token)?;
             estate_core::parse_id("page_token", id).map_err(|_| bad_token())?
         };

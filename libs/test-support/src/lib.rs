@@ -81,6 +81,48 @@ async fn fresh_postgres(base_url: &str) -> anyhow::Result<(String, String)> {
     Ok((format!("{prefix}/{name}"), name))
 }
 
+/// A database of its own for one test: a SQLite file under `dir`, or a fresh
+/// PostgreSQL database when [`DATABASE_ENV`] is set.
+#[derive(Debug)]
+pub struct TestDatabase {
+    url: String,
+    postgres: Option<(String, String)>,
+}
+
+impl TestDatabase {
+    /// Creates the database.
+    pub async fn create(dir: &std::path::Path) -> anyhow::Result<Self> {
+        match std::env::var(DATABASE_ENV) {
+            Ok(base) => {
+                let (url, name) = fresh_postgres(&base).await?;
+                Ok(Self { url, postgres: Some((base, name)) })
+            }
+            Err(_) => Ok(Self { url: format!("sqlite://{}", dir.join("test.db").display()), postgres: None }),
+        }
+    }
+
+    /// Its URL.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// Drops a PostgreSQL database (SQLite files go with their directory).
+    pub async fn drop(self) -> anyhow::Result<()> {
+        if let Some((base, name)) = self.postgres {
+            drop_postgres(&base, &name).await?;
+        }
+        Ok(())
+    }
+}
+
+async fn drop_postgres(base: &str, name: &str) -> anyhow::Result<()> {
+    use estate_store::sqlx::{self, Connection};
+    let mut conn = sqlx::AnyConnection::connect(base).await?;
+    sqlx::query(sqlx::AssertSqlSafe(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))).execute(&mut conn).await?;
+    conn.close().await?;
+    Ok(())
+}
+
 impl TestMesh {
     /// Starts a mesh with default settings.
     pub async fn spawn() -> anyhow::Result<Self> {
@@ -139,7 +181,19 @@ impl TestMesh {
             .timeout(Duration::from_secs(30))
             .connect()
             .await?;
-        Ok(Self { port, admin_token, data_dir, db_url, tokens, db, bus, channel, shutdown: Some(tx), task: Some(task), pg_database })
+        Ok(Self {
+            port,
+            admin_token,
+            data_dir,
+            db_url,
+            tokens,
+            db,
+            bus,
+            channel,
+            shutdown: Some(tx),
+            task: Some(task),
+            pg_database,
+        })
     }
 
     /// The endpoint URL.
@@ -202,12 +256,7 @@ impl TestMesh {
         }
         self.db.close().await;
         if let Some((base, name)) = self.pg_database.take() {
-            use estate_store::sqlx::{self, Connection};
-            let mut conn = sqlx::AnyConnection::connect(&base).await?;
-            sqlx::query(sqlx::AssertSqlSafe(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")))
-                .execute(&mut conn)
-                .await?;
-            conn.close().await?;
+            drop_postgres(&base, &name).await?;
         }
         Ok(())
     }

@@ -64,7 +64,8 @@ impl Filter {
             self.binds.push(page.after_id.clone());
             self.clauses.push(format!("id > ${}", self.binds.len()));
         }
-        let where_sql = if self.clauses.is_empty() { String::new() } else { format!(" WHERE {}", self.clauses.join(" AND ")) };
+        let where_sql =
+            if self.clauses.is_empty() { String::new() } else { format!(" WHERE {}", self.clauses.join(" AND ")) };
         (format!("SELECT {columns} FROM {table}{where_sql} ORDER BY id LIMIT {}", page.fetch_limit()), self.binds)
     }
 }

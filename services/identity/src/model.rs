@@ -159,12 +159,7 @@ impl From<GateRow> for Gate {
             estate_id: r.estate_id,
             name: r.name,
             direction: direction_from_name(&r.direction) as i32,
-            supported_kinds: r
-                .supported_kinds
-                .split(',')
-                .filter_map(kind_from_name)
-                .map(|k| k as i32)
-                .collect(),
+            supported_kinds: r.supported_kinds.split(',').filter_map(kind_from_name).map(|k| k as i32).collect(),
             status: record_status(&r.status),
             created_at: ts(r.created_at),
             updated_at: ts(r.updated_at),

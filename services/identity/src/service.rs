@@ -91,8 +91,10 @@ fn gate_kinds(kinds: &[i32]) -> Result<String> {
     }
     let mut names: Vec<&'static str> = Vec::new();
     for k in kinds {
-        let kind = CredentialKind::try_from(*k).map_err(|_| Error::invalid("supported_kinds", format!("{k} is not a credential kind")))?;
-        let name = kind_name(kind).ok_or_else(|| Error::invalid("supported_kinds", "must not contain CREDENTIAL_KIND_UNSPECIFIED"))?;
+        let kind = CredentialKind::try_from(*k)
+            .map_err(|_| Error::invalid("supported_kinds", format!("{k} is not a credential kind")))?;
+        let name = kind_name(kind)
+            .ok_or_else(|| Error::invalid("supported_kinds", "must not contain CREDENTIAL_KIND_UNSPECIFIED"))?;
         if !names.contains(&name) {
             names.push(name);
         }
@@ -107,10 +109,9 @@ fn gate_kinds(kinds: &[i32]) -> Result<String> {
 }
 
 fn gate_direction(value: i32) -> Result<&'static str> {
-    GateDirection::try_from(value)
-        .ok()
-        .and_then(direction_name)
-        .ok_or_else(|| Error::invalid("direction", "must be GATE_DIRECTION_IN, GATE_DIRECTION_OUT or GATE_DIRECTION_BOTH"))
+    GateDirection::try_from(value).ok().and_then(direction_name).ok_or_else(|| {
+        Error::invalid("direction", "must be GATE_DIRECTION_IN, GATE_DIRECTION_OUT or GATE_DIRECTION_BOTH")
+    })
 }
 
 fn residency_role(value: i32) -> Result<&'static str> {
@@ -221,7 +222,13 @@ impl Identity {
     }
 
     /// A guardian must be an active adult of the same tenant, not the person.
-    async fn check_guardian(&self, conn: &mut AnyConnection, tenant_id: &str, person_id: &str, guardian_id: &str) -> Result<()> {
+    async fn check_guardian(
+        &self,
+        conn: &mut AnyConnection,
+        tenant_id: &str,
+        person_id: &str,
+        guardian_id: &str,
+    ) -> Result<()> {
         let guardian_id = parse_id("guardian_person_id", guardian_id)?;
         if guardian_id == person_id {
             return Err(Error::invalid("guardian_person_id", "must name another person"));
@@ -252,7 +259,14 @@ impl Identity {
         let name = required_text("name", &r.name, NAME_MAX)?;
         let code = jurisdiction("jurisdiction_code", &r.jurisdiction_code)?;
         let now = now_ms();
-        let row = TenantRow { id: new_id(), name, jurisdiction_code: code, status: ACTIVE.into(), created_at: now, updated_at: now };
+        let row = TenantRow {
+            id: new_id(),
+            name,
+            jurisdiction_code: code,
+            status: ACTIVE.into(),
+            created_at: now,
+            updated_at: now,
+        };
         let mut tx = self.begin().await?;
         sqlx::query::<Any>("INSERT INTO tenants (id, name, jurisdiction_code, status, created_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6)")
             .bind(&row.id)
@@ -264,7 +278,8 @@ impl Identity {
             .execute(&mut *tx)
             .await
             .map_err(unique_or("an active tenant with this name already exists"))?;
-        let change = Change::new(&row.id, "tenant.create", "tenant", &row.id).attr("jurisdiction_code", row.jurisdiction_code.clone());
+        let change = Change::new(&row.id, "tenant.create", "tenant", &row.id)
+            .attr("jurisdiction_code", row.jurisdiction_code.clone());
         self.record(&mut tx, caller, change).await?;
         tx.commit().await.map_err(db_error)?;
         Ok(row.into())
@@ -287,7 +302,11 @@ impl Identity {
         if let Some(codes) = caller.regulator_jurisdictions() {
             let id = parse_id("id", &r.id)?;
             let t = self.tenant_row(&mut *self.conn().await?, &id).await?;
-            return if codes.iter().any(|c| c.covers(&t.jurisdiction_code)) { Ok(t.into()) } else { Err(Error::NotFound("tenant")) };
+            return if codes.iter().any(|c| c.covers(&t.jurisdiction_code)) {
+                Ok(t.into())
+            } else {
+                Err(Error::NotFound("tenant"))
+            };
         }
         let id = self.tenant_target(caller, &r.id)?;
         Ok(self.tenant_row(&mut *self.conn().await?, &id).await?.into())
@@ -697,7 +716,8 @@ impl Identity {
             .execute(&mut *tx)
             .await
             .map_err(db_error)?;
-        self.record(&mut tx, caller, Change::new(&tenant, "gate.deactivate", "gate", &id).estate(&row.estate_id)).await?;
+        self.record(&mut tx, caller, Change::new(&tenant, "gate.deactivate", "gate", &id).estate(&row.estate_id))
+            .await?;
         tx.commit().await.map_err(db_error)?;
         Ok(row.into())
     }
@@ -796,7 +816,8 @@ impl Identity {
         .execute(&mut *tx)
         .await
         .map_err(unique_or("an active unit with this building, unit and room already exists at the estate"))?;
-        let change = Change::new(&tenant, "unit.update", "unit", &id).estate(&row.estate_id).attr("fields", changed.join(","));
+        let change =
+            Change::new(&tenant, "unit.update", "unit", &id).estate(&row.estate_id).attr("fields", changed.join(","));
         self.record(&mut tx, caller, change).await?;
         tx.commit().await.map_err(db_error)?;
         Ok(row.into())
@@ -855,7 +876,8 @@ impl Identity {
             .execute(&mut *tx)
             .await
             .map_err(db_error)?;
-        self.record(&mut tx, caller, Change::new(&tenant, "unit.deactivate", "unit", &id).estate(&row.estate_id)).await?;
+        self.record(&mut tx, caller, Change::new(&tenant, "unit.deactivate", "unit", &id).estate(&row.estate_id))
+            .await?;
         tx.commit().await.map_err(db_error)?;
         Ok(row.into())
     }
@@ -871,8 +893,11 @@ impl Identity {
             let p = normalise_phone("phone", &r.phone)?;
             (self.hasher.phone_hash(&tenant, &p), phone_last4(&p))
         };
-        let birth_date =
-            if r.birth_date.trim().is_empty() { String::new() } else { BirthDate::parse("birth_date", &r.birth_date)?.to_iso() };
+        let birth_date = if r.birth_date.trim().is_empty() {
+            String::new()
+        } else {
+            BirthDate::parse("birth_date", &r.birth_date)?.to_iso()
+        };
         let id = new_id();
         let now = now_ms();
         let mut tx = self.begin().await?;
@@ -932,7 +957,11 @@ impl Identity {
                 }
                 // A guardian may read the record of a linked minor (R7).
                 let p = self.person_row(&mut conn, tenant_id, &id).await.map_err(|_| not_yours())?;
-                if p.guardian_person_id.as_deref() == Some(person_id.as_str()) { Ok(p.into()) } else { Err(not_yours()) }
+                if p.guardian_person_id.as_deref() == Some(person_id.as_str()) {
+                    Ok(p.into())
+                } else {
+                    Err(not_yours())
+                }
             }
             _ => {
                 let tenant = caller.operator_tenant()?;
@@ -1065,7 +1094,8 @@ impl Identity {
             .execute(&mut *tx)
             .await
             .map_err(db_error)?;
-        let change = Change::new(&tenant, "person.deactivate", "person", &row.pseudonym).person(&row.pseudonym, row.is_minor());
+        let change =
+            Change::new(&tenant, "person.deactivate", "person", &row.pseudonym).person(&row.pseudonym, row.is_minor());
         self.record(&mut tx, caller, change).await?;
         tx.commit().await.map_err(db_error)?;
         for ev in ended {
@@ -1084,10 +1114,10 @@ impl Identity {
         let now = now_ms();
         let valid_from = r.valid_from.as_ref().map(ms_of).unwrap_or(now);
         let valid_until = r.valid_until.as_ref().map(ms_of);
-        if let Some(until) = valid_until {
-            if until <= valid_from {
-                return Err(Error::invalid("valid_until", "must be after valid_from"));
-            }
+        if let Some(until) = valid_until
+            && until <= valid_from
+        {
+            return Err(Error::invalid("valid_until", "must be after valid_from"));
         }
         let mut tx = self.begin().await?;
         self.require_active_tenant(&mut tx, &tenant).await?;
@@ -1200,15 +1230,17 @@ impl Identity {
             changed.push("valid_until");
         }
         row.updated_at = now_ms();
-        sqlx::query::<Any>("UPDATE residencies SET role = $1, valid_until = $2, updated_at = $3 WHERE tenant_id = $4 AND id = $5")
-            .bind(&row.role)
-            .bind(row.valid_until)
-            .bind(row.updated_at)
-            .bind(&tenant)
-            .bind(&id)
-            .execute(&mut *tx)
-            .await
-            .map_err(db_error)?;
+        sqlx::query::<Any>(
+            "UPDATE residencies SET role = $1, valid_until = $2, updated_at = $3 WHERE tenant_id = $4 AND id = $5",
+        )
+        .bind(&row.role)
+        .bind(row.valid_until)
+        .bind(row.updated_at)
+        .bind(&tenant)
+        .bind(&id)
+        .execute(&mut *tx)
+        .await
+        .map_err(db_error)?;
         let person = self.person_row(&mut tx, &tenant, &row.person_id).await?;
         let change = Change::new(&tenant, "residency.update", "residency", &id)
             .estate(&row.estate_id)
@@ -1368,7 +1400,12 @@ impl Identity {
                     .iter()
                     .map(|c| jurisdiction("regulator.jurisdiction_codes", c))
                     .collect::<Result<Vec<_>>>()?;
-                (Principal::Regulator { jurisdiction_codes: codes }, PLATFORM_TENANT.to_owned(), String::new(), String::new())
+                (
+                    Principal::Regulator { jurisdiction_codes: codes },
+                    PLATFORM_TENANT.to_owned(),
+                    String::new(),
+                    String::new(),
+                )
             }
             issue_token_request::Principal::Operator(g) => {
                 let tenant_id = if caller.is_platform_admin() {
@@ -1390,22 +1427,29 @@ impl Identity {
                 let mut estates = Vec::with_capacity(g.estate_ids.len());
                 for e in &g.estate_ids {
                     let e = parse_id("operator.estate_ids", e)?;
-                    if let Some(limit) = caller.operator_estate_limit() {
-                        if !limit.contains(&e) {
-                            return Err(Error::denied("an operator cannot grant estates beyond its own"));
-                        }
+                    if let Some(limit) = caller.operator_estate_limit()
+                        && !limit.contains(&e)
+                    {
+                        return Err(Error::denied("an operator cannot grant estates beyond its own"));
                     }
-                    self.estate_row(&mut conn, &tenant_id, &e)
-                        .await
-                        .map_err(|_| Error::invalid("operator.estate_ids", "names an estate that is not in the tenant"))?;
+                    self.estate_row(&mut conn, &tenant_id, &e).await.map_err(|_| {
+                        Error::invalid("operator.estate_ids", "names an estate that is not in the tenant")
+                    })?;
                     if !estates.contains(&e) {
                         estates.push(e);
                     }
                 }
                 if estates.is_empty() && caller.operator_estate_limit().is_some() {
-                    return Err(Error::denied("an estate-limited operator can only issue estate-limited operator tokens"));
+                    return Err(Error::denied(
+                        "an estate-limited operator can only issue estate-limited operator tokens",
+                    ));
                 }
-                (Principal::Operator { tenant_id: tenant_id.clone(), estate_ids: estates }, tenant_id, String::new(), String::new())
+                (
+                    Principal::Operator { tenant_id: tenant_id.clone(), estate_ids: estates },
+                    tenant_id,
+                    String::new(),
+                    String::new(),
+                )
             }
             issue_token_request::Principal::Gate(g) => {
                 let gate_id = parse_id("gate.gate_id", &g.gate_id)?;
@@ -1425,7 +1469,8 @@ impl Identity {
                 if gate.status != ACTIVE {
                     return Err(Error::precondition("the gate is deactivated"));
                 }
-                let p = Principal::Gate { tenant_id: gate.tenant_id.clone(), estate_id: gate.estate_id.clone(), gate_id };
+                let p =
+                    Principal::Gate { tenant_id: gate.tenant_id.clone(), estate_id: gate.estate_id.clone(), gate_id };
                 (p, gate.tenant_id, gate.estate_id, String::new())
             }
             issue_token_request::Principal::Resident(g) => {
@@ -1466,7 +1511,11 @@ impl Identity {
         }
         self.record(&mut tx, caller, change).await?;
         tx.commit().await.map_err(db_error)?;
-        Ok(IssueTokenResponse { token: issued.token, token_id: issued.token_id, expires_at: ts(issued.expires_at * 1000) })
+        Ok(IssueTokenResponse {
+            token: issued.token,
+            token_id: issued.token_id,
+            expires_at: ts(issued.expires_at * 1000),
+        })
     }
 
     fn who_am_i(caller: &Caller) -> WhoAmIResponse {

@@ -5,7 +5,11 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 #[derive(Debug, Parser)]
-#[command(name = "estate-mesh", version, about = "The estate access mesh, all services in one process (embedded default)")]
+#[command(
+    name = "estate-mesh",
+    version,
+    about = "The estate access mesh, all services in one process (embedded default)"
+)]
 struct Cli {
     /// Directory for the SQLite database, keys and the admin token
     /// [default: ./data, or data_dir from the config / ESTATE__DATA_DIR].

@@ -1,1 +1,510 @@
-fn main() {}
+//! `meshctl`: the operator's command line for the estate access mesh.
+//!
+//! The endpoint and token come from `--endpoint` / `--token` (or
+//! `--token-file`), or from `ESTATE_ENDPOINT` / `ESTATE_TOKEN`.
+
+mod render;
+
+use anyhow::{Context, bail};
+use clap::{Args, Parser, Subcommand};
+use estate_proto::common::CredentialKind;
+use estate_proto::identity::identity_service_client::IdentityServiceClient;
+use estate_proto::identity::*;
+use render::{Output, many, one};
+use std::path::PathBuf;
+use tonic::metadata::AsciiMetadataValue;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Channel;
+
+#[derive(Debug, Parser)]
+#[command(name = "meshctl", version, about = "Operate the estate access mesh")]
+struct Cli {
+    /// gRPC endpoint of the mesh.
+    #[arg(long, env = "ESTATE_ENDPOINT", default_value = "http://127.0.0.1:50051", global = true)]
+    endpoint: String,
+    /// Bearer token (prefer ESTATE_TOKEN or --token-file: flags show in `ps`).
+    #[arg(long, env = "ESTATE_TOKEN", hide_env_values = true, global = true)]
+    token: Option<String>,
+    /// Read the bearer token from a file, e.g. ./data/admin.token.
+    #[arg(long, global = true, conflicts_with = "token")]
+    token_file: Option<PathBuf>,
+    /// Output format.
+    #[arg(long, short = 'o', value_enum, default_value_t = Output::Table, global = true)]
+    output: Output,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Property groups (platform admin).
+    #[command(subcommand)]
+    Tenant(TenantCmd),
+    /// Compounds of the caller's tenant.
+    #[command(subcommand)]
+    Estate(EstateCmd),
+    /// Gates of an estate.
+    #[command(subcommand)]
+    Gate(GateCmd),
+    /// Units (building / unit / room) of an estate.
+    #[command(subcommand)]
+    Unit(UnitCmd),
+    /// Persons of the caller's tenant.
+    #[command(subcommand)]
+    Person(PersonCmd),
+    /// Who lives or works where.
+    #[command(subcommand)]
+    Residency(ResidencyCmd),
+    /// Access tokens.
+    #[command(subcommand)]
+    Token(TokenCmd),
+    /// Shows the principal of the token in use.
+    Whoami,
+}
+
+#[derive(Debug, Subcommand)]
+enum TenantCmd {
+    /// Creates a tenant (platform admin).
+    Create {
+        #[arg(long)]
+        name: String,
+        /// Six-digit administrative division code, e.g. 120101.
+        #[arg(long)]
+        jurisdiction: String,
+    },
+    /// Shows a tenant (default: the caller's own).
+    Get { id: Option<String> },
+    /// Lists tenants visible to the caller.
+    List {
+        #[arg(long)]
+        include_deactivated: bool,
+    },
+    /// Deactivates a tenant (platform admin).
+    Deactivate { id: String },
+}
+
+#[derive(Debug, Subcommand)]
+enum EstateCmd {
+    /// Creates an estate in the caller's tenant.
+    Create {
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        address: String,
+        #[arg(long)]
+        jurisdiction: String,
+    },
+    /// Shows an estate.
+    Get { id: String },
+    /// Lists estates.
+    List {
+        #[arg(long)]
+        include_deactivated: bool,
+    },
+    /// Deactivates an estate with no active residencies.
+    Deactivate { id: String },
+}
+
+#[derive(Debug, Subcommand)]
+enum GateCmd {
+    /// Adds a gate to an estate.
+    Add {
+        #[arg(long)]
+        estate: String,
+        #[arg(long)]
+        name: String,
+        /// in, out or both.
+        #[arg(long, default_value = "both")]
+        direction: String,
+        /// Credential kinds the hardware reads: card,pin,qr,visitor,face.
+        #[arg(long, value_delimiter = ',', default_value = "card,pin,qr")]
+        kinds: Vec<String>,
+    },
+    /// Shows a gate.
+    Get { id: String },
+    /// Lists gates.
+    List {
+        #[arg(long)]
+        estate: Option<String>,
+        #[arg(long)]
+        include_deactivated: bool,
+    },
+    /// Deactivates a gate.
+    Deactivate { id: String },
+}
+
+#[derive(Debug, Subcommand)]
+enum UnitCmd {
+    /// Adds a unit to an estate.
+    Add {
+        #[arg(long)]
+        estate: String,
+        #[arg(long)]
+        building: String,
+        /// Entrance / stairwell (单元).
+        #[arg(long, default_value = "")]
+        unit: String,
+        #[arg(long)]
+        room: String,
+    },
+    /// Lists units.
+    List {
+        #[arg(long)]
+        estate: Option<String>,
+        #[arg(long)]
+        include_deactivated: bool,
+    },
+    /// Deactivates a unit with no active residencies.
+    Deactivate { id: String },
+}
+
+#[derive(Debug, Subcommand)]
+enum PersonCmd {
+    /// Adds a person.
+    Add {
+        #[arg(long)]
+        name: String,
+        /// Stored only as a keyed hash and its last four digits.
+        #[arg(long, default_value = "")]
+        phone: String,
+        /// YYYY-MM-DD; under-14s are minors (guardian consent).
+        #[arg(long, default_value = "")]
+        birth_date: String,
+        /// Person id of the guardian of a minor.
+        #[arg(long, default_value = "")]
+        guardian: String,
+    },
+    /// Shows a person.
+    Get { id: String },
+    /// Lists persons, or finds them by phone.
+    List {
+        #[arg(long, default_value = "")]
+        phone: String,
+        #[arg(long)]
+        include_deactivated: bool,
+    },
+    /// Deactivates a person and ends their residencies.
+    Deactivate { id: String },
+}
+
+#[derive(Debug, Subcommand)]
+enum ResidencyCmd {
+    /// Records that a person lives or works in a unit.
+    Add {
+        #[arg(long)]
+        person: String,
+        #[arg(long)]
+        unit: String,
+        /// owner, occupant, renter or staff.
+        #[arg(long, default_value = "owner")]
+        role: String,
+    },
+    /// Ends a residency (move-out); face data at the estate is then deleted.
+    End {
+        id: String,
+        #[arg(long, default_value = "moved out")]
+        reason: String,
+    },
+    /// Lists residencies.
+    List {
+        #[arg(long, default_value = "")]
+        person: String,
+        #[arg(long, default_value = "")]
+        unit: String,
+        #[arg(long, default_value = "")]
+        estate: String,
+        #[arg(long)]
+        include_ended: bool,
+    },
+}
+
+#[derive(Debug, Args)]
+struct TokenCommon {
+    /// Who will hold the token: a staff login or device label.
+    #[arg(long)]
+    subject: String,
+    /// Lifetime in seconds (default: the server's, 24 h).
+    #[arg(long, default_value_t = 0)]
+    ttl: i64,
+}
+
+#[derive(Debug, Subcommand)]
+enum TokenCmd {
+    /// Issues a scoped token.
+    #[command(subcommand)]
+    Issue(IssueCmd),
+}
+
+#[derive(Debug, Subcommand)]
+enum IssueCmd {
+    /// For staff of a tenant, optionally limited to some estates.
+    Operator {
+        /// Tenant id (platform admin only; operators issue for their own).
+        #[arg(long, default_value = "")]
+        tenant: String,
+        /// Limit to these estates (repeat or comma-separate).
+        #[arg(long = "estate", value_delimiter = ',')]
+        estates: Vec<String>,
+        #[command(flatten)]
+        common: TokenCommon,
+    },
+    /// For a gate controller.
+    Gate {
+        #[arg(long)]
+        gate: String,
+        #[command(flatten)]
+        common: TokenCommon,
+    },
+    /// For a resident's app.
+    Resident {
+        #[arg(long)]
+        person: String,
+        #[command(flatten)]
+        common: TokenCommon,
+    },
+    /// For a regulator (platform admin only).
+    Regulator {
+        #[arg(long = "jurisdiction", value_delimiter = ',', required = true)]
+        jurisdictions: Vec<String>,
+        #[command(flatten)]
+        common: TokenCommon,
+    },
+    /// Another platform admin token (platform admin only).
+    Admin {
+        #[command(flatten)]
+        common: TokenCommon,
+    },
+}
+
+#[derive(Debug, Clone)]
+struct Bearer(Option<AsciiMetadataValue>);
+
+impl tonic::service::Interceptor for Bearer {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(v) = &self.0 {
+            req.metadata_mut().insert("authorization", v.clone());
+        }
+        Ok(req)
+    }
+}
+
+type Client = IdentityServiceClient<InterceptedService<Channel, Bearer>>;
+
+fn kind(name: &str) -> anyhow::Result<i32> {
+    Ok(match name.trim() {
+        "card" => CredentialKind::Card,
+        "pin" => CredentialKind::Pin,
+        "qr" => CredentialKind::Qr,
+        "visitor" => CredentialKind::Visitor,
+        "face" => CredentialKind::Face,
+        other => bail!("unknown credential kind {other:?}; use card, pin, qr, visitor or face"),
+    } as i32)
+}
+
+fn direction(name: &str) -> anyhow::Result<i32> {
+    Ok(match name {
+        "in" => GateDirection::In,
+        "out" => GateDirection::Out,
+        "both" => GateDirection::Both,
+        other => bail!("unknown direction {other:?}; use in, out or both"),
+    } as i32)
+}
+
+fn role(name: &str) -> anyhow::Result<i32> {
+    Ok(match name {
+        "owner" => ResidencyRole::Owner,
+        "occupant" => ResidencyRole::Occupant,
+        "renter" => ResidencyRole::Renter,
+        "staff" => ResidencyRole::Staff,
+        other => bail!("unknown role {other:?}; use owner, occupant, renter or staff"),
+    } as i32)
+}
+
+async fn connect(cli: &Cli) -> anyhow::Result<Client> {
+    let token = match (&cli.token, &cli.token_file) {
+        (Some(t), _) => Some(t.trim().to_owned()),
+        (None, Some(path)) => Some(
+            std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?.trim().to_owned(),
+        ),
+        (None, None) => None,
+    };
+    let bearer = match token {
+        Some(t) => Some(AsciiMetadataValue::try_from(format!("Bearer {t}")).context("the token is not valid text")?),
+        None => None,
+    };
+    let channel = Channel::from_shared(cli.endpoint.clone())
+        .with_context(|| format!("{} is not a valid endpoint", cli.endpoint))?
+        .connect()
+        .await
+        .with_context(|| format!("cannot reach the mesh at {}", cli.endpoint))?;
+    Ok(IdentityServiceClient::with_interceptor(channel, Bearer(bearer)))
+}
+
+/// Calls a list RPC page by page until the end.
+macro_rules! all_pages {
+    ($client:expr, $method:ident, $req:expr, $field:ident) => {{
+        let mut req = $req;
+        req.page_size = 500;
+        let mut out = Vec::new();
+        loop {
+            let page = $client.$method(req.clone()).await?.into_inner();
+            out.extend(page.$field);
+            if page.next_page_token.is_empty() {
+                break;
+            }
+            req.page_token = page.next_page_token;
+        }
+        out
+    }};
+}
+
+async fn run(cli: Cli) -> anyhow::Result<String> {
+    let mut c = connect(&cli).await?;
+    let o = cli.output;
+    Ok(match cli.command {
+        Command::Tenant(cmd) => match cmd {
+            TenantCmd::Create { name, jurisdiction } => one(
+                &c.create_tenant(CreateTenantRequest { name, jurisdiction_code: jurisdiction }).await?.into_inner(),
+                o,
+            ),
+            TenantCmd::Get { id } => {
+                one(&c.get_tenant(GetTenantRequest { id: id.unwrap_or_default() }).await?.into_inner(), o)
+            }
+            TenantCmd::List { include_deactivated } => many(
+                &all_pages!(c, list_tenants, ListTenantsRequest { include_deactivated, ..Default::default() }, tenants),
+                o,
+            ),
+            TenantCmd::Deactivate { id } => {
+                one(&c.deactivate_tenant(DeactivateTenantRequest { id }).await?.into_inner(), o)
+            }
+        },
+        Command::Estate(cmd) => match cmd {
+            EstateCmd::Create { name, address, jurisdiction } => one(
+                &c.create_estate(CreateEstateRequest { name, address, jurisdiction_code: jurisdiction })
+                    .await?
+                    .into_inner(),
+                o,
+            ),
+            EstateCmd::Get { id } => one(&c.get_estate(GetEstateRequest { id }).await?.into_inner(), o),
+            EstateCmd::List { include_deactivated } => many(
+                &all_pages!(c, list_estates, ListEstatesRequest { include_deactivated, ..Default::default() }, estates),
+                o,
+            ),
+            EstateCmd::Deactivate { id } => {
+                one(&c.deactivate_estate(DeactivateEstateRequest { id }).await?.into_inner(), o)
+            }
+        },
+        Command::Gate(cmd) => match cmd {
+            GateCmd::Add { estate, name, direction: d, kinds } => {
+                let supported_kinds = kinds.iter().map(|k| kind(k)).collect::<anyhow::Result<Vec<_>>>()?;
+                let req = CreateGateRequest { estate_id: estate, name, direction: direction(&d)?, supported_kinds };
+                one(&c.create_gate(req).await?.into_inner(), o)
+            }
+            GateCmd::Get { id } => one(&c.get_gate(GetGateRequest { id }).await?.into_inner(), o),
+            GateCmd::List { estate, include_deactivated } => {
+                let req = ListGatesRequest {
+                    estate_id: estate.unwrap_or_default(),
+                    include_deactivated,
+                    ..Default::default()
+                };
+                many(&all_pages!(c, list_gates, req, gates), o)
+            }
+            GateCmd::Deactivate { id } => one(&c.deactivate_gate(DeactivateGateRequest { id }).await?.into_inner(), o),
+        },
+        Command::Unit(cmd) => match cmd {
+            UnitCmd::Add { estate, building, unit, room } => one(
+                &c.create_unit(CreateUnitRequest { estate_id: estate, building, unit, room }).await?.into_inner(),
+                o,
+            ),
+            UnitCmd::List { estate, include_deactivated } => {
+                let req = ListUnitsRequest {
+                    estate_id: estate.unwrap_or_default(),
+                    include_deactivated,
+                    ..Default::default()
+                };
+                many(&all_pages!(c, list_units, req, units), o)
+            }
+            UnitCmd::Deactivate { id } => one(&c.deactivate_unit(DeactivateUnitRequest { id }).await?.into_inner(), o),
+        },
+        Command::Person(cmd) => match cmd {
+            PersonCmd::Add { name, phone, birth_date, guardian } => {
+                let req = CreatePersonRequest { display_name: name, phone, birth_date, guardian_person_id: guardian };
+                one(&c.create_person(req).await?.into_inner(), o)
+            }
+            PersonCmd::Get { id } => one(&c.get_person(GetPersonRequest { id }).await?.into_inner(), o),
+            PersonCmd::List { phone, include_deactivated } => many(
+                &all_pages!(
+                    c,
+                    list_persons,
+                    ListPersonsRequest { phone, include_deactivated, ..Default::default() },
+                    persons
+                ),
+                o,
+            ),
+            PersonCmd::Deactivate { id } => {
+                one(&c.deactivate_person(DeactivatePersonRequest { id }).await?.into_inner(), o)
+            }
+        },
+        Command::Residency(cmd) => match cmd {
+            ResidencyCmd::Add { person, unit, role: r } => {
+                let req = CreateResidencyRequest {
+                    person_id: person,
+                    unit_id: unit,
+                    role: role(&r)?,
+                    valid_from: None,
+                    valid_until: None,
+                };
+                one(&c.create_residency(req).await?.into_inner(), o)
+            }
+            ResidencyCmd::End { id, reason } => {
+                one(&c.end_residency(EndResidencyRequest { id, reason }).await?.into_inner(), o)
+            }
+            ResidencyCmd::List { person, unit, estate, include_ended } => {
+                let req = ListResidenciesRequest {
+                    person_id: person,
+                    unit_id: unit,
+                    estate_id: estate,
+                    include_ended,
+                    ..Default::default()
+                };
+                many(&all_pages!(c, list_residencies, req, residencies), o)
+            }
+        },
+        Command::Token(TokenCmd::Issue(cmd)) => {
+            use issue_token_request::Principal as P;
+            let (principal, common) = match cmd {
+                IssueCmd::Operator { tenant, estates, common } => {
+                    (P::Operator(OperatorGrant { tenant_id: tenant, estate_ids: estates }), common)
+                }
+                IssueCmd::Gate { gate, common } => (P::Gate(GateGrant { gate_id: gate }), common),
+                IssueCmd::Resident { person, common } => (P::Resident(ResidentGrant { person_id: person }), common),
+                IssueCmd::Regulator { jurisdictions, common } => {
+                    (P::Regulator(RegulatorGrant { jurisdiction_codes: jurisdictions }), common)
+                }
+                IssueCmd::Admin { common } => (P::PlatformAdmin(PlatformAdminGrant {}), common),
+            };
+            let req =
+                IssueTokenRequest { principal: Some(principal), subject: common.subject, ttl_seconds: common.ttl };
+            one(&c.issue_token(req).await?.into_inner(), o)
+        }
+        Command::Whoami => one(&c.who_am_i(WhoAmIRequest {}).await?.into_inner(), o),
+    })
+}
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    match run(cli).await {
+        Ok(text) => {
+            println!("{text}");
+            std::process::ExitCode::SUCCESS
+        }
+        Err(e) => {
+            match e.downcast_ref::<tonic::Status>() {
+                Some(status) => eprintln!("error: {:?}: {}", status.code(), status.message()),
+                None => eprintln!("error: {e:#}"),
+            }
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,19 @@
+# The few commands a newcomer needs. Each is one cargo command; see README.md.
+.PHONY: run test test-postgres lint ci
+
+run:            ## start the whole mesh on the embedded default (./data)
+	cargo run --release -p estate-mesh -- --data-dir ./data
+
+test:           ## all tests on SQLite
+	cargo test --workspace
+
+test-postgres:  ## all tests on the local PostgreSQL + Redis
+	ESTATE_TEST_DATABASE_URL=postgres://postgres@127.0.0.1:5432/postgres \
+	ESTATE_TEST_REDIS_URL=redis://127.0.0.1:6379 cargo test --workspace
+
+lint:           ## formatting and clippy as CI runs them
+	cargo fmt --all -- --check
+	cargo clippy --workspace --all-targets -- -D warnings
+
+ci:             ## exactly what CI runs
+	bash .ci/run

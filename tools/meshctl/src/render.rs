@@ -1,0 +1,238 @@
+//! Output as a table for people or JSON for scripts.
+
+use estate_proto::common::{CredentialKind, RecordStatus};
+use estate_proto::identity::*;
+use serde_json::{Map, Value};
+
+/// Output format chosen with `--output`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Output {
+    /// Aligned columns.
+    Table,
+    /// One JSON document (an array for lists).
+    Json,
+    /// Only the id (the token, for `token issue`), one per line: for scripts.
+    Id,
+}
+
+/// Something meshctl can print: named fields in a fixed order.
+pub trait Fields {
+    /// (column, value) pairs.
+    fn fields(&self) -> Vec<(&'static str, String)>;
+}
+
+fn time(t: &Option<prost_types::Timestamp>) -> String {
+    let Some(t) = t else { return String::new() };
+    time::OffsetDateTime::from_unix_timestamp(t.seconds)
+        .ok()
+        .and_then(|d| d.format(&time::format_description::well_known::Rfc3339).ok())
+        .unwrap_or_default()
+}
+
+fn status(s: i32) -> String {
+    match RecordStatus::try_from(s) {
+        Ok(RecordStatus::Active) => "active".into(),
+        Ok(RecordStatus::Deactivated) => "deactivated".into(),
+        _ => "unknown".into(),
+    }
+}
+
+fn kinds(k: &[i32]) -> String {
+    k.iter()
+        .map(|k| match CredentialKind::try_from(*k) {
+            Ok(CredentialKind::Card) => "card",
+            Ok(CredentialKind::Pin) => "pin",
+            Ok(CredentialKind::Qr) => "qr",
+            Ok(CredentialKind::Visitor) => "visitor",
+            Ok(CredentialKind::Face) => "face",
+            _ => "?",
+        })
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+impl Fields for Tenant {
+    fn fields(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("id", self.id.clone()),
+            ("name", self.name.clone()),
+            ("jurisdiction", self.jurisdiction_code.clone()),
+            ("status", status(self.status)),
+            ("created", time(&self.created_at)),
+        ]
+    }
+}
+
+impl Fields for Estate {
+    fn fields(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("id", self.id.clone()),
+            ("name", self.name.clone()),
+            ("address", self.address.clone()),
+            ("jurisdiction", self.jurisdiction_code.clone()),
+            ("status", status(self.status)),
+        ]
+    }
+}
+
+impl Fields for Gate {
+    fn fields(&self) -> Vec<(&'static str, String)> {
+        let direction = match GateDirection::try_from(self.direction) {
+            Ok(GateDirection::In) => "in",
+            Ok(GateDirection::Out) => "out",
+            Ok(GateDirection::Both) => "both",
+            _ => "?",
+        };
+        vec![
+            ("id", self.id.clone()),
+            ("estate", self.estate_id.clone()),
+            ("name", self.name.clone()),
+            ("direction", direction.into()),
+            ("kinds", kinds(&self.supported_kinds)),
+            ("status", status(self.status)),
+        ]
+    }
+}
+
+impl Fields for Unit {
+    fn fields(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("id", self.id.clone()),
+            ("estate", self.estate_id.clone()),
+            ("building", self.building.clone()),
+            ("unit", self.unit.clone()),
+            ("room", self.room.clone()),
+            ("status", status(self.status)),
+        ]
+    }
+}
+
+impl Fields for Person {
+    fn fields(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("id", self.id.clone()),
+            ("name", self.display_name.clone()),
+            ("phone", if self.phone_last4.is_empty() { String::new() } else { format!("…{}", self.phone_last4) }),
+            ("birth_date", self.birth_date.clone()),
+            ("minor", self.is_minor.to_string()),
+            ("guardian", self.guardian_person_id.clone()),
+            ("pseudonym", self.pseudonym.clone()),
+            ("status", status(self.status)),
+        ]
+    }
+}
+
+impl Fields for Residency {
+    fn fields(&self) -> Vec<(&'static str, String)> {
+        let role = match ResidencyRole::try_from(self.role) {
+            Ok(ResidencyRole::Owner) => "owner",
+            Ok(ResidencyRole::Occupant) => "occupant",
+            Ok(ResidencyRole::Renter) => "renter",
+            Ok(ResidencyRole::Staff) => "staff",
+            _ => "?",
+        };
+        let status = if self.status == ResidencyStatus::Ended as i32 { "ended" } else { "active" };
+        vec![
+            ("id", self.id.clone()),
+            ("person", self.person_id.clone()),
+            ("unit", self.unit_id.clone()),
+            ("estate", self.estate_id.clone()),
+            ("role", role.into()),
+            ("from", time(&self.valid_from)),
+            ("until", time(&self.valid_until)),
+            ("status", status.into()),
+        ]
+    }
+}
+
+impl Fields for IssueTokenResponse {
+    fn fields(&self) -> Vec<(&'static str, String)> {
+        vec![("token", self.token.clone()), ("token_id", self.token_id.clone()), ("expires", time(&self.expires_at))]
+    }
+}
+
+impl Fields for WhoAmIResponse {
+    fn fields(&self) -> Vec<(&'static str, String)> {
+        let kind = match estate_proto::common::ActorKind::try_from(self.kind) {
+            Ok(estate_proto::common::ActorKind::PlatformAdmin) => "platform_admin",
+            Ok(estate_proto::common::ActorKind::Operator) => "operator",
+            Ok(estate_proto::common::ActorKind::Gate) => "gate",
+            Ok(estate_proto::common::ActorKind::Resident) => "resident",
+            Ok(estate_proto::common::ActorKind::Regulator) => "regulator",
+            _ => "?",
+        };
+        vec![
+            ("kind", kind.into()),
+            ("subject", self.subject.clone()),
+            ("tenant", self.tenant_id.clone()),
+            ("estates", self.estate_ids.join(",")),
+            ("gate", self.gate_id.clone()),
+            ("person", self.person_id.clone()),
+            ("jurisdictions", self.jurisdiction_codes.join(",")),
+            ("expires", time(&self.expires_at)),
+        ]
+    }
+}
+
+fn id_of(f: &[(&'static str, String)]) -> String {
+    f.iter().find(|(k, _)| *k == "token" || *k == "id").map(|(_, v)| v.clone()).unwrap_or_default()
+}
+
+fn json_of(f: &[(&'static str, String)]) -> Value {
+    let mut m = Map::new();
+    for (k, v) in f {
+        m.insert((*k).to_owned(), Value::String(v.clone()));
+    }
+    Value::Object(m)
+}
+
+/// Formats one item.
+pub fn one<T: Fields>(item: &T, output: Output) -> String {
+    let f = item.fields();
+    match output {
+        Output::Json => serde_json::to_string_pretty(&json_of(&f)).unwrap_or_default(),
+        Output::Id => id_of(&f),
+        Output::Table => {
+            let width = f.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
+            f.iter().map(|(k, v)| format!("{k:<width$}  {v}")).collect::<Vec<_>>().join("\n")
+        }
+    }
+}
+
+/// Formats a list.
+pub fn many<T: Fields>(items: &[T], output: Output) -> String {
+    let rows: Vec<Vec<(&'static str, String)>> = items.iter().map(Fields::fields).collect();
+    match output {
+        Output::Json => {
+            serde_json::to_string_pretty(&Value::Array(rows.iter().map(|r| json_of(r)).collect())).unwrap_or_default()
+        }
+        Output::Id => rows.iter().map(|r| id_of(r)).collect::<Vec<_>>().join("\n"),
+        Output::Table => {
+            let Some(first) = rows.first() else { return "(none)".into() };
+            let headers: Vec<&str> = first.iter().map(|(k, _)| *k).collect();
+            let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();
+            for r in &rows {
+                for (i, (_, v)) in r.iter().enumerate() {
+                    widths[i] = widths[i].max(v.chars().count());
+                }
+            }
+            let line = |cells: Vec<&str>| {
+                cells
+                    .iter()
+                    .enumerate()
+                    .map(|(i, c)| format!("{c:<w$}", w = widths[i]))
+                    .collect::<Vec<_>>()
+                    .join("  ")
+                    .trim_end()
+                    .to_owned()
+            };
+            let mut out = vec![line(
+                headers.iter().map(|h| h.to_uppercase()).collect::<Vec<_>>().iter().map(String::as_str).collect(),
+            )];
+            for r in &rows {
+                out.push(line(r.iter().map(|(_, v)| v.as_str()).collect()));
+            }
+            out.join("\n")
+        }
+    }
+}

@@ -10,9 +10,12 @@ use tonic::Status;
 /// Metadata key that correlates a call with its audit events.
 pub const REQUEST_ID_HEADER: &str = "x-request-id";
 
-/// Paths anyone may call: health checks (probes) and reflection (grpcurl).
+/// Paths anyone may call: health checks (probes), reflection (grpcurl) and
+/// the published consent verifying keys (public by design, R9).
 fn is_open_path(path: &str) -> bool {
-    path.starts_with("/grpc.health.v1.") || path.starts_with("/grpc.reflection.")
+    path.starts_with("/grpc.health.v1.")
+        || path.starts_with("/grpc.reflection.")
+        || path == "/estate.consent.v1.ConsentService/GetVerifyingKeys"
 }
 
 /// Verifies the `authorization: Bearer …` metadata of every call.

@@ -1,6 +1,8 @@
 //! Principals and the scope checks that follow from them (R14).
 
 use estate_core::{Error, JurisdictionCode, Result};
+use estate_crypto::KeyedHasher;
+use estate_proto::common::{Actor, ActorKind};
 use serde::{Deserialize, Serialize};
 
 /// The kinds of caller the mesh knows. Serialised into token claims under
@@ -42,6 +44,21 @@ pub struct Caller {
 }
 
 impl Caller {
+    /// The caller as an audit actor, by role; residents appear by pseudonym
+    /// (R17), staff and devices by token subject or gate id.
+    pub fn actor(&self, hasher: &KeyedHasher) -> Actor {
+        let (kind, id) = match &self.principal {
+            Principal::PlatformAdmin => (ActorKind::PlatformAdmin, self.subject.clone()),
+            Principal::Operator { .. } => (ActorKind::Operator, self.subject.clone()),
+            Principal::Gate { gate_id, .. } => (ActorKind::Gate, gate_id.clone()),
+            Principal::Resident { tenant_id, person_id } => {
+                (ActorKind::Resident, hasher.pseudonym(tenant_id, person_id))
+            }
+            Principal::Regulator { .. } => (ActorKind::Regulator, self.subject.clone()),
+        };
+        Actor { kind: kind as i32, id }
+    }
+
     /// The tenant the caller belongs to, or PERMISSION_DENIED for principals
     /// without one (admin, regulator).
     pub fn tenant_id(&self) -> Result<&str> {

@@ -38,6 +38,22 @@ pub struct Settings {
     pub auth: AuthSettings,
     /// Request limits.
     pub limits: LimitSettings,
+    /// Consent service.
+    pub consent: ConsentSettings,
+}
+
+/// Consent service settings (R5, R9, R16).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConsentSettings {
+    /// Lifetime of an attestation when the request names none.
+    pub attestation_ttl_secs: u64,
+    /// How often the deletion sweep looks for ended residencies.
+    pub sweep_interval_secs: u64,
+    /// Persons with face consent from which the filing warning shows (R16).
+    pub filing_warning_at: i64,
+    /// Persons with face consent at which the filing is due (R16).
+    pub filing_threshold: i64,
 }
 
 /// Database connection settings.
@@ -175,6 +191,12 @@ admin_token_ttl_secs = 31536000
 [limits]
 max_message_bytes = 4194304
 max_page_size = 500
+
+[consent]
+attestation_ttl_secs = 300
+sweep_interval_secs = 5
+filing_warning_at = 80000
+filing_threshold = 100000
 "#;
 
 impl Settings {

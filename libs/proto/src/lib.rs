@@ -24,7 +24,13 @@ pub mod estate {
             include!(concat!(env!("OUT_DIR"), "/estate.identity.v1.rs"));
         }
     }
+    pub mod consent {
+        pub mod v1 {
+            include!(concat!(env!("OUT_DIR"), "/estate.consent.v1.rs"));
+        }
+    }
 }
 
 pub use estate::common::v1 as common;
+pub use estate::consent::v1 as consent;
 pub use estate::identity::v1 as identity;

@@ -22,6 +22,8 @@ use tower::layer::util::{Identity, Stack};
 
 /// File name of the token signing key in the keys directory.
 pub const TOKEN_KEY_FILE: &str = "token-signing.ed25519";
+/// File name of the consent attestation signing key in the keys directory.
+pub const CONSENT_KEY_FILE: &str = "consent-attestation.ed25519";
 /// File name of the keyed-hash secret in the keys directory.
 pub const HASH_SECRET_FILE: &str = "keyed-hash.secret";
 
@@ -62,6 +64,8 @@ pub struct MeshKeys {
     pub token_signing: SigningKeyPair,
     /// Keys phone hashes and pseudonyms.
     pub hasher: KeyedHasher,
+    /// Signs consent attestations (R9).
+    pub consent_signing: SigningKeyPair,
 }
 
 impl MeshKeys {
@@ -73,6 +77,7 @@ impl MeshKeys {
         Ok(Self {
             token_signing: SigningKeyPair::load_or_generate(&dir.join(TOKEN_KEY_FILE), generate)?,
             hasher: KeyedHasher::load_or_generate(&dir.join(HASH_SECRET_FILE), generate)?,
+            consent_signing: SigningKeyPair::load_or_generate(&dir.join(CONSENT_KEY_FILE), generate)?,
         })
     }
 }

@@ -8,6 +8,7 @@
 //! - [`outbox`]: the audit outbox (R11), written inside the caller's transaction.
 //! - [`page`]: opaque page tokens for list calls.
 
+pub mod filter;
 pub mod outbox;
 pub mod page;
 

@@ -5,9 +5,10 @@
 
 use crate::db_error;
 use estate_core::Result;
-use estate_proto::common::AuditEvent;
+use estate_proto::common::{Actor, AuditEvent};
 use prost::Message;
 use sqlx::{Any, AnyConnection, Row};
+use std::collections::HashMap;
 
 /// Writes `event` to the outbox on `conn` (which should be a transaction).
 pub async fn record(conn: &mut AnyConnection, event: &AuditEvent) -> Result<()> {
@@ -46,6 +47,34 @@ pub struct OutboxRow {
     pub event: AuditEvent,
 }
 
+fn decode_row(r: &sqlx::any::AnyRow) -> Result<OutboxRow> {
+    let payload: Vec<u8> = r.try_get("payload").map_err(db_error)?;
+    let event = AuditEvent::decode(payload.as_slice())
+        .map_err(|e| estate_core::Error::Internal(format!("outbox payload: {e}")))?;
+    Ok(OutboxRow { seq: r.try_get("seq").map_err(db_error)?, event })
+}
+
+/// Events with `action`, written after `after_seq`, oldest first: how other
+/// services of the mesh consume domain events durably (e.g. consent reads
+/// `residency.end` to request face data deletion, R5).
+pub async fn with_action_after(
+    pool: &sqlx::AnyPool,
+    action: &str,
+    after_seq: i64,
+    limit: i64,
+) -> Result<Vec<OutboxRow>> {
+    let rows = sqlx::query::<Any>(
+        "SELECT seq, payload FROM outbox_events WHERE action = $1 AND seq > $2 ORDER BY seq LIMIT $3",
+    )
+    .bind(action)
+    .bind(after_seq)
+    .bind(limit)
+    .fetch_all(pool)
+    .await
+    .map_err(db_error)?;
+    rows.iter().map(decode_row).collect()
+}
+
 /// Reads up to `limit` undelivered events after `after_seq`, oldest first.
 pub async fn pending(pool: &sqlx::AnyPool, after_seq: i64, limit: i64) -> Result<Vec<OutboxRow>> {
     let rows = sqlx::query::<Any>(
@@ -56,14 +85,7 @@ pub async fn pending(pool: &sqlx::AnyPool, after_seq: i64, limit: i64) -> Result
     .fetch_all(pool)
     .await
     .map_err(db_error)?;
-    rows.into_iter()
-        .map(|r| {
-            let payload: Vec<u8> = r.try_get("payload").map_err(db_error)?;
-            let event = AuditEvent::decode(payload.as_slice())
-                .map_err(|e| estate_core::Error::Internal(format!("outbox payload: {e}")))?;
-            Ok(OutboxRow { seq: r.try_get("seq").map_err(db_error)?, event })
-        })
-        .collect()
+    rows.iter().map(decode_row).collect()
 }
 
 /// Marks events delivered (after the audit service acknowledged them).
@@ -89,12 +111,75 @@ pub async fn for_tenant(pool: &sqlx::AnyPool, tenant_id: &str) -> Result<Vec<Out
         .fetch_all(pool)
         .await
         .map_err(db_error)?;
-    rows.into_iter()
-        .map(|r| {
-            let payload: Vec<u8> = r.try_get("payload").map_err(db_error)?;
-            let event = AuditEvent::decode(payload.as_slice())
-                .map_err(|e| estate_core::Error::Internal(format!("outbox payload: {e}")))?;
-            Ok(OutboxRow { seq: r.try_get("seq").map_err(db_error)?, event })
-        })
-        .collect()
+    rows.iter().map(decode_row).collect()
+}
+
+/// One state change, described for the audit log; turned into an
+/// [`AuditEvent`] with [`Change::into_event`].
+#[derive(Debug)]
+pub struct Change<'a> {
+    tenant_id: &'a str,
+    action: &'static str,
+    object_type: &'static str,
+    object_id: &'a str,
+    estate_id: &'a str,
+    person_pseudonym: &'a str,
+    concerns_minor: bool,
+    attributes: Vec<(&'static str, String)>,
+}
+
+impl<'a> Change<'a> {
+    /// A change of `object_type` `object_id` in `tenant_id`, named `action`
+    /// ("estate.create").
+    pub fn new(tenant_id: &'a str, action: &'static str, object_type: &'static str, object_id: &'a str) -> Self {
+        Self {
+            tenant_id,
+            action,
+            object_type,
+            object_id,
+            estate_id: "",
+            person_pseudonym: "",
+            concerns_minor: false,
+            attributes: Vec::new(),
+        }
+    }
+
+    /// The estate the change concerns.
+    pub fn estate(mut self, estate_id: &'a str) -> Self {
+        self.estate_id = estate_id;
+        self
+    }
+
+    /// The person it concerns, by pseudonym (R17), and whether a minor (R7).
+    pub fn person(mut self, pseudonym: &'a str, minor: bool) -> Self {
+        self.person_pseudonym = pseudonym;
+        self.concerns_minor = minor;
+        self
+    }
+
+    /// A non-personal detail.
+    pub fn attr(mut self, key: &'static str, value: impl Into<String>) -> Self {
+        self.attributes.push((key, value.into()));
+        self
+    }
+
+    /// The event, by `actor`, for the call `request_id`, from service `source`.
+    pub fn into_event(self, actor: Actor, request_id: &str, source: &str) -> AuditEvent {
+        let (seconds, nanos) = estate_core::ms_to_timestamp_parts(estate_core::now_ms());
+        AuditEvent {
+            event_id: estate_core::new_id(),
+            tenant_id: self.tenant_id.to_owned(),
+            estate_id: self.estate_id.to_owned(),
+            actor: Some(actor),
+            action: self.action.to_owned(),
+            object_type: self.object_type.to_owned(),
+            object_id: self.object_id.to_owned(),
+            person_pseudonym: self.person_pseudonym.to_owned(),
+            occurred_at: Some(prost_types::Timestamp { seconds, nanos }),
+            request_id: request_id.to_owned(),
+            attributes: self.attributes.into_iter().map(|(k, v)| (k.to_owned(), v)).collect::<HashMap<_, _>>(),
+            concerns_minor: self.concerns_minor,
+            source: source.to_owned(),
+        }
+    }
 }

@@ -6,6 +6,7 @@
 use anyhow::Context;
 use estate_auth::{IssuedToken, Principal, TokenAuthority};
 use estate_config::Settings;
+use estate_proto::consent::consent_service_client::ConsentServiceClient;
 use estate_proto::identity::identity_service_client::IdentityServiceClient;
 use estate_store::Db;
 use std::time::Duration;
@@ -45,6 +46,9 @@ impl tonic::service::Interceptor for Bearer {
         Ok(req)
     }
 }
+
+/// A consent client authenticated with some token.
+pub type ConsentClient = ConsentServiceClient<InterceptedService<Channel, Bearer>>;
 
 /// An identity client authenticated with some token.
 pub type IdentityClient = IdentityServiceClient<InterceptedService<Channel, Bearer>>;
@@ -234,6 +238,16 @@ impl TestMesh {
     /// An identity client using `token`.
     pub fn identity(&self, token: &str) -> anyhow::Result<IdentityClient> {
         Ok(IdentityServiceClient::with_interceptor(self.channel(), Bearer::new(token)?))
+    }
+
+    /// A consent client using `token`.
+    pub fn consent(&self, token: &str) -> anyhow::Result<ConsentClient> {
+        Ok(ConsentServiceClient::with_interceptor(self.channel(), Bearer::new(token)?))
+    }
+
+    /// A consent client sending no token.
+    pub fn consent_anonymous(&self) -> ConsentClient {
+        ConsentServiceClient::with_interceptor(self.channel(), Bearer::none())
     }
 
     /// An identity client sending no token.

@@ -7,7 +7,7 @@
 //! end of a residency so face data can be deleted (R5).
 
 mod audit;
-mod filter;
+pub mod directory;
 mod model;
 mod service;
 

@@ -9,8 +9,7 @@
 //! Every state change writes exactly one audit event to the outbox in the same
 //! transaction (R11); residents appear in events by pseudonym only (R17).
 
-use crate::audit::{Change, PLATFORM_TENANT};
-use crate::filter::{Filter, fetch_page};
+use crate::audit::PLATFORM_TENANT;
 use crate::model::*;
 use estate_auth::{Caller, Principal, TokenAuthority, caller};
 use estate_bus::EventBus;
@@ -21,6 +20,8 @@ use estate_crypto::KeyedHasher;
 use estate_proto::common::{ActorKind, CredentialKind};
 use estate_proto::identity::identity_service_server::IdentityService;
 use estate_proto::identity::*;
+use estate_store::filter::{Filter, fetch_page};
+use estate_store::outbox::Change;
 use estate_store::page::Page;
 use estate_store::{Db, db_error, is_unique_violation, outbox};
 use prost::Message;
@@ -29,6 +30,9 @@ use std::future::Future;
 use std::pin::Pin;
 use tonic::{Request, Response, Status};
 use tracing::Instrument;
+
+/// Name of this service in audit events.
+const SOURCE: &str = "identity";
 
 /// Bus topic of [`ResidencyEnded`] events.
 pub const RESIDENCY_ENDED_TOPIC: &str = "identity.residency.ended";
@@ -133,7 +137,7 @@ impl Identity {
     }
 
     async fn record(&self, conn: &mut AnyConnection, caller: &Caller, change: Change<'_>) -> Result<()> {
-        outbox::record(conn, &change.into_event(caller, &self.hasher)).await
+        outbox::record(conn, &change.into_event(caller.actor(&self.hasher), &caller.request_id, SOURCE)).await
     }
 
     fn page(&self, size: i32, token: &str) -> Result<Page> {
@@ -1330,7 +1334,7 @@ impl Identity {
             .person(&person.pseudonym, person.is_minor())
             .attr("reason", reason.to_owned())
             .attr("last_at_estate", last_at_estate.to_string());
-        let event = change.into_event(caller, &self.hasher);
+        let event = change.into_event(caller.actor(&self.hasher), &caller.request_id, SOURCE);
         outbox::record(tx, &event).await?;
         let ended = ResidencyEnded {
             event_id: event.event_id,

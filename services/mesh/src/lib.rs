@@ -35,6 +35,7 @@ pub enum MeshError {
 pub async fn migrate_all(runtime: &Runtime) -> Result<(), estate_store::StoreError> {
     runtime.db.migrate_outbox().await?;
     estate_identity::migrate(&runtime.db).await?;
+    estate_consent::migrate(&runtime.db).await?;
     Ok(())
 }
 
@@ -61,7 +62,9 @@ impl Application {
 
         let mut routes = tonic::service::RoutesBuilder::default();
         routes.add_service(estate_identity::server(&runtime));
-        let app = GrpcApp::build(&runtime, routes, &[estate_identity::SERVICE_NAME]).await?;
+        routes.add_service(estate_consent::server(&runtime));
+        let names = [estate_identity::SERVICE_NAME, estate_consent::SERVICE_NAME];
+        let app = GrpcApp::build(&runtime, routes, &names).await?;
         Ok(Self { app, runtime, admin_token_path })
     }
 
@@ -82,9 +85,11 @@ impl Application {
 
     /// Serves until `shutdown` resolves.
     pub async fn run_until(self, shutdown: impl Future<Output = ()>) -> Result<(), MeshError> {
-        self.app.run_until(shutdown).await?;
+        let sweep = estate_consent::start_sweep(&self.runtime);
+        let served = self.app.run_until(shutdown).await;
+        sweep.abort();
         self.runtime.db.close().await;
-        Ok(())
+        Ok(served?)
     }
 
     /// Serves until SIGTERM / Ctrl-C.

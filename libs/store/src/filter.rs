@@ -2,30 +2,34 @@
 //! placeholders (portable between SQLite and PostgreSQL), column names from
 //! code, never from requests.
 
-use estate_store::page::Page;
+use crate::page::Page;
 use sqlx::{Any, AssertSqlSafe};
 
+/// WHERE clauses and their string binds, in placeholder order.
 #[derive(Debug, Default)]
-pub(crate) struct Filter {
+pub struct Filter {
     clauses: Vec<String>,
     binds: Vec<String>,
 }
 
 impl Filter {
-    pub(crate) fn eq(&mut self, column: &'static str, value: &str) -> &mut Self {
+    /// `column = value`.
+    pub fn eq(&mut self, column: &'static str, value: &str) -> &mut Self {
         self.binds.push(value.to_owned());
         self.clauses.push(format!("{column} = ${}", self.binds.len()));
         self
     }
 
-    pub(crate) fn eq_if(&mut self, column: &'static str, value: &str) -> &mut Self {
+    /// `column = value` when value is not empty.
+    pub fn eq_if(&mut self, column: &'static str, value: &str) -> &mut Self {
         if !value.is_empty() {
             self.eq(column, value);
         }
         self
     }
 
-    pub(crate) fn one_of(&mut self, column: &'static str, values: &[String]) -> &mut Self {
+    /// `column IN (values)`; no values matches nothing.
+    pub fn one_of(&mut self, column: &'static str, values: &[String]) -> &mut Self {
         if values.is_empty() {
             self.clauses.push("1 = 0".to_owned());
             return self;
@@ -39,7 +43,8 @@ impl Filter {
         self
     }
 
-    pub(crate) fn prefix_of_any(&mut self, column: &'static str, prefixes: &[String]) -> &mut Self {
+    /// `column LIKE p1% OR …`; no prefixes matches nothing.
+    pub fn prefix_of_any(&mut self, column: &'static str, prefixes: &[String]) -> &mut Self {
         if prefixes.is_empty() {
             self.clauses.push("1 = 0".to_owned());
             return self;
@@ -53,13 +58,14 @@ impl Filter {
         self
     }
 
-    pub(crate) fn raw(&mut self, clause: &'static str) -> &mut Self {
+    /// A fixed clause written in code.
+    pub fn raw(&mut self, clause: &'static str) -> &mut Self {
         self.clauses.push(clause.to_owned());
         self
     }
 
     /// `SELECT {columns} FROM {table} WHERE … AND id > after ORDER BY id LIMIT n+1`.
-    pub(crate) fn page_sql(mut self, columns: &'static str, table: &'static str, page: &Page) -> (String, Vec<String>) {
+    pub fn page_sql(mut self, columns: &'static str, table: &'static str, page: &Page) -> (String, Vec<String>) {
         if !page.after_id.is_empty() {
             self.binds.push(page.after_id.clone());
             self.clauses.push(format!("id > ${}", self.binds.len()));
@@ -71,7 +77,7 @@ impl Filter {
 }
 
 /// Runs a list query built by [`Filter::page_sql`].
-pub(crate) async fn fetch_page<R>(pool: &sqlx::AnyPool, sql: String, binds: Vec<String>) -> Result<Vec<R>, sqlx::Error>
+pub async fn fetch_page<R>(pool: &sqlx::AnyPool, sql: String, binds: Vec<String>) -> Result<Vec<R>, sqlx::Error>
 where
     R: for<'r> sqlx::FromRow<'r, sqlx::any::AnyRow> + Send + Unpin,
 {

@@ -1,0 +1,247 @@
+//! Deletion of face data (R5): requests, the sweep that turns ended
+//! residencies into requests, and the hand-off to whoever holds face data.
+//!
+//! A request is created in the same transaction as its cause (a withdrawal),
+//! or by the sweep from the durable `residency.end` outbox events identity
+//! writes. Each cause has a `source_id` that is unique per tenant, so running
+//! the sweep any number of times, on any number of replicas, yields exactly one
+//! request per cause. The facematch service fulfils requests through
+//! [`FaceDataEraser`] and returns a deletion certificate id (R6).
+
+use crate::model::{ACTIVE, DELETION_COLS, DeletionRow, ENDED, reason_name};
+use estate_bus::EventBus;
+use estate_core::{Result, new_id, now_ms};
+use estate_proto::common::{Actor, ActorKind};
+use estate_proto::consent::{DeletionReason, DeletionRequest};
+use estate_store::outbox::{self, Change};
+use estate_store::{Db, db_error};
+use futures_util::future::BoxFuture;
+use sqlx::{Any, AnyConnection};
+use std::sync::Arc;
+use std::time::Duration;
+
+const SOURCE: &str = "consent";
+const CURSOR: &str = "residency_end";
+const BATCH: i64 = 500;
+
+/// Whoever holds face data and can delete it (facematch). Implementations
+/// must be idempotent: erasing what is already gone succeeds.
+pub trait FaceDataEraser: Send + Sync {
+    /// Deletes every face datum of the request's person at its estate and
+    /// returns the id of the deletion certificate.
+    fn erase<'a>(&'a self, request: &'a DeletionRequest) -> BoxFuture<'a, Result<String>>;
+}
+
+/// Records a deletion request unless one exists for `source_id`; returns its
+/// id when this call created it.
+pub(crate) async fn request_deletion(
+    conn: &mut AnyConnection,
+    tenant_id: &str,
+    estate_id: &str,
+    pseudonym: &str,
+    reason: DeletionReason,
+    source_id: &str,
+) -> Result<Option<String>> {
+    let id = new_id();
+    let done = sqlx::query::<Any>(
+        "INSERT INTO face_deletion_requests (tenant_id, id, estate_id, person_pseudonym, reason, source_id, requested_at) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (tenant_id, source_id) DO NOTHING",
+    )
+    .bind(tenant_id)
+    .bind(&id)
+    .bind(estate_id)
+    .bind(pseudonym)
+    .bind(reason_name(reason))
+    .bind(source_id)
+    .bind(now_ms())
+    .execute(conn)
+    .await
+    .map_err(db_error)?;
+    Ok((done.rows_affected() == 1).then_some(id))
+}
+
+fn sweep_actor() -> Actor {
+    Actor { kind: ActorKind::Service as i32, id: "consent-deletion-sweep".into() }
+}
+
+/// Reads `residency.end` events after the cursor; for each that ended the
+/// person's last residency at an estate where they hold an active face
+/// consent, ends that consent and requests deletion of their face data there.
+/// Returns the requests created.
+pub async fn sweep_residency_ends(db: &Db) -> Result<usize> {
+    let mut created = 0;
+    loop {
+        let cursor: Option<(i64,)> =
+            sqlx::query_as::<Any, (i64,)>("SELECT last_seq FROM consent_sweep_cursor WHERE name = $1")
+                .bind(CURSOR)
+                .fetch_optional(db.pool())
+                .await
+                .map_err(db_error)?;
+        let after = cursor.map_or(0, |(s,)| s);
+        let events = outbox::with_action_after(db.pool(), "residency.end", after, BATCH).await?;
+        let Some(last) = events.last().map(|e| e.seq) else { return Ok(created) };
+        let mut tx = db.pool().begin().await.map_err(db_error)?;
+        for row in &events {
+            let ev = &row.event;
+            if ev.attributes.get("last_at_estate").map(String::as_str) != Some("true") {
+                continue;
+            }
+            // Only a person with an active face consent there can have face
+            // data there; earlier withdrawals already requested deletion.
+            let (active,): (i64,) = sqlx::query_as::<Any, (i64,)>(
+                "SELECT COUNT(*) FROM consents WHERE tenant_id = $1 AND person_pseudonym = $2 AND estate_id = $3 AND status = $4",
+            )
+            .bind(&ev.tenant_id)
+            .bind(&ev.person_pseudonym)
+            .bind(&ev.estate_id)
+            .bind(ACTIVE)
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(db_error)?;
+            if active == 0 {
+                continue;
+            }
+            let Some(request_id) = request_deletion(
+                &mut tx,
+                &ev.tenant_id,
+                &ev.estate_id,
+                &ev.person_pseudonym,
+                DeletionReason::ResidencyEnded,
+                &ev.event_id,
+            )
+            .await?
+            else {
+                continue;
+            };
+            let ended = sqlx::query::<Any>(
+                "UPDATE consents SET status = $1, withdrawn_at = $2, deletion_request_id = $3 \
+                 WHERE tenant_id = $4 AND person_pseudonym = $5 AND estate_id = $6 AND status = $7",
+            )
+            .bind(ENDED)
+            .bind(now_ms())
+            .bind(&request_id)
+            .bind(&ev.tenant_id)
+            .bind(&ev.person_pseudonym)
+            .bind(&ev.estate_id)
+            .bind(ACTIVE)
+            .execute(&mut *tx)
+            .await
+            .map_err(db_error)?
+            .rows_affected();
+            let change = Change::new(&ev.tenant_id, "face_deletion.request", "face_deletion_request", &request_id)
+                .estate(&ev.estate_id)
+                .person(&ev.person_pseudonym, ev.concerns_minor)
+                .attr("reason", reason_name(DeletionReason::ResidencyEnded))
+                .attr("cause_event_id", ev.event_id.clone())
+                .attr("consents_ended", ended.to_string());
+            outbox::record(&mut tx, &change.into_event(sweep_actor(), &ev.request_id, SOURCE)).await?;
+            created += 1;
+        }
+        sqlx::query::<Any>(
+            "INSERT INTO consent_sweep_cursor (name, last_seq) VALUES ($1, $2) \
+             ON CONFLICT (name) DO UPDATE SET last_seq = excluded.last_seq",
+        )
+        .bind(CURSOR)
+        .bind(last)
+        .execute(&mut *tx)
+        .await
+        .map_err(db_error)?;
+        tx.commit().await.map_err(db_error)?;
+    }
+}
+
+/// Hands pending requests to `eraser` and records the certificates. A request
+/// is marked fulfilled once, so repeated runs erase nothing twice.
+pub async fn fulfil_pending(db: &Db, eraser: &dyn FaceDataEraser) -> Result<usize> {
+    let rows = sqlx::query_as::<Any, DeletionRow>(sqlx::AssertSqlSafe(format!(
+        "SELECT {DELETION_COLS} FROM face_deletion_requests WHERE fulfilled_at IS NULL ORDER BY requested_at LIMIT 500"
+    )))
+    .fetch_all(db.pool())
+    .await
+    .map_err(db_error)?;
+    let mut done = 0;
+    for row in rows {
+        let request: DeletionRequest = row.into();
+        let certificate = eraser.erase(&request).await?;
+        let mut tx = db.pool().begin().await.map_err(db_error)?;
+        let updated = sqlx::query::<Any>(
+            "UPDATE face_deletion_requests SET fulfilled_at = $1, certificate_id = $2 \
+             WHERE tenant_id = $3 AND id = $4 AND fulfilled_at IS NULL",
+        )
+        .bind(now_ms())
+        .bind(&certificate)
+        .bind(&request.tenant_id)
+        .bind(&request.id)
+        .execute(&mut *tx)
+        .await
+        .map_err(db_error)?
+        .rows_affected();
+        if updated == 1 {
+            let change = Change::new(&request.tenant_id, "face_deletion.fulfil", "face_deletion_request", &request.id)
+                .estate(&request.estate_id)
+                .person(&request.person_pseudonym, false)
+                .attr("certificate_id", certificate.clone());
+            outbox::record(&mut tx, &change.into_event(sweep_actor(), "", SOURCE)).await?;
+            done += 1;
+        }
+        tx.commit().await.map_err(db_error)?;
+    }
+    Ok(done)
+}
+
+/// Runs the sweep every `interval`, and at once when identity announces a
+/// residency end on the bus. Stops when the database pool is closed.
+pub fn spawn_sweep(
+    db: Db,
+    bus: EventBus,
+    interval: Duration,
+    eraser: Option<Arc<dyn FaceDataEraser>>,
+) -> tokio::task::JoinHandle<()> {
+    let mut events = bus.subscribe();
+    tokio::spawn(async move {
+        loop {
+            if db.pool().is_closed() {
+                return;
+            }
+            if let Err(e) = sweep_residency_ends(&db).await {
+                tracing::warn!(error = %e, "deletion sweep failed; will retry");
+            }
+            if let Some(eraser) = &eraser
+                && let Err(e) = fulfil_pending(&db, eraser.as_ref()).await
+            {
+                tracing::warn!(error = %e, "deletion hand-off failed; will retry");
+            }
+            let residency_ended = async {
+                loop {
+                    match events.recv().await {
+                        Ok(ev) if ev.topic == estate_identity::RESIDENCY_ENDED_TOPIC => return,
+                        Ok(_) => {}
+                        Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => return,
+                        Err(tokio::sync::broadcast::error::RecvError::Closed) => std::future::pending::<()>().await,
+                    }
+                }
+            };
+            tokio::select! {
+                () = tokio::time::sleep(interval) => {},
+                () = residency_ended => {},
+            }
+        }
+    })
+}
+
+/// Requests of a tenant, optionally of one estate or only pending ones.
+pub(crate) async fn list(db: &Db, tenant_id: &str, estate_id: &str, pending_only: bool) -> Result<Vec<DeletionRow>> {
+    let mut sql = format!("SELECT {DELETION_COLS} FROM face_deletion_requests WHERE tenant_id = $1");
+    if !estate_id.is_empty() {
+        sql.push_str(" AND estate_id = $2");
+    }
+    if pending_only {
+        sql.push_str(" AND fulfilled_at IS NULL");
+    }
+    sql.push_str(" ORDER BY requested_at, id LIMIT 1000");
+    let mut q = sqlx::query_as::<Any, DeletionRow>(sqlx::AssertSqlSafe(sql)).bind(tenant_id);
+    if !estate_id.is_empty() {
+        q = q.bind(estate_id);
+    }
+    q.fetch_all(db.pool()).await.map_err(db_error)
+}

@@ -1,0 +1,93 @@
+//! The consent service: notices (告知), separate consent (单独同意) to face
+//! verification at one estate's gates, withdrawal that requests deletion of
+//! face data, guardian consent for minors, impact assessments and the filing
+//! count, and signed attestations facematch verifies offline.
+//!
+//! Enforces R3, R4, R5, R7, R9 (attestations), R16, R14 and R17.
+
+pub mod deletion;
+mod model;
+mod service;
+
+pub use deletion::{FaceDataEraser, fulfil_pending, spawn_sweep, sweep_residency_ends};
+pub use service::{ConsentBook, ConsentOptions};
+
+use estate_proto::consent::consent_service_server::ConsentServiceServer;
+use estate_runtime::{GrpcApp, Runtime, StartError};
+use estate_store::Db;
+use std::time::Duration;
+
+/// Name of the service for health checks.
+pub const SERVICE_NAME: &str = "estate.consent.v1.ConsentService";
+
+/// Applies the consent migrations (portable SQL, both engines).
+pub async fn migrate(db: &Db) -> Result<(), estate_store::StoreError> {
+    db.migrate("consent", sqlx::migrate!("./migrations")).await
+}
+
+/// The consent service built from a runtime.
+pub fn service(runtime: &Runtime) -> ConsentBook {
+    let s = &runtime.settings;
+    ConsentBook::new(
+        runtime.db.clone(),
+        runtime.keys.hasher.clone(),
+        runtime.keys.consent_signing.clone(),
+        ConsentOptions {
+            attestation_ttl_secs: i64::try_from(s.consent.attestation_ttl_secs).unwrap_or(300).clamp(1, 3600),
+            filing_warning_at: s.consent.filing_warning_at,
+            filing_threshold: s.consent.filing_threshold,
+            max_page_size: s.limits.max_page_size,
+        },
+    )
+}
+
+/// The tonic server wrapper with the configured message size limit.
+pub fn server(runtime: &Runtime) -> ConsentServiceServer<ConsentBook> {
+    let max = runtime.settings.limits.max_message_bytes;
+    ConsentServiceServer::new(service(runtime)).max_decoding_message_size(max).max_encoding_message_size(max)
+}
+
+/// Starts the deletion sweep of this process (R5). No eraser yet: requests
+/// wait for the facematch service, which will fulfil them.
+pub fn start_sweep(runtime: &Runtime) -> tokio::task::JoinHandle<()> {
+    spawn_sweep(
+        runtime.db.clone(),
+        runtime.bus.clone(),
+        Duration::from_secs(runtime.settings.consent.sweep_interval_secs.max(1)),
+        None,
+    )
+}
+
+/// The consent service as its own process (distributed mode). It shares the
+/// database with identity, whose person and residency facts it reads.
+#[derive(Debug)]
+pub struct Application {
+    app: GrpcApp,
+    runtime: Runtime,
+}
+
+impl Application {
+    /// Migrates when configured, starts the sweep, binds the listener.
+    pub async fn build(runtime: Runtime) -> Result<Self, StartError> {
+        if runtime.settings.database.migrate_on_start {
+            migrate(&runtime.db).await?;
+        }
+        let mut routes = tonic::service::RoutesBuilder::default();
+        routes.add_service(server(&runtime));
+        let app = GrpcApp::build(&runtime, routes, &[SERVICE_NAME]).await?;
+        Ok(Self { app, runtime })
+    }
+
+    /// The bound port.
+    pub fn port(&self) -> u16 {
+        self.app.port()
+    }
+
+    /// Serves until SIGTERM / Ctrl-C, running the deletion sweep meanwhile.
+    pub async fn run_until_stopped(self) -> Result<(), StartError> {
+        let sweep = start_sweep(&self.runtime);
+        let result = self.app.run_until_stopped().await;
+        sweep.abort();
+        result
+    }
+}

@@ -1,0 +1,88 @@
+//! Read-only facts about persons and estates that other services of the mesh
+//! need (consent: is this person a minor, who is their guardian, do they live
+//! at this estate). Identity owns these tables; other services read them only
+//! through this module, on the database they share with identity.
+
+use crate::model::{ACTIVE, EstateRow, PersonRow};
+use estate_core::Result;
+use estate_store::{Db, db_error};
+use sqlx::Any;
+
+/// What other services may know about a person.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PersonFacts {
+    /// Person id.
+    pub id: String,
+    /// Pseudonymous id (R17).
+    pub pseudonym: String,
+    /// Whether the birth date is recorded.
+    pub birth_date_known: bool,
+    /// Under 14 today (R7).
+    pub is_minor: bool,
+    /// The linked guardian, if any.
+    pub guardian_person_id: Option<String>,
+    /// Whether the record is active.
+    pub active: bool,
+}
+
+/// The person `person_id` of `tenant_id`, if it exists.
+pub async fn person(db: &Db, tenant_id: &str, person_id: &str) -> Result<Option<PersonFacts>> {
+    let row = sqlx::query_as::<Any, PersonRow>(
+        "SELECT tenant_id, id, display_name, phone_hash, phone_last4, birth_date, guardian_person_id, pseudonym, \
+         status, created_at, updated_at FROM persons WHERE tenant_id = $1 AND id = $2",
+    )
+    .bind(tenant_id)
+    .bind(person_id)
+    .fetch_optional(db.pool())
+    .await
+    .map_err(db_error)?;
+    Ok(row.map(|p| PersonFacts {
+        is_minor: p.is_minor(),
+        birth_date_known: !p.birth_date.is_empty(),
+        active: p.status == ACTIVE,
+        id: p.id,
+        pseudonym: p.pseudonym,
+        guardian_person_id: p.guardian_person_id,
+    }))
+}
+
+/// Whether the person has an active residency at the estate.
+pub async fn resides_at(db: &Db, tenant_id: &str, person_id: &str, estate_id: &str) -> Result<bool> {
+    let (n,): (i64,) = sqlx::query_as::<Any, (i64,)>(
+        "SELECT COUNT(*) FROM residencies WHERE tenant_id = $1 AND person_id = $2 AND estate_id = $3 AND status = 'active'",
+    )
+    .bind(tenant_id)
+    .bind(person_id)
+    .bind(estate_id)
+    .fetch_one(db.pool())
+    .await
+    .map_err(db_error)?;
+    Ok(n > 0)
+}
+
+/// Whether the estate exists and is active in the tenant.
+pub async fn estate_is_active(db: &Db, tenant_id: &str, estate_id: &str) -> Result<Option<bool>> {
+    let row = sqlx::query_as::<Any, EstateRow>(
+        "SELECT tenant_id, id, name, address, jurisdiction_code, status, created_at, updated_at FROM estates \
+         WHERE tenant_id = $1 AND id = $2",
+    )
+    .bind(tenant_id)
+    .bind(estate_id)
+    .fetch_optional(db.pool())
+    .await
+    .map_err(db_error)?;
+    Ok(row.map(|e| e.status == ACTIVE))
+}
+
+/// Ids of the active persons whose linked guardian is `guardian_id`.
+pub async fn wards_of(db: &Db, tenant_id: &str, guardian_id: &str) -> Result<Vec<String>> {
+    let rows: Vec<(String,)> = sqlx::query_as::<Any, (String,)>(
+        "SELECT id FROM persons WHERE tenant_id = $1 AND guardian_person_id = $2 AND status = 'active' ORDER BY id",
+    )
+    .bind(tenant_id)
+    .bind(guardian_id)
+    .fetch_all(db.pool())
+    .await
+    .map_err(db_error)?;
+    Ok(rows.into_iter().map(|(id,)| id).collect())
+}

@@ -283,3 +283,80 @@ impl Drop for TestMesh {
         }
     }
 }
+
+/// A service binary running as its own process, for tests of the
+/// distributed mode: started with `ESTATE__…` variables, stopped by SIGTERM.
+#[derive(Debug)]
+pub struct ServiceProcess {
+    child: std::process::Child,
+    /// The address it printed on its first line ("… listening on ADDR").
+    pub addr: String,
+}
+
+impl ServiceProcess {
+    /// Starts `bin` with `env` and waits for its listening banner.
+    pub fn start(bin: &str, env: &[(&str, String)]) -> anyhow::Result<Self> {
+        use std::io::{BufRead, BufReader};
+        let mut child = std::process::Command::new(bin)
+            .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+            .stdout(std::process::Stdio::piped())
+            .spawn()?;
+        let stdout = child.stdout.take().context("no stdout")?;
+        let mut line = String::new();
+        BufReader::new(stdout).read_line(&mut line)?;
+        let addr = line.trim().rsplit(' ').next().unwrap_or_default().to_owned();
+        if !line.contains("listening on") {
+            let _ = child.kill();
+            anyhow::bail!("{bin} did not start: {line:?}");
+        }
+        Ok(Self { child, addr })
+    }
+
+    /// A channel to the process.
+    pub async fn channel(&self) -> anyhow::Result<Channel> {
+        Ok(Endpoint::from_shared(format!("http://{}", self.addr))?.connect().await?)
+    }
+
+    /// Sends SIGTERM and waits (10 s at most) for a clean exit.
+    pub async fn stop_gracefully(mut self) -> anyhow::Result<std::process::ExitStatus> {
+        let pid = self.child.id().to_string();
+        anyhow::ensure!(std::process::Command::new("kill").args(["-TERM", &pid]).status()?.success(), "kill failed");
+        for _ in 0..100 {
+            if let Some(status) = self.child.try_wait()? {
+                return Ok(status);
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let _ = self.child.kill();
+        anyhow::bail!("the process did not stop within 10 s of SIGTERM")
+    }
+}
+
+impl Drop for ServiceProcess {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Environment for a service process on `db`, with keys in `keys_dir`, on a
+/// free loopback port; Redis when [`REDIS_ENV`] is set.
+pub fn service_env(
+    db: &TestDatabase,
+    keys_dir: &std::path::Path,
+    data_dir: &std::path::Path,
+) -> Vec<(&'static str, String)> {
+    let mut env = vec![
+        ("ESTATE__DATABASE__URL", db.url().to_owned()),
+        ("ESTATE__KEYS__DIR", keys_dir.display().to_string()),
+        ("ESTATE__LISTEN", "127.0.0.1:0".to_owned()),
+        ("ESTATE__TELEMETRY__LOG_FILTER", "warn".to_owned()),
+        ("ESTATE__DATA_DIR", data_dir.display().to_string()),
+    ];
+    if let Ok(redis) = std::env::var(REDIS_ENV) {
+        env.push(("ESTATE__REDIS__URL", redis));
+    }
+    env
+}

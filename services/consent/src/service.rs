@@ -14,7 +14,7 @@ use crate::deletion::{self, request_deletion};
 use crate::model::*;
 use estate_attestation::{FORMAT, KeySet};
 use estate_auth::{Caller, Principal, caller};
-use estate_core::{BirthDate, Error, Result, bounded_text, new_id, now_ms, parse_id, required_text};
+use estate_core::{BirthDate, Error, Result, new_id, now_ms, parse_id, required_text};
 use estate_crypto::{KeyedHasher, SigningKeyPair, sha256_hex};
 use estate_identity::directory::{self, PersonFacts};
 use estate_proto::consent::consent_service_server::ConsentService;
@@ -61,6 +61,21 @@ fn sha256_field(field: &'static str, value: &str) -> Result<String> {
         return Err(Error::invalid(field, "must be a SHA-256 digest written as 64 hex characters"));
     }
     Ok(v)
+}
+
+/// A notice text is a legal document: it is stored and hashed exactly as
+/// given (line breaks included), never trimmed.
+fn notice_text(field: &'static str, value: &str, required: bool) -> Result<String> {
+    if value.trim().is_empty() {
+        return if required { Err(Error::invalid(field, "is required")) } else { Ok(String::new()) };
+    }
+    if value.chars().count() > NOTICE_MAX_CHARS {
+        return Err(Error::invalid(field, format!("must be at most {NOTICE_MAX_CHARS} characters")));
+    }
+    if value.chars().any(|c| c.is_control() && !matches!(c, '\n' | '\r' | '\t')) {
+        return Err(Error::invalid(field, "must not contain control characters other than line breaks and tabs"));
+    }
+    Ok(value.to_owned())
 }
 
 fn not_yours() -> Error {
@@ -148,8 +163,8 @@ impl ConsentBook {
     async fn publish_notice(&self, caller: &Caller, r: PublishNoticeRequest) -> Result<Notice> {
         let estate_id = parse_id("estate_id", &r.estate_id)?;
         let tenant = caller.operator_for_estate(&estate_id)?.to_owned();
-        let zh = required_text("text_zh_cn", &r.text_zh_cn, NOTICE_MAX_CHARS)?;
-        let en = bounded_text("text_en", &r.text_en, NOTICE_MAX_CHARS)?;
+        let zh = notice_text("text_zh_cn", &r.text_zh_cn, true)?;
+        let en = notice_text("text_en", &r.text_en, false)?;
         let now = now_ms();
         let effective_from = match &r.effective_from {
             Some(t) => {

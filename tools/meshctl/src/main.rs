@@ -8,6 +8,8 @@ mod render;
 use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
 use estate_proto::common::CredentialKind;
+use estate_proto::consent::consent_service_client::ConsentServiceClient;
+use estate_proto::consent::*;
 use estate_proto::identity::identity_service_client::IdentityServiceClient;
 use estate_proto::identity::*;
 use render::{Output, many, one};
@@ -58,6 +60,18 @@ enum Command {
     /// Access tokens.
     #[command(subcommand)]
     Token(TokenCmd),
+    /// Notices (告知) shown before face consent.
+    #[command(subcommand)]
+    Notice(NoticeCmd),
+    /// Separate consent to face verification (residents and guardians).
+    #[command(subcommand)]
+    Consent(ConsentCmd),
+    /// Impact assessments (needed before face is enabled).
+    #[command(subcommand)]
+    Assessment(AssessmentCmd),
+    /// Face verification at an estate: enable, disable, status.
+    #[command(subcommand)]
+    Face(FaceCmd),
     /// Shows the principal of the token in use.
     Whoami,
 }
@@ -218,6 +232,121 @@ enum ResidencyCmd {
     },
 }
 
+#[derive(Debug, Subcommand)]
+enum NoticeCmd {
+    /// Publishes a new notice version (immutable) for an estate.
+    Publish {
+        #[arg(long)]
+        estate: String,
+        /// File holding the Chinese text (required).
+        #[arg(long)]
+        zh_file: PathBuf,
+        /// File holding the English text.
+        #[arg(long)]
+        en_file: Option<PathBuf>,
+    },
+    /// Shows the notice in effect, with the hash a grant must quote.
+    Show {
+        #[arg(long)]
+        estate: String,
+        /// zh-CN or en.
+        #[arg(long, default_value = "zh-CN")]
+        language: String,
+    },
+    /// Lists every version of an estate's notice.
+    List {
+        #[arg(long)]
+        estate: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum ConsentCmd {
+    /// Grants consent to face verification at one estate's gates (resident token).
+    Grant {
+        #[arg(long)]
+        estate: String,
+        /// The notice version shown (see `notice show`).
+        #[arg(long)]
+        notice_version: i64,
+        /// SHA-256 of the notice text shown (see `notice show`).
+        #[arg(long)]
+        notice_sha256: String,
+        /// A guardian names the minor here.
+        #[arg(long, default_value = "")]
+        person: String,
+        /// Records a signed paper form, by the SHA-256 of its scan.
+        #[arg(long)]
+        paper_form_sha256: Option<String>,
+        /// Your explicit affirmative act: without it nothing is granted.
+        #[arg(long)]
+        affirm: bool,
+    },
+    /// Withdraws a consent; face data at the estate is then deleted.
+    Withdraw { id: String },
+    /// Lists consents (a resident's own and their minors'; an operator's tenant).
+    List {
+        #[arg(long, default_value = "")]
+        estate: String,
+        #[arg(long, default_value = "")]
+        person: String,
+        /// Include withdrawn and ended consents.
+        #[arg(long)]
+        all: bool,
+    },
+    /// Issues a short-lived signed attestation of an active consent.
+    Attest {
+        id: String,
+        #[arg(long, default_value_t = 0)]
+        ttl: i64,
+    },
+    /// Persons with face consent against the filing threshold (R16).
+    Filing,
+    /// Face data deletion requests of an estate.
+    Deletions {
+        #[arg(long, default_value = "")]
+        estate: String,
+        #[arg(long)]
+        pending: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum AssessmentCmd {
+    /// Records an impact assessment; the document is hashed, not uploaded.
+    Record {
+        #[arg(long)]
+        estate: String,
+        #[arg(long)]
+        author: String,
+        /// YYYY-MM-DD.
+        #[arg(long)]
+        date: String,
+        /// The assessment document.
+        #[arg(long)]
+        document: PathBuf,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum FaceCmd {
+    /// Enables face verification (needs a recorded impact assessment).
+    Enable {
+        #[arg(long)]
+        estate: String,
+    },
+    /// Disables face verification.
+    Disable {
+        #[arg(long)]
+        estate: String,
+    },
+    /// Shows whether face verification is enabled.
+    Status {
+        #[arg(long)]
+        estate: String,
+    },
+}
+
 #[derive(Debug, Args)]
 struct TokenCommon {
     /// Who will hold the token: a staff login or device label.
@@ -289,6 +418,17 @@ impl tonic::service::Interceptor for Bearer {
 }
 
 type Client = IdentityServiceClient<InterceptedService<Channel, Bearer>>;
+type Consents = ConsentServiceClient<InterceptedService<Channel, Bearer>>;
+
+fn file_sha256(path: &std::path::Path) -> anyhow::Result<String> {
+    use sha2::Digest;
+    let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    Ok(hex::encode(sha2::Sha256::digest(&bytes)))
+}
+
+fn read_text(path: &std::path::Path) -> anyhow::Result<String> {
+    std::fs::read_to_string(path).with_context(|| format!("cannot read {} as UTF-8 text", path.display()))
+}
 
 fn kind(name: &str) -> anyhow::Result<i32> {
     Ok(match name.trim() {
@@ -320,7 +460,7 @@ fn role(name: &str) -> anyhow::Result<i32> {
     } as i32)
 }
 
-async fn connect(cli: &Cli) -> anyhow::Result<Client> {
+async fn connect(cli: &Cli) -> anyhow::Result<(Client, Consents)> {
     let token = match (&cli.token, &cli.token_file) {
         (Some(t), _) => Some(t.trim().to_owned()),
         (None, Some(path)) => Some(
@@ -337,7 +477,11 @@ async fn connect(cli: &Cli) -> anyhow::Result<Client> {
         .connect()
         .await
         .with_context(|| format!("cannot reach the mesh at {}", cli.endpoint))?;
-    Ok(IdentityServiceClient::with_interceptor(channel, Bearer(bearer)))
+    let bearer = Bearer(bearer);
+    Ok((
+        IdentityServiceClient::with_interceptor(channel.clone(), bearer.clone()),
+        ConsentServiceClient::with_interceptor(channel, bearer),
+    ))
 }
 
 /// Calls a list RPC page by page until the end.
@@ -359,7 +503,7 @@ macro_rules! all_pages {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<String> {
-    let mut c = connect(&cli).await?;
+    let (mut c, mut k) = connect(&cli).await?;
     let o = cli.output;
     Ok(match cli.command {
         Command::Tenant(cmd) => match cmd {
@@ -488,6 +632,98 @@ async fn run(cli: Cli) -> anyhow::Result<String> {
             one(&c.issue_token(req).await?.into_inner(), o)
         }
         Command::Whoami => one(&c.who_am_i(WhoAmIRequest {}).await?.into_inner(), o),
+        Command::Notice(cmd) => match cmd {
+            NoticeCmd::Publish { estate, zh_file, en_file } => {
+                let text_en = match en_file {
+                    Some(p) => read_text(&p)?,
+                    None => String::new(),
+                };
+                let req = PublishNoticeRequest {
+                    estate_id: estate,
+                    text_zh_cn: read_text(&zh_file)?,
+                    text_en,
+                    effective_from: None,
+                };
+                one(&k.publish_notice(req).await?.into_inner(), o)
+            }
+            NoticeCmd::Show { estate, language } => one(
+                &k.get_current_notice(GetCurrentNoticeRequest { estate_id: estate, language }).await?.into_inner(),
+                o,
+            ),
+            NoticeCmd::List { estate } => {
+                many(&k.list_notices(ListNoticesRequest { estate_id: estate }).await?.into_inner().notices, o)
+            }
+        },
+        Command::Consent(cmd) => match cmd {
+            ConsentCmd::Grant { estate, notice_version, notice_sha256, person, paper_form_sha256, affirm } => {
+                if !affirm {
+                    bail!("consent is your own explicit act: add --affirm to grant it");
+                }
+                let (method, scan) = match paper_form_sha256 {
+                    Some(h) => (ConsentMethod::SignedPaperForm, h),
+                    None => (ConsentMethod::AppTap, String::new()),
+                };
+                let req = GrantConsentRequest {
+                    estate_id: estate,
+                    person_id: person,
+                    purposes: vec![Purpose::FaceVerificationAtGates as i32],
+                    notice_version,
+                    notice_text_sha256: notice_sha256,
+                    affirmative_act: true,
+                    bundled_agreement_ids: vec![],
+                    method: method as i32,
+                    paper_form_scan_sha256: scan,
+                };
+                one(&k.grant_consent(req).await?.into_inner(), o)
+            }
+            ConsentCmd::Withdraw { id } => {
+                one(&k.withdraw_consent(WithdrawConsentRequest { consent_id: id }).await?.into_inner(), o)
+            }
+            ConsentCmd::List { estate, person, all } => {
+                let req = ListConsentsRequest {
+                    estate_id: estate,
+                    person_id: person,
+                    include_inactive: all,
+                    ..Default::default()
+                };
+                many(&all_pages!(k, list_consents, req, consents), o)
+            }
+            ConsentCmd::Attest { id, ttl } => one(
+                &k.issue_attestation(IssueAttestationRequest { consent_id: id, ttl_seconds: ttl }).await?.into_inner(),
+                o,
+            ),
+            ConsentCmd::Filing => one(&k.get_filing_status(GetFilingStatusRequest {}).await?.into_inner(), o),
+            ConsentCmd::Deletions { estate, pending } => {
+                let req = ListDeletionRequestsRequest { estate_id: estate, pending_only: pending };
+                many(&k.list_deletion_requests(req).await?.into_inner().requests, o)
+            }
+        },
+        Command::Assessment(AssessmentCmd::Record { estate, author, date, document }) => {
+            let req = RecordImpactAssessmentRequest {
+                estate_id: estate,
+                author,
+                assessed_on: date,
+                document_sha256: file_sha256(&document)?,
+            };
+            one(&k.record_impact_assessment(req).await?.into_inner(), o)
+        }
+        Command::Face(cmd) => match cmd {
+            FaceCmd::Enable { estate } => one(
+                &k.set_face_verification(SetFaceVerificationRequest { estate_id: estate, enabled: true })
+                    .await?
+                    .into_inner(),
+                o,
+            ),
+            FaceCmd::Disable { estate } => one(
+                &k.set_face_verification(SetFaceVerificationRequest { estate_id: estate, enabled: false })
+                    .await?
+                    .into_inner(),
+                o,
+            ),
+            FaceCmd::Status { estate } => {
+                one(&k.get_face_verification(GetFaceVerificationRequest { estate_id: estate }).await?.into_inner(), o)
+            }
+        },
     })
 }
 

@@ -236,3 +236,140 @@ pub fn many<T: Fields>(items: &[T], output: Output) -> String {
         }
     }
 }
+
+mod consent_fields {
+    use super::{Fields, time};
+    use estate_proto::consent::*;
+
+    fn consent_status(s: i32) -> &'static str {
+        match ConsentStatus::try_from(s) {
+            Ok(ConsentStatus::Active) => "active",
+            Ok(ConsentStatus::Withdrawn) => "withdrawn",
+            Ok(ConsentStatus::Ended) => "ended",
+            _ => "?",
+        }
+    }
+
+    impl Fields for NoticeText {
+        fn fields(&self) -> Vec<(&'static str, String)> {
+            vec![
+                ("id", self.notice_id.clone()),
+                ("estate", self.estate_id.clone()),
+                ("version", self.version.to_string()),
+                ("language", self.language.clone()),
+                ("sha256", self.text_sha256.clone()),
+                ("effective", time(&self.effective_from)),
+                ("text", self.text.clone()),
+            ]
+        }
+    }
+
+    impl Fields for Notice {
+        fn fields(&self) -> Vec<(&'static str, String)> {
+            let hashes = self.texts.iter().map(|t| format!("{}={}", t.language, t.text_sha256)).collect::<Vec<_>>();
+            vec![
+                ("id", self.id.clone()),
+                ("estate", self.estate_id.clone()),
+                ("version", self.version.to_string()),
+                ("sha256", hashes.join(" ")),
+                ("effective", time(&self.effective_from)),
+            ]
+        }
+    }
+
+    impl Fields for Consent {
+        fn fields(&self) -> Vec<(&'static str, String)> {
+            vec![
+                ("id", self.id.clone()),
+                ("estate", self.estate_id.clone()),
+                ("person", self.person_id.clone()),
+                ("notice_version", self.notice_version.to_string()),
+                ("by_guardian", self.granted_by_guardian.to_string()),
+                ("minor", self.concerns_minor.to_string()),
+                ("status", consent_status(self.status).into()),
+                ("granted", time(&self.granted_at)),
+                ("withdrawn", time(&self.withdrawn_at)),
+                ("deletion_request", self.deletion_request_id.clone()),
+            ]
+        }
+    }
+
+    impl Fields for SignedAttestation {
+        fn fields(&self) -> Vec<(&'static str, String)> {
+            use base64::Engine;
+            let b64 = base64::engine::general_purpose::STANDARD;
+            let d = self.decoded.clone().unwrap_or_default();
+            vec![
+                ("id", d.consent_id.clone()),
+                ("key_id", self.key_id.clone()),
+                ("person_pseudonym", d.person_pseudonym),
+                ("estate", d.estate_id),
+                ("expires_at_unix", d.expires_at_unix.to_string()),
+                ("claims_b64", b64.encode(&self.claims)),
+                ("signature_b64", b64.encode(&self.signature)),
+            ]
+        }
+    }
+
+    impl Fields for ImpactAssessment {
+        fn fields(&self) -> Vec<(&'static str, String)> {
+            vec![
+                ("id", self.id.clone()),
+                ("estate", self.estate_id.clone()),
+                ("author", self.author.clone()),
+                ("assessed_on", self.assessed_on.clone()),
+                ("document_sha256", self.document_sha256.clone()),
+            ]
+        }
+    }
+
+    impl Fields for FaceVerificationStatus {
+        fn fields(&self) -> Vec<(&'static str, String)> {
+            vec![
+                ("id", self.estate_id.clone()),
+                ("face_enabled", self.enabled.to_string()),
+                ("assessment", self.assessment_id.clone()),
+                ("updated", time(&self.updated_at)),
+            ]
+        }
+    }
+
+    impl Fields for FilingStatus {
+        fn fields(&self) -> Vec<(&'static str, String)> {
+            let level = match FilingLevel::try_from(self.level) {
+                Ok(FilingLevel::Ok) => "ok",
+                Ok(FilingLevel::Warning) => "WARNING",
+                Ok(FilingLevel::FilingRequired) => "FILING REQUIRED",
+                _ => "?",
+            };
+            vec![
+                ("persons_with_face_consent", self.persons_with_face_consent.to_string()),
+                ("level", level.into()),
+                ("warning_at", self.warning_at.to_string()),
+                ("filing_threshold", self.filing_threshold.to_string()),
+                ("message", self.message.clone()),
+            ]
+        }
+    }
+
+    impl Fields for DeletionRequest {
+        fn fields(&self) -> Vec<(&'static str, String)> {
+            let reason = match DeletionReason::try_from(self.reason) {
+                Ok(DeletionReason::ConsentWithdrawn) => "consent withdrawn",
+                Ok(DeletionReason::ResidencyEnded) => "residency ended",
+                Ok(DeletionReason::PersonRequest) => "person request",
+                Ok(DeletionReason::RetentionExpired) => "retention expired",
+                _ => "?",
+            };
+            vec![
+                ("id", self.id.clone()),
+                ("estate", self.estate_id.clone()),
+                ("person_pseudonym", self.person_pseudonym.clone()),
+                ("reason", reason.into()),
+                ("requested", time(&self.requested_at)),
+                ("fulfilled", time(&self.fulfilled_at)),
+                ("certificate", self.certificate_id.clone()),
+            ]
+        }
+    }
+}

@@ -4,6 +4,11 @@
 use estate_test_support::TestMesh;
 use std::process::Command;
 
+fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(bytes))
+}
+
 struct Shell {
     endpoint: String,
     token: String,
@@ -92,6 +97,61 @@ async fn readme_walkthrough_works_as_written() -> anyhow::Result<()> {
     let (ok, _, err) = sh.run(&["gate", "add", "--estate", &estate, "--name", "Face only", "--kinds", "face"])?;
     assert!(!ok);
     assert!(err.contains("FailedPrecondition") && err.contains("R1"), "{err}");
+
+    // Face verification: a notice, an impact assessment, then the resident's own consent.
+    let dir = tempfile::tempdir()?;
+    let notice = dir.path().join("notice-zh.txt");
+    std::fs::write(&notice, "本小区门禁可使用人脸识别。您可随时撤回同意，并改用门禁卡、密码或二维码。\n")?;
+    let assessment = dir.path().join("assessment.pdf");
+    std::fs::write(&assessment, b"%PDF-1.7 impact assessment")?;
+    let notice_s = notice.display().to_string();
+    let assessment_s = assessment.display().to_string();
+    sh.ok(&["notice", "publish", "--estate", &estate, "--zh-file", &notice_s])?;
+    sh.ok(&[
+        "assessment",
+        "record",
+        "--estate",
+        &estate,
+        "--author",
+        "Haihe DPO",
+        "--date",
+        "2026-11-01",
+        "--document",
+        &assessment_s,
+    ])?;
+    let face = sh.ok(&["face", "enable", "--estate", &estate])?;
+    assert!(face.contains("true"), "{face}");
+
+    let operator_token = sh.token.clone();
+    sh.token = sh.ok(&["-o", "id", "token", "issue", "resident", "--person", &person, "--subject", "gu-wei-app"])?;
+    let shown = sh.ok(&["notice", "show", "--estate", &estate])?;
+    let sha = sha256_hex(&std::fs::read(&notice)?);
+    assert!(shown.contains(&sha), "{shown}");
+    let (ok, _, err) =
+        sh.run(&["consent", "grant", "--estate", &estate, "--notice-version", "1", "--notice-sha256", &sha])?;
+    assert!(!ok && err.contains("--affirm"), "{err}");
+    let consent = sh.ok(&[
+        "-o",
+        "id",
+        "consent",
+        "grant",
+        "--estate",
+        &estate,
+        "--notice-version",
+        "1",
+        "--notice-sha256",
+        &sha,
+        "--affirm",
+    ])?;
+    let attestation = sh.ok(&["consent", "attest", &consent])?;
+    assert!(attestation.contains("signature_b64"), "{attestation}");
+    let withdrawn = sh.ok(&["consent", "withdraw", &consent])?;
+    assert!(withdrawn.contains("withdrawn"), "{withdrawn}");
+    sh.token = operator_token;
+    let deletions = sh.ok(&["consent", "deletions", "--estate", &estate])?;
+    assert!(deletions.contains("consent withdrawn"), "{deletions}");
+    let filing = sh.ok(&["consent", "filing"])?;
+    assert!(filing.contains("persons_with_face_consent"), "{filing}");
 
     let ended = sh.ok(&["residency", "end", &residency, "--reason", "moved out"])?;
     assert!(ended.contains("ended"), "{ended}");

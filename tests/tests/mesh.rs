@@ -15,7 +15,12 @@ use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
 async fn health_reports_serving_without_a_token() -> anyhow::Result<()> {
     let mesh = TestMesh::spawn().await?;
     let mut health = HealthClient::new(mesh.channel());
-    for service in ["", "estate.identity.v1.IdentityService", "estate.consent.v1.ConsentService"] {
+    for service in [
+        "",
+        "estate.identity.v1.IdentityService",
+        "estate.consent.v1.ConsentService",
+        "estate.credentials.v1.CredentialService",
+    ] {
         let r = health.check(HealthCheckRequest { service: service.into() }).await?.into_inner();
         assert_eq!(r.status, ServingStatus::Serving as i32, "{service:?}");
     }

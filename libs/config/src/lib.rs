@@ -40,6 +40,24 @@ pub struct Settings {
     pub limits: LimitSettings,
     /// Consent service.
     pub consent: ConsentSettings,
+    /// Credentials service.
+    pub credentials: CredentialSettings,
+}
+
+/// Credentials service settings (R15 hot path, PIN lockout, QR codes).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CredentialSettings {
+    /// Wrong PINs at one unit within the window that lock PIN entry there.
+    pub pin_max_failures: u32,
+    /// The window in which failures count, in seconds.
+    pub pin_failure_window_secs: u64,
+    /// How long PIN entry stays locked, in seconds.
+    pub pin_lockout_secs: u64,
+    /// QR code time step (RFC 6238), in seconds.
+    pub qr_step_secs: u64,
+    /// Steps of clock difference tolerated either side.
+    pub qr_window_steps: u64,
 }
 
 /// Consent service settings (R5, R9, R16).
@@ -191,6 +209,13 @@ admin_token_ttl_secs = 31536000
 [limits]
 max_message_bytes = 4194304
 max_page_size = 500
+
+[credentials]
+pin_max_failures = 5
+pin_failure_window_secs = 900
+pin_lockout_secs = 900
+qr_step_secs = 30
+qr_window_steps = 1
 
 [consent]
 attestation_ttl_secs = 300

@@ -214,10 +214,80 @@ impl KeyedHasher {
         hex::encode(self.mac("phone.v1", tenant_id, normalised_phone))
     }
 
+    /// Keyed hash of a normalised card number within a tenant, hex: cards are
+    /// looked up by it and never stored in clear.
+    pub fn card_hash(&self, tenant_id: &str, normalised_card: &str) -> String {
+        hex::encode(self.mac("card.v1", tenant_id, normalised_card))
+    }
+
+    /// Keyed hash of a visitor pass code within a tenant, hex.
+    pub fn visitor_code_hash(&self, tenant_id: &str, code: &str) -> String {
+        hex::encode(self.mac("visitor.v1", tenant_id, code))
+    }
+
     /// The pseudonymous id of a person: stable, tenant-bound, not reversible
     /// without the mesh secret.
     pub fn pseudonym(&self, tenant_id: &str, person_id: &str) -> String {
         format!("psn_{}", hex::encode(&self.mac("pseudonym.v1", tenant_id, person_id)[..16]))
+    }
+}
+
+/// Seals small secrets that the mesh must read back (QR / TOTP seeds) with
+/// AES-256-GCM under a key derived per tenant from a master key, bound to
+/// the record they belong to (associated data), so a database dump holds
+/// no secret in clear and a sealed value cannot be moved to another record.
+#[derive(Clone)]
+pub struct SecretBox {
+    master: [u8; 32],
+}
+
+impl std::fmt::Debug for SecretBox {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SecretBox(..)")
+    }
+}
+
+impl SecretBox {
+    /// Loads the master key at `path`, generating it if missing and allowed.
+    pub fn load_or_generate(path: &Path, generate: bool) -> Result<Self, CryptoError> {
+        Ok(Self { master: load_or_create_32(path, generate)? })
+    }
+
+    /// A box with a given master key (tests).
+    pub fn from_master(master: [u8; 32]) -> Self {
+        Self { master }
+    }
+
+    fn cipher(&self, tenant_id: &str) -> aes_gcm::Aes256Gcm {
+        use aes_gcm::KeyInit;
+        let key = KeyedHasher::from_secret(self.master).mac("secret-box.v1", tenant_id, "");
+        aes_gcm::Aes256Gcm::new(&key.into())
+    }
+
+    /// Encrypts `plaintext` for `tenant_id`, bound to `record_id`; returns
+    /// nonce || ciphertext.
+    pub fn seal(&self, tenant_id: &str, record_id: &str, plaintext: &[u8]) -> Result<Vec<u8>, CryptoError> {
+        use aes_gcm::aead::{Aead, Payload};
+        let mut nonce = [0u8; 12];
+        getrandom::fill(&mut nonce).map_err(|e| CryptoError::Random(e.to_string()))?;
+        let ct = self
+            .cipher(tenant_id)
+            .encrypt(&nonce.into(), Payload { msg: plaintext, aad: record_id.as_bytes() })
+            .map_err(|_| CryptoError::Encoding)?;
+        let mut out = nonce.to_vec();
+        out.extend_from_slice(&ct);
+        Ok(out)
+    }
+
+    /// Decrypts what [`SecretBox::seal`] produced for the same tenant and record.
+    pub fn open(&self, tenant_id: &str, record_id: &str, sealed: &[u8]) -> Option<Vec<u8>> {
+        use aes_gcm::aead::{Aead, Payload};
+        if sealed.len() < 12 + 16 {
+            return None;
+        }
+        let (nonce, ct) = sealed.split_at(12);
+        let nonce = <[u8; 12]>::try_from(nonce).ok()?;
+        self.cipher(tenant_id).decrypt(&nonce.into(), Payload { msg: ct, aad: record_id.as_bytes() }).ok()
     }
 }
 
@@ -251,6 +321,17 @@ mod tests {
     fn missing_key_without_generation_fails() {
         let r = SigningKeyPair::load_or_generate(Path::new("/nonexistent/dir/k"), false);
         assert!(matches!(r, Err(CryptoError::Missing(_))));
+    }
+
+    #[test]
+    fn sealed_secrets_open_only_for_their_tenant_and_record() -> Result<(), CryptoError> {
+        let b = SecretBox::from_master([3; 32]);
+        let sealed = b.seal("t1", "c1", b"seed")?;
+        assert_eq!(b.open("t1", "c1", &sealed).as_deref(), Some(&b"seed"[..]));
+        assert!(b.open("t2", "c1", &sealed).is_none());
+        assert!(b.open("t1", "c2", &sealed).is_none());
+        assert!(!sealed.windows(4).any(|w| w == b"seed"));
+        Ok(())
     }
 
     #[test]

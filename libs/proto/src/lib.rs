@@ -29,8 +29,14 @@ pub mod estate {
             include!(concat!(env!("OUT_DIR"), "/estate.consent.v1.rs"));
         }
     }
+    pub mod credentials {
+        pub mod v1 {
+            include!(concat!(env!("OUT_DIR"), "/estate.credentials.v1.rs"));
+        }
+    }
 }
 
 pub use estate::common::v1 as common;
 pub use estate::consent::v1 as consent;
+pub use estate::credentials::v1 as credentials;
 pub use estate::identity::v1 as identity;

@@ -10,7 +10,7 @@
 use estate_auth::{AuthLayer, TokenAuthority};
 use estate_bus::EventBus;
 use estate_config::Settings;
-use estate_crypto::{KeyedHasher, SigningKeyPair};
+use estate_crypto::{KeyedHasher, SecretBox, SigningKeyPair};
 use estate_store::{Db, DbOptions};
 use std::future::Future;
 use std::net::SocketAddr;
@@ -24,6 +24,8 @@ use tower::layer::util::{Identity, Stack};
 pub const TOKEN_KEY_FILE: &str = "token-signing.ed25519";
 /// File name of the consent attestation signing key in the keys directory.
 pub const CONSENT_KEY_FILE: &str = "consent-attestation.ed25519";
+/// File name of the master key sealing credential secrets (QR seeds).
+pub const SECRET_BOX_FILE: &str = "credential-secrets.key";
 /// File name of the keyed-hash secret in the keys directory.
 pub const HASH_SECRET_FILE: &str = "keyed-hash.secret";
 
@@ -66,6 +68,8 @@ pub struct MeshKeys {
     pub hasher: KeyedHasher,
     /// Signs consent attestations (R9).
     pub consent_signing: SigningKeyPair,
+    /// Seals credential secrets the mesh must read back.
+    pub secret_box: SecretBox,
 }
 
 impl MeshKeys {
@@ -78,12 +82,13 @@ impl MeshKeys {
             token_signing: SigningKeyPair::load_or_generate(&dir.join(TOKEN_KEY_FILE), generate)?,
             hasher: KeyedHasher::load_or_generate(&dir.join(HASH_SECRET_FILE), generate)?,
             consent_signing: SigningKeyPair::load_or_generate(&dir.join(CONSENT_KEY_FILE), generate)?,
+            secret_box: SecretBox::load_or_generate(&dir.join(SECRET_BOX_FILE), generate)?,
         })
     }
 }
 
 /// Shared state of a process: settings, keys, database and bus.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Runtime {
     /// Effective settings.
     pub settings: Settings,
@@ -95,6 +100,18 @@ pub struct Runtime {
     pub db: Db,
     /// The event bus.
     pub bus: EventBus,
+    /// Redis, when configured: shared counters and caches across replicas.
+    pub redis: Option<redis::aio::ConnectionManager>,
+}
+
+impl std::fmt::Debug for Runtime {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Runtime")
+            .field("settings", &self.settings)
+            .field("db", &self.db)
+            .field("redis", &self.redis.is_some())
+            .finish_non_exhaustive()
+    }
 }
 
 impl Runtime {
@@ -114,11 +131,15 @@ impl Runtime {
         if settings.database.migrate_on_start {
             db.migrate_outbox().await?;
         }
-        let bus = match &settings.redis.url {
-            Some(url) => EventBus::redis(url).await?,
-            None => EventBus::local(),
+        let (bus, redis) = match &settings.redis.url {
+            Some(url) => {
+                let client = redis::Client::open(url.as_str()).map_err(estate_bus::BusError::from)?;
+                let conn = client.get_connection_manager().await.map_err(estate_bus::BusError::from)?;
+                (EventBus::redis(url).await?, Some(conn))
+            }
+            None => (EventBus::local(), None),
         };
-        Ok(Self { settings, keys, tokens, db, bus })
+        Ok(Self { settings, keys, tokens, db, bus, redis })
     }
 }
 

@@ -58,6 +58,22 @@ impl Filter {
         self
     }
 
+    /// `column IN (select_prefix IN (values))`, e.g. credentials bound to
+    /// some estates; `select_prefix` is written in code. No values matches nothing.
+    pub fn in_select(&mut self, column: &'static str, select_prefix: &'static str, values: &[String]) -> &mut Self {
+        if values.is_empty() {
+            self.clauses.push("1 = 0".to_owned());
+            return self;
+        }
+        let mut marks = Vec::with_capacity(values.len());
+        for v in values {
+            self.binds.push(v.clone());
+            marks.push(format!("${}", self.binds.len()));
+        }
+        self.clauses.push(format!("{column} IN ({select_prefix} IN ({}))", marks.join(", ")));
+        self
+    }
+
     /// A fixed clause written in code.
     pub fn raw(&mut self, clause: &'static str) -> &mut Self {
         self.clauses.push(clause.to_owned());

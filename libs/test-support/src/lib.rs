@@ -3,10 +3,13 @@
 //! PostgreSQL server, a fresh database created on it for this one test.
 //! `ESTATE_TEST_REDIS_URL` switches the bus to Redis.
 
+pub mod fixtures;
+
 use anyhow::Context;
 use estate_auth::{IssuedToken, Principal, TokenAuthority};
 use estate_config::Settings;
 use estate_proto::consent::consent_service_client::ConsentServiceClient;
+use estate_proto::credentials::credential_service_client::CredentialServiceClient;
 use estate_proto::identity::identity_service_client::IdentityServiceClient;
 use estate_store::Db;
 use std::time::Duration;
@@ -46,6 +49,9 @@ impl tonic::service::Interceptor for Bearer {
         Ok(req)
     }
 }
+
+/// A credentials client authenticated with some token.
+pub type CredentialClient = CredentialServiceClient<InterceptedService<Channel, Bearer>>;
 
 /// A consent client authenticated with some token.
 pub type ConsentClient = ConsentServiceClient<InterceptedService<Channel, Bearer>>;
@@ -243,6 +249,11 @@ impl TestMesh {
     /// A consent client using `token`.
     pub fn consent(&self, token: &str) -> anyhow::Result<ConsentClient> {
         Ok(ConsentServiceClient::with_interceptor(self.channel(), Bearer::new(token)?))
+    }
+
+    /// A credentials client using `token`.
+    pub fn credentials(&self, token: &str) -> anyhow::Result<CredentialClient> {
+        Ok(CredentialServiceClient::with_interceptor(self.channel(), Bearer::new(token)?))
     }
 
     /// A consent client sending no token.

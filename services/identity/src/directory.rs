@@ -86,3 +86,56 @@ pub async fn wards_of(db: &Db, tenant_id: &str, guardian_id: &str) -> Result<Vec
     .map_err(db_error)?;
     Ok(rows.into_iter().map(|(id,)| id).collect())
 }
+
+/// An active gate and the credential kinds its hardware reads.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GateFacts {
+    /// Gate id.
+    pub id: String,
+    /// Gate name, for messages to operators.
+    pub name: String,
+    /// Stored kind names: "card", "pin", "qr", "visitor", "face".
+    pub kinds: Vec<String>,
+}
+
+/// The active gates of an estate.
+pub async fn gates_of_estate(db: &Db, tenant_id: &str, estate_id: &str) -> Result<Vec<GateFacts>> {
+    let rows: Vec<(String, String, String)> = sqlx::query_as::<Any, (String, String, String)>(
+        "SELECT id, name, supported_kinds FROM gates WHERE tenant_id = $1 AND estate_id = $2 AND status = 'active' ORDER BY id",
+    )
+    .bind(tenant_id)
+    .bind(estate_id)
+    .fetch_all(db.pool())
+    .await
+    .map_err(db_error)?;
+    Ok(rows
+        .into_iter()
+        .map(|(id, name, kinds)| GateFacts { id, name, kinds: kinds.split(',').map(str::to_owned).collect() })
+        .collect())
+}
+
+/// The units where the person has an active residency at the estate.
+pub async fn units_at_estate(db: &Db, tenant_id: &str, person_id: &str, estate_id: &str) -> Result<Vec<String>> {
+    let rows: Vec<(String,)> = sqlx::query_as::<Any, (String,)>(
+        "SELECT unit_id FROM residencies WHERE tenant_id = $1 AND person_id = $2 AND estate_id = $3 AND status = 'active' ORDER BY id",
+    )
+    .bind(tenant_id)
+    .bind(person_id)
+    .bind(estate_id)
+    .fetch_all(db.pool())
+    .await
+    .map_err(db_error)?;
+    Ok(rows.into_iter().map(|(u,)| u).collect())
+}
+
+/// The estate of a unit, if the unit exists in the tenant.
+pub async fn estate_of_unit(db: &Db, tenant_id: &str, unit_id: &str) -> Result<Option<String>> {
+    let row: Option<(String,)> =
+        sqlx::query_as::<Any, (String,)>("SELECT estate_id FROM units WHERE tenant_id = $1 AND id = $2")
+            .bind(tenant_id)
+            .bind(unit_id)
+            .fetch_optional(db.pool())
+            .await
+            .map_err(db_error)?;
+    Ok(row.map(|(e,)| e))
+}

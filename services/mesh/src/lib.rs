@@ -36,6 +36,7 @@ pub async fn migrate_all(runtime: &Runtime) -> Result<(), estate_store::StoreErr
     runtime.db.migrate_outbox().await?;
     estate_identity::migrate(&runtime.db).await?;
     estate_consent::migrate(&runtime.db).await?;
+    estate_credentials::migrate(&runtime.db).await?;
     Ok(())
 }
 
@@ -63,7 +64,8 @@ impl Application {
         let mut routes = tonic::service::RoutesBuilder::default();
         routes.add_service(estate_identity::server(&runtime));
         routes.add_service(estate_consent::server(&runtime));
-        let names = [estate_identity::SERVICE_NAME, estate_consent::SERVICE_NAME];
+        routes.add_service(estate_credentials::server(&runtime));
+        let names = [estate_identity::SERVICE_NAME, estate_consent::SERVICE_NAME, estate_credentials::SERVICE_NAME];
         let app = GrpcApp::build(&runtime, routes, &names).await?;
         Ok(Self { app, runtime, admin_token_path })
     }

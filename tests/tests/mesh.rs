@@ -47,9 +47,13 @@ async fn reflection_lists_every_service_and_resolves_its_schema() -> anyhow::Res
         anyhow::bail!("expected a service list, got {first:?}");
     };
     let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
-    for expected in
-        ["estate.identity.v1.IdentityService", "grpc.health.v1.Health", "grpc.reflection.v1.ServerReflection"]
-    {
+    for expected in [
+        "estate.identity.v1.IdentityService",
+        "estate.consent.v1.ConsentService",
+        "estate.credentials.v1.CredentialService",
+        "grpc.health.v1.Health",
+        "grpc.reflection.v1.ServerReflection",
+    ] {
         assert!(names.iter().any(|n| n == expected), "{expected} missing from {names:?}");
     }
     let second = stream.message().await?.and_then(|r| r.message_response);

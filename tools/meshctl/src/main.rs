@@ -10,6 +10,8 @@ use clap::{Args, Parser, Subcommand};
 use estate_proto::common::CredentialKind;
 use estate_proto::consent::consent_service_client::ConsentServiceClient;
 use estate_proto::consent::*;
+use estate_proto::credentials::credential_service_client::CredentialServiceClient;
+use estate_proto::credentials::*;
 use estate_proto::identity::identity_service_client::IdentityServiceClient;
 use estate_proto::identity::*;
 use render::{Output, many, one};
@@ -72,6 +74,32 @@ enum Command {
     /// Face verification at an estate: enable, disable, status.
     #[command(subcommand)]
     Face(FaceCmd),
+    /// Cards, PINs, QR passes, visitor passes.
+    #[command(subcommand)]
+    Credential(CredentialCmd),
+    /// Which credential kinds an estate accepts (never face alone).
+    #[command(subcommand)]
+    Policy(PolicyCmd),
+    /// A resident's non-face way in, issued at once.
+    #[command(subcommand)]
+    Alternative(AlternativeCmd),
+    /// Checks a presented credential at an estate, as a gate would.
+    Verify {
+        #[arg(long, default_value = "")]
+        estate: String,
+        #[arg(long, conflicts_with_all = ["pin", "qr", "visitor"])]
+        card: Option<String>,
+        /// PIN entered at the unit given with --unit.
+        #[arg(long, requires = "unit")]
+        pin: Option<String>,
+        #[arg(long, default_value = "")]
+        unit: String,
+        /// The QR payload "EM1.<id>.<code>".
+        #[arg(long)]
+        qr: Option<String>,
+        #[arg(long)]
+        visitor: Option<String>,
+    },
     /// Shows the principal of the token in use.
     Whoami,
 }
@@ -347,6 +375,100 @@ enum FaceCmd {
     },
 }
 
+#[derive(Debug, Subcommand)]
+enum CredentialCmd {
+    /// Issues a credential; a QR secret or visitor code is printed once.
+    Issue {
+        /// card, pin, qr or visitor.
+        kind: String,
+        /// The holder (operators); residents issue visitor passes for themselves.
+        #[arg(long, default_value = "")]
+        person: String,
+        /// Estates where it works (repeat or comma-separate).
+        #[arg(long = "estate", value_delimiter = ',', required = true)]
+        estates: Vec<String>,
+        /// Card UID (for card).
+        #[arg(long, default_value = "")]
+        uid: String,
+        /// PIN (for pin; read from ESTATE_PIN if unset, never echoed).
+        #[arg(long, env = "ESTATE_PIN", hide_env_values = true, default_value = "")]
+        pin: String,
+        /// Unit the PIN is entered for (for pin).
+        #[arg(long, default_value = "")]
+        unit: String,
+        /// Entries allowed (for visitor).
+        #[arg(long, default_value_t = 1)]
+        entries: i32,
+        /// Hours the pass is valid (for visitor; at most 168).
+        #[arg(long, default_value_t = 24)]
+        hours: i64,
+        #[arg(long, default_value = "")]
+        label: String,
+    },
+    /// Lists credentials.
+    List {
+        #[arg(long, default_value = "")]
+        person: String,
+        #[arg(long, default_value = "")]
+        estate: String,
+        #[arg(long)]
+        include_revoked: bool,
+    },
+    /// Suspends a credential (it stops working until reinstated).
+    Suspend {
+        id: String,
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
+    /// Reinstates a suspended credential.
+    Reinstate {
+        id: String,
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
+    /// Revokes a credential for good.
+    Revoke {
+        id: String,
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum PolicyCmd {
+    /// Sets the kinds an estate accepts; face alone is refused (R1).
+    Set {
+        #[arg(long)]
+        estate: String,
+        /// Accepted kinds: card,pin,qr,visitor,face.
+        #[arg(long, value_delimiter = ',', required = true)]
+        accept: Vec<String>,
+        /// Kinds offered as alternatives to face: qr,pin,card.
+        #[arg(long, value_delimiter = ',')]
+        alternatives: Vec<String>,
+    },
+    /// Shows an estate's policy.
+    Show {
+        #[arg(long)]
+        estate: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum AlternativeCmd {
+    /// Asks for a non-face way in (resident token); issued at once.
+    Request {
+        #[arg(long)]
+        estate: String,
+        /// qr (default), pin or card.
+        #[arg(long, default_value = "qr")]
+        kind: String,
+        /// The PIN you choose (for pin; else one is generated).
+        #[arg(long, env = "ESTATE_PIN", hide_env_values = true, default_value = "")]
+        pin: String,
+    },
+}
+
 #[derive(Debug, Args)]
 struct TokenCommon {
     /// Who will hold the token: a staff login or device label.
@@ -419,6 +541,7 @@ impl tonic::service::Interceptor for Bearer {
 
 type Client = IdentityServiceClient<InterceptedService<Channel, Bearer>>;
 type Consents = ConsentServiceClient<InterceptedService<Channel, Bearer>>;
+type Credentials = CredentialServiceClient<InterceptedService<Channel, Bearer>>;
 
 fn file_sha256(path: &std::path::Path) -> anyhow::Result<String> {
     use sha2::Digest;
@@ -460,7 +583,7 @@ fn role(name: &str) -> anyhow::Result<i32> {
     } as i32)
 }
 
-async fn connect(cli: &Cli) -> anyhow::Result<(Client, Consents)> {
+async fn connect(cli: &Cli) -> anyhow::Result<(Client, Consents, Credentials)> {
     let token = match (&cli.token, &cli.token_file) {
         (Some(t), _) => Some(t.trim().to_owned()),
         (None, Some(path)) => Some(
@@ -480,7 +603,8 @@ async fn connect(cli: &Cli) -> anyhow::Result<(Client, Consents)> {
     let bearer = Bearer(bearer);
     Ok((
         IdentityServiceClient::with_interceptor(channel.clone(), bearer.clone()),
-        ConsentServiceClient::with_interceptor(channel, bearer),
+        ConsentServiceClient::with_interceptor(channel.clone(), bearer.clone()),
+        CredentialServiceClient::with_interceptor(channel, bearer),
     ))
 }
 
@@ -503,7 +627,7 @@ macro_rules! all_pages {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<String> {
-    let (mut c, mut k) = connect(&cli).await?;
+    let (mut c, mut k, mut cr) = connect(&cli).await?;
     let o = cli.output;
     Ok(match cli.command {
         Command::Tenant(cmd) => match cmd {
@@ -698,6 +822,92 @@ async fn run(cli: Cli) -> anyhow::Result<String> {
                 many(&k.list_deletion_requests(req).await?.into_inner().requests, o)
             }
         },
+        Command::Credential(cmd) => match cmd {
+            CredentialCmd::Issue { kind: which, person, estates, uid, pin, unit, entries, hours, label } => {
+                use estate_proto::credentials::issue_credential_request::Secret;
+                let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs() as i64;
+                let mut valid_until = None;
+                let secret = match which.as_str() {
+                    "card" => Secret::Card(CardSecret { uid, facility_code: String::new() }),
+                    "pin" => Secret::Pin(PinSecret { pin, unit_id: unit }),
+                    "qr" => Secret::Qr(QrSecret {}),
+                    "visitor" => {
+                        valid_until = Some(prost_types::Timestamp { seconds: now + hours * 3600, nanos: 0 });
+                        Secret::Visitor(VisitorPass { max_entries: entries })
+                    }
+                    other => bail!("unknown credential kind {other:?}; use card, pin, qr or visitor"),
+                };
+                let req = IssueCredentialRequest {
+                    person_id: person,
+                    estate_ids: estates,
+                    valid_from: None,
+                    valid_until,
+                    label,
+                    secret: Some(secret),
+                };
+                let issued = cr.issue_credential(req).await?.into_inner();
+                match (o, issued.credential.as_ref()) {
+                    (Output::Id, Some(c)) => c.id.clone(),
+                    _ => one(&issued, o),
+                }
+            }
+            CredentialCmd::List { person, estate, include_revoked } => {
+                let req = ListCredentialsRequest {
+                    person_id: person,
+                    estate_id: estate,
+                    include_revoked,
+                    ..Default::default()
+                };
+                many(&all_pages!(cr, list_credentials, req, credentials), o)
+            }
+            CredentialCmd::Suspend { id, reason } => {
+                one(&cr.suspend_credential(ChangeCredentialRequest { id, reason }).await?.into_inner(), o)
+            }
+            CredentialCmd::Reinstate { id, reason } => {
+                one(&cr.reinstate_credential(ChangeCredentialRequest { id, reason }).await?.into_inner(), o)
+            }
+            CredentialCmd::Revoke { id, reason } => {
+                one(&cr.revoke_credential(ChangeCredentialRequest { id, reason }).await?.into_inner(), o)
+            }
+        },
+        Command::Policy(cmd) => match cmd {
+            PolicyCmd::Set { estate, accept, alternatives } => {
+                let req = SetEstatePolicyRequest {
+                    estate_id: estate,
+                    accepted_kinds: accept.iter().map(|k| kind(k)).collect::<anyhow::Result<_>>()?,
+                    alternative_kinds: alternatives.iter().map(|k| kind(k)).collect::<anyhow::Result<_>>()?,
+                };
+                one(&cr.set_estate_policy(req).await?.into_inner(), o)
+            }
+            PolicyCmd::Show { estate } => {
+                one(&cr.get_estate_policy(GetEstatePolicyRequest { estate_id: estate }).await?.into_inner(), o)
+            }
+        },
+        Command::Alternative(AlternativeCmd::Request { estate, kind: which, pin }) => {
+            let req = RequestAlternativeRequest {
+                estate_id: estate,
+                preferred_kind: kind(&which)?,
+                pin,
+                unit_id: String::new(),
+            };
+            one(&cr.request_alternative(req).await?.into_inner(), o)
+        }
+        Command::Verify { estate, card, pin, unit, qr, visitor } => {
+            use estate_proto::credentials::verify_credential_request::Presented;
+            let presented = match (card, pin, qr, visitor) {
+                (Some(uid), ..) => Presented::Card(PresentedCard { uid, facility_code: String::new() }),
+                (_, Some(pin), ..) => Presented::Pin(PresentedPin { unit_id: unit, pin }),
+                (_, _, Some(payload), _) => Presented::Qr(PresentedQr { payload }),
+                (_, _, _, Some(code)) => Presented::Visitor(PresentedVisitor { code }),
+                _ => bail!("present one of --card, --pin (with --unit), --qr or --visitor"),
+            };
+            one(
+                &cr.verify_credential(VerifyCredentialRequest { estate_id: estate, presented: Some(presented) })
+                    .await?
+                    .into_inner(),
+                o,
+            )
+        }
         Command::Assessment(AssessmentCmd::Record { estate, author, date, document }) => {
             let req = RecordImpactAssessmentRequest {
                 estate_id: estate,

@@ -373,3 +373,78 @@ mod consent_fields {
         }
     }
 }
+
+mod credential_fields {
+    use super::{Fields, kinds, time};
+    use estate_proto::credentials::*;
+
+    impl Fields for Credential {
+        fn fields(&self) -> Vec<(&'static str, String)> {
+            let status = match CredentialStatus::try_from(self.status) {
+                Ok(CredentialStatus::Active) => "active",
+                Ok(CredentialStatus::Suspended) => "suspended",
+                Ok(CredentialStatus::Revoked) => "revoked",
+                _ => "?",
+            };
+            vec![
+                ("id", self.id.clone()),
+                ("kind", kinds(&[self.kind])),
+                ("person", self.person_id.clone()),
+                ("estates", self.estate_ids.join(",")),
+                ("status", status.into()),
+                ("until", time(&self.valid_until)),
+                (
+                    "entries",
+                    if self.max_entries > 0 {
+                        format!("{}/{}", self.entries_used, self.max_entries)
+                    } else {
+                        String::new()
+                    },
+                ),
+                ("version", self.version.to_string()),
+            ]
+        }
+    }
+
+    impl Fields for IssuedCredential {
+        fn fields(&self) -> Vec<(&'static str, String)> {
+            let mut f = self.credential.as_ref().map(Fields::fields).unwrap_or_default();
+            if !self.secret.is_empty() {
+                f.push(("secret_shown_once", self.secret.clone()));
+            }
+            f
+        }
+    }
+
+    impl Fields for AlternativeGranted {
+        fn fields(&self) -> Vec<(&'static str, String)> {
+            let mut f = self.issued.as_ref().map(Fields::fields).unwrap_or_default();
+            f.push(("card_request", self.card_request_id.clone()));
+            f.push(("note", self.note.clone()));
+            f
+        }
+    }
+
+    impl Fields for EstatePolicy {
+        fn fields(&self) -> Vec<(&'static str, String)> {
+            vec![
+                ("id", self.estate_id.clone()),
+                ("accepted", kinds(&self.accepted_kinds)),
+                ("alternatives", kinds(&self.alternative_kinds)),
+                ("default", self.is_default.to_string()),
+            ]
+        }
+    }
+
+    impl Fields for Verification {
+        fn fields(&self) -> Vec<(&'static str, String)> {
+            let outcome = VerifyOutcome::try_from(self.outcome).map(|o| o.as_str_name()).unwrap_or("?");
+            vec![
+                ("outcome", outcome.trim_start_matches("VERIFY_OUTCOME_").to_owned()),
+                ("id", self.credential_id.clone()),
+                ("person_pseudonym", self.person_pseudonym.clone()),
+                ("kind", kinds(&[self.kind])),
+            ]
+        }
+    }
+}

@@ -31,6 +31,11 @@ impl Shell {
     }
 }
 
+fn sh_gate_token(sh: &Shell, operator_token: &str, gate: &str) -> anyhow::Result<String> {
+    let op = Shell { endpoint: sh.endpoint.clone(), token: operator_token.to_owned() };
+    op.ok(&["-o", "id", "token", "issue", "gate", "--gate", gate, "--subject", "north-gate-controller"])
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn readme_walkthrough_works_as_written() -> anyhow::Result<()> {
     let mesh = TestMesh::spawn().await?;
@@ -152,6 +157,36 @@ async fn readme_walkthrough_works_as_written() -> anyhow::Result<()> {
     assert!(deletions.contains("consent withdrawn"), "{deletions}");
     let filing = sh.ok(&["consent", "filing"])?;
     assert!(filing.contains("persons_with_face_consent"), "{filing}");
+
+    // Credentials: never face-only; an alternative on demand; a gate's check.
+    let (ok, _, err) = sh.run(&["policy", "set", "--estate", &estate, "--accept", "face"])?;
+    assert!(!ok && err.contains("R1"), "{err}");
+    sh.ok(&["policy", "set", "--estate", &estate, "--accept", "card,qr,face", "--alternatives", "card"])?;
+    let card = sh.ok(&[
+        "-o",
+        "id",
+        "credential",
+        "issue",
+        "card",
+        "--person",
+        &person,
+        "--estate",
+        &estate,
+        "--uid",
+        "04A1B2C3",
+    ])?;
+    let listed = sh.ok(&["credential", "list", "--person", &person])?;
+    assert!(listed.contains(&card), "{listed}");
+    let resident_token =
+        sh.ok(&["-o", "id", "token", "issue", "resident", "--person", &person, "--subject", "gu-wei-app"])?;
+    let operator_token = std::mem::replace(&mut sh.token, resident_token);
+    let alt = sh.ok(&["alternative", "request", "--estate", &estate])?;
+    assert!(alt.contains("secret_shown_once") && alt.contains("qr"), "{alt}");
+    sh.token = sh_gate_token(&sh, &operator_token, &gate)?;
+    let verdict = sh.ok(&["verify", "--card", "04a1b2c3"])?;
+    assert!(verdict.contains("VALID"), "{verdict}");
+    sh.token = operator_token;
+    sh.ok(&["credential", "revoke", &card, "--reason", "lost"])?;
 
     let ended = sh.ok(&["residency", "end", &residency, "--reason", "moved out"])?;
     assert!(ended.contains("ended"), "{ended}");

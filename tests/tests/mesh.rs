@@ -20,6 +20,7 @@ async fn health_reports_serving_without_a_token() -> anyhow::Result<()> {
         "estate.identity.v1.IdentityService",
         "estate.consent.v1.ConsentService",
         "estate.credentials.v1.CredentialService",
+        "estate.audit.v1.AuditService",
     ] {
         let r = health.check(HealthCheckRequest { service: service.into() }).await?.into_inner();
         assert_eq!(r.status, ServingStatus::Serving as i32, "{service:?}");
@@ -51,6 +52,7 @@ async fn reflection_lists_every_service_and_resolves_its_schema() -> anyhow::Res
         "estate.identity.v1.IdentityService",
         "estate.consent.v1.ConsentService",
         "estate.credentials.v1.CredentialService",
+        "estate.audit.v1.AuditService",
         "grpc.health.v1.Health",
         "grpc.reflection.v1.ServerReflection",
     ] {

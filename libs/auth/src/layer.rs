@@ -11,11 +11,12 @@ use tonic::Status;
 pub const REQUEST_ID_HEADER: &str = "x-request-id";
 
 /// Paths anyone may call: health checks (probes), reflection (grpcurl) and
-/// the published consent verifying keys (public by design, R9).
+/// the published consent and audit verifying keys (public by design, R9, R12).
 fn is_open_path(path: &str) -> bool {
     path.starts_with("/grpc.health.v1.")
         || path.starts_with("/grpc.reflection.")
         || path == "/estate.consent.v1.ConsentService/GetVerifyingKeys"
+        || path == "/estate.audit.v1.AuditService/GetVerifyingKeys"
 }
 
 /// Verifies the `authorization: Bearer …` metadata of every call.

@@ -42,6 +42,22 @@ pub struct Settings {
     pub consent: ConsentSettings,
     /// Credentials service.
     pub credentials: CredentialSettings,
+    /// Audit service.
+    pub audit: AuditSettings,
+}
+
+/// Audit service settings (R11).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditSettings {
+    /// Sign a checkpoint after this many new entries of a tenant.
+    pub checkpoint_every: u64,
+    /// ...or once this many seconds passed since the last one, if the log grew.
+    pub checkpoint_interval_secs: u64,
+    /// Outbox rows the relay ships per batch.
+    pub relay_batch: i64,
+    /// How often the relay looks for new outbox rows, in milliseconds.
+    pub relay_interval_ms: u64,
 }
 
 /// Credentials service settings (R15 hot path, PIN lockout, QR codes).
@@ -216,6 +232,12 @@ pin_failure_window_secs = 900
 pin_lockout_secs = 900
 qr_step_secs = 30
 qr_window_steps = 1
+
+[audit]
+checkpoint_every = 1000
+checkpoint_interval_secs = 60
+relay_batch = 500
+relay_interval_ms = 200
 
 [consent]
 attestation_ttl_secs = 300

@@ -24,6 +24,11 @@ pub mod estate {
             include!(concat!(env!("OUT_DIR"), "/estate.identity.v1.rs"));
         }
     }
+    pub mod audit {
+        pub mod v1 {
+            include!(concat!(env!("OUT_DIR"), "/estate.audit.v1.rs"));
+        }
+    }
     pub mod consent {
         pub mod v1 {
             include!(concat!(env!("OUT_DIR"), "/estate.consent.v1.rs"));
@@ -36,6 +41,7 @@ pub mod estate {
     }
 }
 
+pub use estate::audit::v1 as audit;
 pub use estate::common::v1 as common;
 pub use estate::consent::v1 as consent;
 pub use estate::credentials::v1 as credentials;

@@ -24,6 +24,8 @@ use tower::layer::util::{Identity, Stack};
 pub const TOKEN_KEY_FILE: &str = "token-signing.ed25519";
 /// File name of the consent attestation signing key in the keys directory.
 pub const CONSENT_KEY_FILE: &str = "consent-attestation.ed25519";
+/// File name of the audit checkpoint signing key in the keys directory.
+pub const AUDIT_KEY_FILE: &str = "audit-checkpoint.ed25519";
 /// File name of the master key sealing credential secrets (QR seeds).
 pub const SECRET_BOX_FILE: &str = "credential-secrets.key";
 /// File name of the keyed-hash secret in the keys directory.
@@ -70,6 +72,8 @@ pub struct MeshKeys {
     pub consent_signing: SigningKeyPair,
     /// Seals credential secrets the mesh must read back.
     pub secret_box: SecretBox,
+    /// Signs audit checkpoints and export summaries (R11, R12).
+    pub audit_signing: SigningKeyPair,
 }
 
 impl MeshKeys {
@@ -83,6 +87,7 @@ impl MeshKeys {
             hasher: KeyedHasher::load_or_generate(&dir.join(HASH_SECRET_FILE), generate)?,
             consent_signing: SigningKeyPair::load_or_generate(&dir.join(CONSENT_KEY_FILE), generate)?,
             secret_box: SecretBox::load_or_generate(&dir.join(SECRET_BOX_FILE), generate)?,
+            audit_signing: SigningKeyPair::load_or_generate(&dir.join(AUDIT_KEY_FILE), generate)?,
         })
     }
 }

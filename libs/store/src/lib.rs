@@ -139,6 +139,17 @@ impl Db {
         self.migrate("store", migrator).await
     }
 
+    /// Starts a write transaction. On SQLite it is `BEGIN IMMEDIATE`, so the
+    /// write lock is taken up front: a transaction that reads and then writes
+    /// waits for other writers (busy timeout) instead of failing when another
+    /// connection or process committed in between.
+    pub async fn begin(&self) -> Result<sqlx::Transaction<'static, sqlx::Any>, Error> {
+        match self.backend {
+            Backend::Sqlite => self.pool.begin_with("BEGIN IMMEDIATE").await.map_err(db_error),
+            Backend::Postgres => self.pool.begin().await.map_err(db_error),
+        }
+    }
+
     /// Closes the pool, waiting for connections to be returned.
     pub async fn close(&self) {
         self.pool.close().await;

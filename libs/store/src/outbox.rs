@@ -45,13 +45,16 @@ pub struct OutboxRow {
     pub seq: i64,
     /// The decoded event.
     pub event: AuditEvent,
+    /// The event's bytes exactly as written: the audit log hashes these, not a
+    /// re-encoding (map fields encode in no fixed order).
+    pub payload: Vec<u8>,
 }
 
 fn decode_row(r: &sqlx::any::AnyRow) -> Result<OutboxRow> {
     let payload: Vec<u8> = r.try_get("payload").map_err(db_error)?;
     let event = AuditEvent::decode(payload.as_slice())
         .map_err(|e| estate_core::Error::Internal(format!("outbox payload: {e}")))?;
-    Ok(OutboxRow { seq: r.try_get("seq").map_err(db_error)?, event })
+    Ok(OutboxRow { seq: r.try_get("seq").map_err(db_error)?, event, payload })
 }
 
 /// Events with `action`, written after `after_seq`, oldest first: how other

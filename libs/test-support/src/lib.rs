@@ -8,6 +8,7 @@ pub mod fixtures;
 use anyhow::Context;
 use estate_auth::{IssuedToken, Principal, TokenAuthority};
 use estate_config::Settings;
+use estate_proto::audit::audit_service_client::AuditServiceClient;
 use estate_proto::consent::consent_service_client::ConsentServiceClient;
 use estate_proto::credentials::credential_service_client::CredentialServiceClient;
 use estate_proto::identity::identity_service_client::IdentityServiceClient;
@@ -49,6 +50,9 @@ impl tonic::service::Interceptor for Bearer {
         Ok(req)
     }
 }
+
+/// An audit client authenticated with some token.
+pub type AuditClient = AuditServiceClient<InterceptedService<Channel, Bearer>>;
 
 /// A credentials client authenticated with some token.
 pub type CredentialClient = CredentialServiceClient<InterceptedService<Channel, Bearer>>;
@@ -249,6 +253,11 @@ impl TestMesh {
     /// A consent client using `token`.
     pub fn consent(&self, token: &str) -> anyhow::Result<ConsentClient> {
         Ok(ConsentServiceClient::with_interceptor(self.channel(), Bearer::new(token)?))
+    }
+
+    /// An audit client using `token`.
+    pub fn audit(&self, token: &str) -> anyhow::Result<AuditClient> {
+        Ok(AuditServiceClient::with_interceptor(self.channel(), Bearer::new(token)?))
     }
 
     /// A credentials client using `token`.

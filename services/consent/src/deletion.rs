@@ -80,7 +80,7 @@ pub async fn sweep_residency_ends(db: &Db) -> Result<usize> {
         let after = cursor.map_or(0, |(s,)| s);
         let events = outbox::with_action_after(db.pool(), "residency.end", after, BATCH).await?;
         let Some(last) = events.last().map(|e| e.seq) else { return Ok(created) };
-        let mut tx = db.pool().begin().await.map_err(db_error)?;
+        let mut tx = db.begin().await?;
         for row in &events {
             let ev = &row.event;
             if ev.attributes.get("last_at_estate").map(String::as_str) != Some("true") {
@@ -163,7 +163,7 @@ pub async fn fulfil_pending(db: &Db, eraser: &dyn FaceDataEraser) -> Result<usiz
     for row in rows {
         let request: DeletionRequest = row.into();
         let certificate = eraser.erase(&request).await?;
-        let mut tx = db.pool().begin().await.map_err(db_error)?;
+        let mut tx = db.begin().await?;
         let updated = sqlx::query::<Any>(
             "UPDATE face_deletion_requests SET fulfilled_at = $1, certificate_id = $2 \
              WHERE tenant_id = $3 AND id = $4 AND fulfilled_at IS NULL",

@@ -180,7 +180,7 @@ impl ConsentBook {
             None => now,
         };
         self.require_estate(&tenant, &estate_id).await?;
-        let mut tx = self.db.pool().begin().await.map_err(db_error)?;
+        let mut tx = self.db.begin().await?;
         let (latest,): (i64,) = sqlx::query_as::<Any, (i64,)>(
             "SELECT COALESCE(MAX(version), 0) FROM consent_notices WHERE tenant_id = $1 AND estate_id = $2",
         )
@@ -397,7 +397,7 @@ impl ConsentBook {
             return Err(Error::precondition("the person has no active residency at this estate"));
         }
 
-        let mut tx = self.db.pool().begin().await.map_err(db_error)?;
+        let mut tx = self.db.begin().await?;
         if !self.face_enabled(&mut tx, &tenant, &estate_id).await? {
             return Err(Error::precondition("face verification is not enabled at this estate"));
         }
@@ -547,7 +547,7 @@ impl ConsentBook {
         if !matches!(caller.principal, Principal::Resident { .. }) {
             return Err(Error::denied("only the person (or their guardian) withdraws their consent"));
         }
-        let mut tx = self.db.pool().begin().await.map_err(db_error)?;
+        let mut tx = self.db.begin().await?;
         let mut row = self.visible_consent(&mut tx, caller, &id).await?;
         if row.status != ACTIVE {
             return Ok(row.into());
@@ -645,7 +645,7 @@ impl ConsentBook {
             n if (1..=MAX_ATTESTATION_TTL_SECS).contains(&n) => n,
             _ => return Err(Error::invalid("ttl_seconds", "must be between 1 and 3600 seconds")),
         };
-        let mut tx = self.db.pool().begin().await.map_err(db_error)?;
+        let mut tx = self.db.begin().await?;
         let row = self.visible_consent(&mut tx, caller, &id).await?;
         if row.status != ACTIVE {
             return Err(Error::precondition("the consent is not active; no attestation can be issued"));
@@ -702,7 +702,7 @@ impl ConsentBook {
             document_sha256,
             recorded_at: now_ms(),
         };
-        let mut tx = self.db.pool().begin().await.map_err(db_error)?;
+        let mut tx = self.db.begin().await?;
         sqlx::query::<Any>(
             "INSERT INTO impact_assessments (tenant_id, id, estate_id, author, assessed_on, document_sha256, recorded_at) \
              VALUES ($1, $2, $3, $4, $5, $6, $7)",
@@ -754,7 +754,7 @@ impl ConsentBook {
         let estate_id = parse_id("estate_id", &r.estate_id)?;
         let tenant = caller.operator_for_estate(&estate_id)?.to_owned();
         self.require_estate(&tenant, &estate_id).await?;
-        let mut tx = self.db.pool().begin().await.map_err(db_error)?;
+        let mut tx = self.db.begin().await?;
         let assessment: Option<(String,)> = sqlx::query_as::<Any, (String,)>(
             "SELECT id FROM impact_assessments WHERE tenant_id = $1 AND estate_id = $2 ORDER BY recorded_at DESC, id DESC LIMIT 1",
         )

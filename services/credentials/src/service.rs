@@ -495,7 +495,7 @@ impl CredentialBook {
         let id = new_id();
         let (kind, new) = self.new_secret(&tenant, &id, &person, &estates, secret).await?;
         let host = is_visitor.then(|| person.id.clone());
-        let mut tx = self.db.pool().begin().await.map_err(db_error)?;
+        let mut tx = self.db.begin().await?;
         let row = self
             .insert(&mut tx, &tenant, &id, &person, kind, &estates, valid_from, valid_until, &label, &new, host)
             .await?;
@@ -603,7 +603,7 @@ impl CredentialBook {
         {
             return Err(Error::denied("only an operator reinstates a credential"));
         }
-        let mut tx = self.db.pool().begin().await.map_err(db_error)?;
+        let mut tx = self.db.begin().await?;
         let (mut row, estates) = self.visible(&mut tx, caller, &id).await?;
         let allowed = match to {
             SUSPENDED => row.status == ACTIVE,
@@ -644,7 +644,7 @@ impl CredentialBook {
 
     async fn rotate_credential(&self, caller: &Caller, r: RotateCredentialRequest) -> Result<IssuedCredential> {
         let id = parse_id("id", &r.id)?;
-        let mut tx = self.db.pool().begin().await.map_err(db_error)?;
+        let mut tx = self.db.begin().await?;
         let (mut row, estates) = self.visible(&mut tx, caller, &id).await?;
         if row.status == REVOKED {
             return Err(Error::precondition("a revoked credential cannot be rotated; issue a new one"));
@@ -756,7 +756,7 @@ impl CredentialBook {
             }
         }
         let now = now_ms();
-        let mut tx = self.db.pool().begin().await.map_err(db_error)?;
+        let mut tx = self.db.begin().await?;
         sqlx::query::<Any>(
             "INSERT INTO estate_policies (tenant_id, estate_id, accepted_kinds, alternative_kinds, updated_at) VALUES ($1, $2, $3, $4, $5) \
              ON CONFLICT (tenant_id, estate_id) DO UPDATE SET accepted_kinds = excluded.accepted_kinds, \
@@ -878,7 +878,7 @@ impl CredentialBook {
         if let issue_credential_request::Secret::Pin(p) = &secret {
             new.shown_once = p.pin.clone();
         }
-        let mut tx = self.db.pool().begin().await.map_err(db_error)?;
+        let mut tx = self.db.begin().await?;
         let row = self
             .insert(&mut tx, &tenant, &id, &person, kind, &estates, now_ms(), None, "alternative", &new, None)
             .await?;
@@ -934,7 +934,7 @@ impl CredentialBook {
         };
         let presented =
             r.presented.ok_or_else(|| Error::invalid("presented", "present a card, PIN, QR code or visitor code"))?;
-        let mut tx = self.db.pool().begin().await.map_err(db_error)?;
+        let mut tx = self.db.begin().await?;
         let (verification, pseudonym) = self.verify_in(&mut tx, &tenant, &estate, &presented).await?;
         let outcome = VerifyOutcome::try_from(verification.outcome).unwrap_or(VerifyOutcome::Unspecified);
         let kind = CredentialKind::try_from(verification.kind).ok().and_then(kind_name).unwrap_or("unknown");

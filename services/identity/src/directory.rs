@@ -139,3 +139,14 @@ pub async fn estate_of_unit(db: &Db, tenant_id: &str, unit_id: &str) -> Result<O
             .map_err(db_error)?;
     Ok(row.map(|(e,)| e))
 }
+
+/// The jurisdiction code of a tenant, if it exists.
+pub async fn tenant_jurisdiction(db: &Db, tenant_id: &str) -> Result<Option<String>> {
+    let row: Option<(String,)> =
+        sqlx::query_as::<Any, (String,)>("SELECT jurisdiction_code FROM tenants WHERE id = $1")
+            .bind(tenant_id)
+            .fetch_optional(db.pool())
+            .await
+            .map_err(db_error)?;
+    Ok(row.map(|(j,)| j))
+}

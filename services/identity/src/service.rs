@@ -133,7 +133,7 @@ impl Identity {
     }
 
     async fn begin(&self) -> Result<Tx> {
-        self.db.pool().begin().await.map_err(db_error)
+        self.db.begin().await
     }
 
     async fn record(&self, conn: &mut AnyConnection, caller: &Caller, change: Change<'_>) -> Result<()> {

@@ -37,6 +37,7 @@ pub async fn migrate_all(runtime: &Runtime) -> Result<(), estate_store::StoreErr
     estate_identity::migrate(&runtime.db).await?;
     estate_consent::migrate(&runtime.db).await?;
     estate_credentials::migrate(&runtime.db).await?;
+    estate_audit::migrate(&runtime.db).await?;
     Ok(())
 }
 
@@ -46,6 +47,7 @@ pub struct Application {
     app: GrpcApp,
     runtime: Runtime,
     admin_token_path: PathBuf,
+    audit_log: estate_audit::AuditLog,
 }
 
 impl Application {
@@ -65,9 +67,16 @@ impl Application {
         routes.add_service(estate_identity::server(&runtime));
         routes.add_service(estate_consent::server(&runtime));
         routes.add_service(estate_credentials::server(&runtime));
-        let names = [estate_identity::SERVICE_NAME, estate_consent::SERVICE_NAME, estate_credentials::SERVICE_NAME];
+        let audit_log = estate_audit::log(&runtime);
+        routes.add_service(estate_audit::server(&runtime, audit_log.clone()));
+        let names = [
+            estate_identity::SERVICE_NAME,
+            estate_consent::SERVICE_NAME,
+            estate_credentials::SERVICE_NAME,
+            estate_audit::SERVICE_NAME,
+        ];
         let app = GrpcApp::build(&runtime, routes, &names).await?;
-        Ok(Self { app, runtime, admin_token_path })
+        Ok(Self { app, runtime, admin_token_path, audit_log })
     }
 
     /// The bound port.
@@ -88,8 +97,10 @@ impl Application {
     /// Serves until `shutdown` resolves.
     pub async fn run_until(self, shutdown: impl Future<Output = ()>) -> Result<(), MeshError> {
         let sweep = estate_consent::start_sweep(&self.runtime);
+        let relay = estate_audit::start_relay(&self.runtime, self.audit_log.clone());
         let served = self.app.run_until(shutdown).await;
         sweep.abort();
+        relay.abort();
         self.runtime.db.close().await;
         Ok(served?)
     }

@@ -1,0 +1,269 @@
+//! The per-tenant append-only log: hash chain, Merkle tree, checkpoints.
+
+use estate_audit_bundle::{chain_next, sign_checkpoint};
+use estate_core::{Error, Result, now_ms};
+use estate_crypto::SigningKeyPair;
+use estate_merkle::{Hash, Tree, leaf_hash};
+use estate_proto::audit::{Checkpoint, SignedCheckpoint};
+use estate_proto::common::AuditEvent;
+use estate_store::{Db, db_error};
+use prost::Message;
+use sqlx::Any;
+use std::collections::HashMap;
+use std::sync::Arc;
+use tokio::sync::Mutex;
+
+/// An event with the exact bytes that were written to the outbox.
+pub type RawEvent = (Vec<u8>, AuditEvent);
+
+/// How many entries an append added and skipped as already present.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Appended {
+    /// New entries.
+    pub appended: usize,
+    /// Events whose id was already in the log (idempotent retries).
+    pub duplicates: usize,
+}
+
+/// The audit log of every tenant, with a Merkle tree per tenant kept in
+/// memory (two hashes per entry) and rebuilt from the stored leaf hashes.
+#[derive(Debug, Clone)]
+pub struct AuditLog {
+    db: Db,
+    key: SigningKeyPair,
+    trees: Arc<Mutex<HashMap<String, Arc<Mutex<Tree>>>>>,
+    checkpoint_every: u64,
+    checkpoint_interval_ms: i64,
+}
+
+fn hash_of(hex_text: &str) -> Result<Hash> {
+    hex::decode(hex_text)
+        .ok()
+        .and_then(|b| <[u8; 32]>::try_from(b.as_slice()).ok())
+        .ok_or_else(|| Error::Internal("a stored audit hash is malformed".into()))
+}
+
+impl AuditLog {
+    /// A log over `db`, signing checkpoints with `key`.
+    pub fn new(db: Db, key: SigningKeyPair, checkpoint_every: u64, checkpoint_interval_secs: u64) -> Self {
+        Self {
+            db,
+            key,
+            trees: Arc::new(Mutex::new(HashMap::new())),
+            checkpoint_every: checkpoint_every.max(1),
+            checkpoint_interval_ms: i64::try_from(checkpoint_interval_secs.saturating_mul(1000)).unwrap_or(i64::MAX),
+        }
+    }
+
+    /// The signing key (its public half verifies checkpoints and exports).
+    pub fn key(&self) -> &SigningKeyPair {
+        &self.key
+    }
+
+    /// Appends events (with their exact bytes), idempotently by event id.
+    /// Each tenant's events are appended in one transaction, in order.
+    pub async fn append(&self, events: &[RawEvent]) -> Result<Appended> {
+        let mut by_tenant: Vec<(String, Vec<&RawEvent>)> = Vec::new();
+        for e in events {
+            match by_tenant.iter_mut().find(|(t, _)| *t == e.1.tenant_id) {
+                Some((_, list)) => list.push(e),
+                None => by_tenant.push((e.1.tenant_id.clone(), vec![e])),
+            }
+        }
+        let mut total = Appended::default();
+        for (tenant, list) in by_tenant {
+            let got = self.append_tenant(&tenant, &list).await?;
+            total.appended += got.appended;
+            total.duplicates += got.duplicates;
+            self.checkpoint_if_due(&tenant).await?;
+        }
+        Ok(total)
+    }
+
+    async fn append_tenant(&self, tenant: &str, events: &[&RawEvent]) -> Result<Appended> {
+        let mut tx = self.db.begin().await?;
+        let head: Option<(i64, String)> = sqlx::query_as::<Any, (i64, String)>(
+            "SELECT idx, chain_hash FROM audit_entries WHERE tenant_id = $1 ORDER BY idx DESC LIMIT 1",
+        )
+        .bind(tenant)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(db_error)?;
+        let (mut next, mut chain) = match head {
+            Some((idx, c)) => (idx + 1, hash_of(&c)?),
+            None => (0, [0u8; 32]),
+        };
+        let mut out = Appended::default();
+        let now = now_ms();
+        for (bytes, event) in events.iter().map(|e| (&e.0, &e.1)) {
+            let (seen,): (i64,) = sqlx::query_as::<Any, (i64,)>(
+                "SELECT COUNT(*) FROM audit_entries WHERE tenant_id = $1 AND event_id = $2",
+            )
+            .bind(tenant)
+            .bind(&event.event_id)
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(db_error)?;
+            if seen > 0 {
+                out.duplicates += 1;
+                continue;
+            }
+            let leaf = leaf_hash(bytes);
+            chain = chain_next(&chain, &leaf);
+            let occurred =
+                event.occurred_at.as_ref().map_or(now, |t| t.seconds * 1000 + i64::from(t.nanos / 1_000_000));
+            sqlx::query::<Any>(
+                "INSERT INTO audit_entries (tenant_id, idx, event_id, event_hex, leaf_hash, chain_hash, estate_id, \
+                 person_pseudonym, action, occurred_at, appended_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+            )
+            .bind(tenant)
+            .bind(next)
+            .bind(&event.event_id)
+            .bind(hex::encode(bytes))
+            .bind(hex::encode(leaf))
+            .bind(hex::encode(chain))
+            .bind(&event.estate_id)
+            .bind(&event.person_pseudonym)
+            .bind(&event.action)
+            .bind(occurred)
+            .bind(now)
+            .execute(&mut *tx)
+            .await
+            .map_err(db_error)?;
+            next += 1;
+            out.appended += 1;
+        }
+        tx.commit().await.map_err(db_error)?;
+        Ok(out)
+    }
+
+    /// The tenant's tree, brought up to date with the stored entries.
+    pub async fn tree(&self, tenant: &str) -> Result<Arc<Mutex<Tree>>> {
+        let handle = {
+            let mut trees = self.trees.lock().await;
+            trees.entry(tenant.to_owned()).or_insert_with(|| Arc::new(Mutex::new(Tree::new()))).clone()
+        };
+        {
+            let mut tree = handle.lock().await;
+            loop {
+                let from = i64::try_from(tree.size()).unwrap_or(i64::MAX);
+                let rows: Vec<(i64, String)> = sqlx::query_as::<Any, (i64, String)>(
+                    "SELECT idx, leaf_hash FROM audit_entries WHERE tenant_id = $1 AND idx >= $2 ORDER BY idx LIMIT 10000",
+                )
+                .bind(tenant)
+                .bind(from)
+                .fetch_all(self.db.pool())
+                .await
+                .map_err(db_error)?;
+                if rows.is_empty() {
+                    break;
+                }
+                for (idx, leaf) in rows {
+                    if idx != i64::try_from(tree.size()).unwrap_or(-1) {
+                        return Err(Error::Internal(format!("audit log of tenant has a gap at {idx}")));
+                    }
+                    tree.push(hash_of(&leaf)?);
+                }
+            }
+        }
+        Ok(handle)
+    }
+
+    /// The latest stored checkpoint of a tenant.
+    pub async fn latest_checkpoint(&self, tenant: &str) -> Result<Option<SignedCheckpoint>> {
+        let row: Option<(String, String, String)> = sqlx::query_as::<Any, (String, String, String)>(
+            "SELECT checkpoint_hex, key_id, signature_hex FROM audit_checkpoints WHERE tenant_id = $1 ORDER BY tree_size DESC LIMIT 1",
+        )
+        .bind(tenant)
+        .fetch_optional(self.db.pool())
+        .await
+        .map_err(db_error)?;
+        row.map(|(c, key_id, s)| {
+            let checkpoint = hex::decode(c).map_err(|_| Error::Internal("stored checkpoint malformed".into()))?;
+            let decoded = Checkpoint::decode(checkpoint.as_slice())
+                .map_err(|_| Error::Internal("stored checkpoint malformed".into()))?;
+            let signature = hex::decode(s).map_err(|_| Error::Internal("stored checkpoint malformed".into()))?;
+            Ok(SignedCheckpoint { checkpoint, key_id, signature, decoded: Some(decoded) })
+        })
+        .transpose()
+    }
+
+    /// A checkpoint covering every entry now in the log, signing one if the
+    /// latest does not. `None` while the tenant's log is empty.
+    pub async fn checkpoint_now(&self, tenant: &str) -> Result<Option<SignedCheckpoint>> {
+        let latest = self.latest_checkpoint(tenant).await?;
+        let handle = self.tree(tenant).await?;
+        let tree = handle.lock().await;
+        let size = tree.size();
+        if size == 0 {
+            return Ok(None);
+        }
+        if let Some(cp) = &latest
+            && cp.decoded.as_ref().is_some_and(|d| d.tree_size == i64::try_from(size).unwrap_or(-1))
+        {
+            return Ok(latest);
+        }
+        let (chain,): (String,) =
+            sqlx::query_as::<Any, (String,)>("SELECT chain_hash FROM audit_entries WHERE tenant_id = $1 AND idx = $2")
+                .bind(tenant)
+                .bind(i64::try_from(size - 1).unwrap_or(i64::MAX))
+                .fetch_one(self.db.pool())
+                .await
+                .map_err(db_error)?;
+        let checkpoint = Checkpoint {
+            tenant_id: tenant.to_owned(),
+            tree_size: i64::try_from(size).unwrap_or(i64::MAX),
+            root_hash: hex::encode(tree.root()),
+            chain_hash: chain,
+            timestamp_unix: now_ms() / 1000,
+        };
+        drop(tree);
+        let signed = sign_checkpoint(&self.key, &checkpoint);
+        sqlx::query::<Any>(
+            "INSERT INTO audit_checkpoints (tenant_id, tree_size, root_hash, chain_hash, timestamp_unix, key_id, checkpoint_hex, signature_hex) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (tenant_id, tree_size) DO NOTHING",
+        )
+        .bind(tenant)
+        .bind(checkpoint.tree_size)
+        .bind(&checkpoint.root_hash)
+        .bind(&checkpoint.chain_hash)
+        .bind(checkpoint.timestamp_unix)
+        .bind(&signed.key_id)
+        .bind(hex::encode(&signed.checkpoint))
+        .bind(hex::encode(&signed.signature))
+        .execute(self.db.pool())
+        .await
+        .map_err(db_error)?;
+        Ok(Some(signed))
+    }
+
+    /// Signs a checkpoint when `checkpoint_every` entries or the interval
+    /// have passed since the last one.
+    pub async fn checkpoint_if_due(&self, tenant: &str) -> Result<()> {
+        let latest = self.latest_checkpoint(tenant).await?;
+        let (size,): (i64,) = sqlx::query_as::<Any, (i64,)>("SELECT COUNT(*) FROM audit_entries WHERE tenant_id = $1")
+            .bind(tenant)
+            .fetch_one(self.db.pool())
+            .await
+            .map_err(db_error)?;
+        let (last_size, last_time) =
+            latest.and_then(|c| c.decoded).map_or((0, 0), |d| (d.tree_size, d.timestamp_unix * 1000));
+        let grown = size - last_size;
+        let due = grown > 0
+            && (u64::try_from(grown).unwrap_or(0) >= self.checkpoint_every
+                || now_ms() - last_time >= self.checkpoint_interval_ms);
+        if due {
+            self.checkpoint_now(tenant).await?;
+        }
+        Ok(())
+    }
+
+    /// Tenants whose log grew since their latest checkpoint.
+    pub async fn tenants_with_entries(&self) -> Result<Vec<String>> {
+        let rows: Vec<(String,)> = sqlx::query_as::<Any, (String,)>("SELECT DISTINCT tenant_id FROM audit_entries")
+            .fetch_all(self.db.pool())
+            .await
+            .map_err(db_error)?;
+        Ok(rows.into_iter().map(|(t,)| t).collect())
+    }
+}

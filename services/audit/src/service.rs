@@ -1,0 +1,349 @@
+//! The `estate.audit.v1.AuditService` implementation (R11, R12, R13, R14, R17).
+
+use crate::log::AuditLog;
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use estate_audit_bundle::{FORMAT, indexes_digest, sign_summary};
+use estate_auth::{Caller, Principal, caller};
+use estate_core::{Error, Result, now_ms, parse_id};
+use estate_crypto::KeyedHasher;
+use estate_identity::directory;
+use estate_proto::audit::audit_service_server::AuditService;
+use estate_proto::audit::*;
+use estate_proto::common::{ActorKind, AuditEvent};
+use estate_store::outbox::{self, Change};
+use estate_store::{Db, db_error};
+use prost::Message;
+use sqlx::Any;
+use std::pin::Pin;
+use tokio_stream::Stream;
+use tonic::{Request, Response, Status};
+
+const PAGE: i64 = 1000;
+
+/// The audit service.
+#[derive(Debug, Clone)]
+pub struct AuditDesk {
+    db: Db,
+    log: AuditLog,
+    hasher: KeyedHasher,
+    max_page_size: u32,
+}
+
+#[derive(Debug, sqlx::FromRow)]
+struct EntryRow {
+    idx: i64,
+    event_hex: String,
+    chain_hash: String,
+    appended_at: i64,
+}
+
+fn ts(ms: i64) -> Option<prost_types::Timestamp> {
+    let (seconds, nanos) = estate_core::ms_to_timestamp_parts(ms);
+    Some(prost_types::Timestamp { seconds, nanos })
+}
+
+fn ms(t: &Option<prost_types::Timestamp>, default: i64) -> i64 {
+    t.as_ref().map_or(default, |t| t.seconds.saturating_mul(1000))
+}
+
+fn entry_of(r: EntryRow) -> Result<Entry> {
+    let event = hex::decode(&r.event_hex).map_err(|_| Error::Internal("stored audit event malformed".into()))?;
+    let decoded = AuditEvent::decode(event.as_slice()).ok();
+    Ok(Entry { index: r.idx, event, chain_hash: r.chain_hash, appended_at: ts(r.appended_at), decoded })
+}
+
+/// Entry filter: `$1` tenant, then optional estate, person, action, period.
+struct EntryQuery {
+    sql: String,
+    strings: Vec<String>,
+    from_ms: i64,
+    until_ms: i64,
+}
+
+fn entry_query(tenant: &str, estate: &str, person: &str, action: &str, from_ms: i64, until_ms: i64) -> EntryQuery {
+    let mut sql = String::from(
+        "SELECT idx, event_hex, chain_hash, appended_at FROM audit_entries WHERE tenant_id = $1 AND occurred_at >= $2 AND occurred_at < $3",
+    );
+    let mut strings = vec![tenant.to_owned()];
+    for (col, v) in [("estate_id", estate), ("person_pseudonym", person), ("action", action)] {
+        if !v.is_empty() {
+            strings.push(v.to_owned());
+            sql.push_str(&format!(" AND {col} = ${}", strings.len() + 2));
+        }
+    }
+    sql.push_str(&format!(" AND idx > ${} ORDER BY idx LIMIT ${}", strings.len() + 3, strings.len() + 4));
+    EntryQuery { sql, strings, from_ms, until_ms }
+}
+
+impl EntryQuery {
+    async fn page(&self, db: &Db, after: i64, limit: i64) -> Result<Vec<EntryRow>> {
+        let mut q = sqlx::query_as::<Any, EntryRow>(sqlx::AssertSqlSafe(self.sql.clone()))
+            .bind(self.strings[0].clone())
+            .bind(self.from_ms)
+            .bind(self.until_ms);
+        for s in &self.strings[1..] {
+            q = q.bind(s.clone());
+        }
+        q.bind(after).bind(limit).fetch_all(db.pool()).await.map_err(db_error)
+    }
+}
+
+impl AuditDesk {
+    /// A desk over the log.
+    pub fn new(db: Db, log: AuditLog, hasher: KeyedHasher, max_page_size: u32) -> Self {
+        Self { db, log, hasher, max_page_size }
+    }
+
+    async fn query_entries(&self, caller: &Caller, r: QueryEntriesRequest) -> Result<QueryEntriesResponse> {
+        let tenant = caller.operator_tenant()?.to_owned();
+        if r.estate_id.is_empty() {
+            if caller.operator_estate_limit().is_some() {
+                return Err(Error::invalid("estate_id", "is required for an estate-limited operator"));
+            }
+        } else {
+            caller.operator_for_estate(&parse_id("estate_id", &r.estate_id)?)?;
+        }
+        let size = match r.page_size {
+            0 => 100,
+            n if n < 0 => return Err(Error::invalid("page_size", "must not be negative")),
+            n => i64::from(n).min(i64::from(self.max_page_size)),
+        };
+        let after = if r.page_token.is_empty() {
+            -1
+        } else {
+            URL_SAFE_NO_PAD
+                .decode(&r.page_token)
+                .ok()
+                .and_then(|b| String::from_utf8(b).ok())
+                .and_then(|s| s.strip_prefix("a1:").and_then(|n| n.parse::<i64>().ok()))
+                .ok_or_else(|| Error::invalid("page_token", "is not a token returned by this call"))?
+        };
+        let q =
+            entry_query(&tenant, &r.estate_id, &r.person_pseudonym, &r.action, ms(&r.from, 0), ms(&r.until, i64::MAX));
+        let rows = q.page(&self.db, after, size + 1).await?;
+        let more = rows.len() as i64 > size;
+        let entries: Vec<Entry> = rows.into_iter().take(size as usize).map(entry_of).collect::<Result<_>>()?;
+        let next = match (more, entries.last()) {
+            (true, Some(e)) => URL_SAFE_NO_PAD.encode(format!("a1:{}", e.index)),
+            _ => String::new(),
+        };
+        Ok(QueryEntriesResponse { entries, next_page_token: next })
+    }
+
+    async fn get_latest_checkpoint(&self, caller: &Caller, _r: GetLatestCheckpointRequest) -> Result<SignedCheckpoint> {
+        let tenant = caller.tenant_id()?.to_owned();
+        self.log.checkpoint_now(&tenant).await?.ok_or(Error::NotFound("checkpoint"))
+    }
+
+    async fn access_report(&self, caller: &Caller, _r: AccessReportRequest) -> Result<AccessReportResponse> {
+        let Principal::Resident { tenant_id, person_id } = &caller.principal else {
+            return Err(Error::denied("the access report is the resident's own; operators query entries"));
+        };
+        let pseudonym = self.hasher.pseudonym(tenant_id, person_id);
+        let q = entry_query(tenant_id, "", &pseudonym, "", 0, i64::MAX);
+        let mut lines = Vec::new();
+        let mut after = -1;
+        loop {
+            let rows = q.page(&self.db, after, PAGE).await?;
+            let Some(last) = rows.last().map(|r| r.idx) else { break };
+            for row in rows {
+                let entry = entry_of(row)?;
+                let Some(ev) = entry.decoded else { continue };
+                let role = match ev.actor.as_ref().and_then(|a| ActorKind::try_from(a.kind).ok()) {
+                    Some(ActorKind::PlatformAdmin) => "platform admin",
+                    Some(ActorKind::Operator) => "operator (property staff)",
+                    Some(ActorKind::Gate) => "gate device",
+                    Some(ActorKind::Resident) => "resident or guardian",
+                    Some(ActorKind::Regulator) => "regulator",
+                    Some(ActorKind::Service) => "automatic (mesh service)",
+                    _ => "unknown",
+                };
+                let why = ["reason", "purpose", "outcome"]
+                    .iter()
+                    .find_map(|k| ev.attributes.get(*k).cloned())
+                    .unwrap_or_else(|| ev.action.replace('.', " "));
+                lines.push(AccessReportLine {
+                    when: ev.occurred_at,
+                    what: ev.action,
+                    estate_id: ev.estate_id,
+                    by_role: role.into(),
+                    why,
+                    index: entry.index,
+                });
+            }
+            after = last;
+        }
+        Ok(AccessReportResponse { person_pseudonym: pseudonym, lines })
+    }
+
+    /// Checks a regulator's authority over the tenant; the answer is the same
+    /// for tenants outside the jurisdiction and tenants that do not exist.
+    async fn regulator_scope(&self, caller: &Caller, tenant_id: &str) -> Result<()> {
+        let codes = caller.regulator_jurisdictions().ok_or_else(|| Error::denied("exports are for regulators"))?;
+        let jurisdiction = directory::tenant_jurisdiction(&self.db, tenant_id).await?;
+        match jurisdiction {
+            Some(j) if codes.iter().any(|c| c.covers(&j)) => Ok(()),
+            _ => Err(Error::denied("the tenant is not in this regulator's jurisdiction")),
+        }
+    }
+
+    async fn export_records(
+        &self,
+        caller: &Caller,
+        r: ExportRequest,
+        tx: tokio::sync::mpsc::Sender<Result<ExportRecord, Status>>,
+    ) -> Result<()> {
+        let tenant = parse_id("tenant_id", &r.tenant_id)?;
+        if !r.estate_id.is_empty() {
+            parse_id("estate_id", &r.estate_id)?;
+        }
+        self.regulator_scope(caller, &tenant).await?;
+        // The export is itself a processing, audited (R11).
+        let mut conn = self.db.begin().await?;
+        let change = Change::new(&tenant, "audit.export", "tenant", &tenant)
+            .estate(&r.estate_id)
+            .attr("regulator", caller.subject.clone());
+        outbox::record(&mut conn, &change.into_event(caller.actor(&self.hasher), &caller.request_id, "audit")).await?;
+        conn.commit().await.map_err(db_error)?;
+
+        let checkpoint = self.log.checkpoint_now(&tenant).await?.ok_or(Error::NotFound("audit log"))?;
+        let size = checkpoint.decoded.as_ref().map_or(0, |d| d.tree_size);
+        let size_u = u64::try_from(size).unwrap_or(0);
+        let send = |rec: export_record::Record| {
+            let tx = tx.clone();
+            async move {
+                tx.send(Ok(ExportRecord { record: Some(rec) }))
+                    .await
+                    .map_err(|_| Error::Unavailable("the export stream was closed".into()))
+            }
+        };
+        send(export_record::Record::Manifest(ExportManifest {
+            format: FORMAT,
+            tenant_id: tenant.clone(),
+            estate_id: r.estate_id.clone(),
+            from: r.from,
+            until: r.until,
+            tree_size: size,
+            exported_at: ts(now_ms()),
+        }))
+        .await?;
+        let q = entry_query(&tenant, &r.estate_id, "", "", ms(&r.from, 0), ms(&r.until, i64::MAX));
+        let tree = self.log.tree(&tenant).await?;
+        let mut after = -1;
+        let mut indexes = Vec::new();
+        loop {
+            let rows = q.page(&self.db, after, PAGE).await?;
+            let rows: Vec<EntryRow> = rows.into_iter().filter(|e| e.idx < size).collect();
+            let Some(last) = rows.last().map(|r| r.idx) else { break };
+            let mut batch = Vec::with_capacity(rows.len());
+            {
+                let t = tree.lock().await;
+                for row in rows {
+                    let proof = t
+                        .inclusion_proof(u64::try_from(row.idx).unwrap_or(u64::MAX), size_u)
+                        .ok_or_else(|| Error::Internal("no inclusion proof for a stored entry".into()))?;
+                    batch.push((row, proof));
+                }
+            }
+            for (row, proof) in batch {
+                indexes.push(row.idx);
+                let entry = entry_of(row)?;
+                send(export_record::Record::Entry(ExportedEntry {
+                    entry: Some(entry),
+                    inclusion_proof: proof.iter().map(hex::encode).collect(),
+                }))
+                .await?;
+            }
+            after = last;
+        }
+        if r.previous_tree_size > 0 && r.previous_tree_size < size {
+            let t = tree.lock().await;
+            let first = u64::try_from(r.previous_tree_size).unwrap_or(0);
+            let proof =
+                t.consistency_proof(first, size_u).ok_or(Error::invalid("previous_tree_size", "is beyond the log"))?;
+            let first_root = t.root_at(first).map(hex::encode).unwrap_or_default();
+            drop(t);
+            send(export_record::Record::Consistency(ConsistencyProof {
+                first_tree_size: r.previous_tree_size,
+                first_root_hash: first_root,
+                second_tree_size: size,
+                proof: proof.iter().map(hex::encode).collect(),
+            }))
+            .await?;
+        } else if r.previous_tree_size > size {
+            return Err(Error::invalid("previous_tree_size", "is larger than the log"));
+        }
+        send(export_record::Record::Checkpoint(checkpoint)).await?;
+        let summary = ExportSummary {
+            tenant_id: tenant.clone(),
+            tree_size: size,
+            entry_count: i64::try_from(indexes.len()).unwrap_or(i64::MAX),
+            indexes_sha256: indexes_digest(indexes.iter().copied()),
+            estate_id: r.estate_id.clone(),
+        };
+        send(export_record::Record::Summary(sign_summary(self.log.key(), &summary))).await?;
+        Ok(())
+    }
+}
+
+type ExportStream = Pin<Box<dyn Stream<Item = Result<ExportRecord, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl AuditService for AuditDesk {
+    async fn query_entries(
+        &self,
+        request: Request<QueryEntriesRequest>,
+    ) -> Result<Response<QueryEntriesResponse>, Status> {
+        let caller = caller(&request)?;
+        AuditDesk::query_entries(self, &caller, request.into_inner()).await.map(Response::new).map_err(Status::from)
+    }
+
+    async fn get_latest_checkpoint(
+        &self,
+        request: Request<GetLatestCheckpointRequest>,
+    ) -> Result<Response<SignedCheckpoint>, Status> {
+        let caller = caller(&request)?;
+        AuditDesk::get_latest_checkpoint(self, &caller, request.into_inner())
+            .await
+            .map(Response::new)
+            .map_err(Status::from)
+    }
+
+    async fn get_verifying_keys(&self, _request: Request<GetAuditKeysRequest>) -> Result<Response<AuditKeys>, Status> {
+        let key = self.log.key();
+        Ok(Response::new(AuditKeys {
+            keys: vec![AuditKey {
+                key_id: key.key_id().to_owned(),
+                algorithm: "ed25519".into(),
+                public_key: key.public_key_bytes().to_vec(),
+            }],
+        }))
+    }
+
+    type ExportStream = ExportStream;
+
+    async fn export(&self, request: Request<ExportRequest>) -> Result<Response<Self::ExportStream>, Status> {
+        let caller = caller(&request)?;
+        let r = request.into_inner();
+        // Scope is checked before the stream starts, so refusals are statuses.
+        let tenant = parse_id("tenant_id", &r.tenant_id).map_err(Status::from)?;
+        self.regulator_scope(&caller, &tenant).await.map_err(Status::from)?;
+        let (tx, rx) = tokio::sync::mpsc::channel(64);
+        let desk = self.clone();
+        tokio::spawn(async move {
+            if let Err(e) = desk.export_records(&caller, r, tx.clone()).await {
+                let _ = tx.send(Err(Status::from(e))).await;
+            }
+        });
+        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
+    }
+
+    async fn access_report(
+        &self,
+        request: Request<AccessReportRequest>,
+    ) -> Result<Response<AccessReportResponse>, Status> {
+        let caller = caller(&request)?;
+        AuditDesk::access_report(self, &caller, request.into_inner()).await.map(Response::new).map_err(Status::from)
+    }
+}

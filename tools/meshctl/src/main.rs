@@ -7,6 +7,8 @@ mod render;
 
 use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
+use estate_proto::audit::audit_service_client::AuditServiceClient;
+use estate_proto::audit::*;
 use estate_proto::common::CredentialKind;
 use estate_proto::consent::consent_service_client::ConsentServiceClient;
 use estate_proto::consent::*;
@@ -83,6 +85,9 @@ enum Command {
     /// A resident's non-face way in, issued at once.
     #[command(subcommand)]
     Alternative(AlternativeCmd),
+    /// The audit log: entries, exports, offline verification, access report.
+    #[command(subcommand)]
+    Audit(AuditCmd),
     /// Checks a presented credential at an estate, as a gate would.
     Verify {
         #[arg(long, default_value = "")]
@@ -469,6 +474,49 @@ enum AlternativeCmd {
     },
 }
 
+#[derive(Debug, Subcommand)]
+enum AuditCmd {
+    /// Prints the audit verifying keys ("key_id public_key_hex"), for `audit verify --keys`.
+    Keys,
+    /// Lists entries of the caller's tenant (operators).
+    Entries {
+        #[arg(long, default_value = "")]
+        estate: String,
+        #[arg(long, default_value = "")]
+        person: String,
+        #[arg(long, default_value = "")]
+        action: String,
+    },
+    /// Writes a signed export bundle (regulator token).
+    Export {
+        #[arg(long)]
+        tenant: String,
+        #[arg(long, default_value = "")]
+        estate: String,
+        /// Tree size of your previous export, to prove the log only grew.
+        #[arg(long, default_value_t = 0)]
+        previous_size: i64,
+        /// Bundle file to write (JSON Lines).
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Verifies a bundle offline with the published key; needs no server.
+    Verify {
+        bundle: PathBuf,
+        /// Key file as printed by `meshctl audit keys`.
+        #[arg(long)]
+        keys: PathBuf,
+        /// The previous bundle, to check the log only grew since.
+        #[arg(long)]
+        previous: Option<PathBuf>,
+    },
+    /// Every processing of your own data (resident token), optionally as a file.
+    Report {
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+}
+
 #[derive(Debug, Args)]
 struct TokenCommon {
     /// Who will hold the token: a staff login or device label.
@@ -583,7 +631,14 @@ fn role(name: &str) -> anyhow::Result<i32> {
     } as i32)
 }
 
-async fn connect(cli: &Cli) -> anyhow::Result<(Client, Consents, Credentials)> {
+/// `audit verify` returns before any connection is made.
+fn unreachable_verify() -> String {
+    String::new()
+}
+
+type Audits = AuditServiceClient<InterceptedService<Channel, Bearer>>;
+
+async fn connect(cli: &Cli) -> anyhow::Result<(Client, Consents, Credentials, Audits)> {
     let token = match (&cli.token, &cli.token_file) {
         (Some(t), _) => Some(t.trim().to_owned()),
         (None, Some(path)) => Some(
@@ -604,7 +659,8 @@ async fn connect(cli: &Cli) -> anyhow::Result<(Client, Consents, Credentials)> {
     Ok((
         IdentityServiceClient::with_interceptor(channel.clone(), bearer.clone()),
         ConsentServiceClient::with_interceptor(channel.clone(), bearer.clone()),
-        CredentialServiceClient::with_interceptor(channel, bearer),
+        CredentialServiceClient::with_interceptor(channel.clone(), bearer.clone()),
+        AuditServiceClient::with_interceptor(channel, bearer),
     ))
 }
 
@@ -626,8 +682,33 @@ macro_rules! all_pages {
     }};
 }
 
+fn verify_bundle(
+    bundle: &std::path::Path,
+    keys: &std::path::Path,
+    previous: Option<&std::path::Path>,
+) -> anyhow::Result<String> {
+    let open = |p: &std::path::Path| -> anyhow::Result<estate_audit_bundle::Bundle> {
+        let f = std::fs::File::open(p).with_context(|| format!("cannot open {}", p.display()))?;
+        Ok(estate_audit_bundle::Bundle::read(std::io::BufReader::new(f))?)
+    };
+    let keys = estate_audit_bundle::parse_keys(&read_text(keys)?).map_err(anyhow::Error::msg)?;
+    let prev = previous.map(open).transpose()?;
+    let v = open(bundle)?.verify(&keys, prev.as_ref())?;
+    Ok(format!(
+        "OK: {} entries of tenant {} are in the signed log of {} entries (root {}){}",
+        v.entries,
+        v.tenant_id,
+        v.tree_size,
+        v.root_hash,
+        if v.consistency_checked { "; the log only grew since the previous export" } else { "" }
+    ))
+}
+
 async fn run(cli: Cli) -> anyhow::Result<String> {
-    let (mut c, mut k, mut cr) = connect(&cli).await?;
+    if let Command::Audit(AuditCmd::Verify { bundle, keys, previous }) = &cli.command {
+        return verify_bundle(bundle, keys, previous.as_deref());
+    }
+    let (mut c, mut k, mut cr, mut a) = connect(&cli).await?;
     let o = cli.output;
     Ok(match cli.command {
         Command::Tenant(cmd) => match cmd {
@@ -892,6 +973,63 @@ async fn run(cli: Cli) -> anyhow::Result<String> {
             };
             one(&cr.request_alternative(req).await?.into_inner(), o)
         }
+        Command::Audit(cmd) => match cmd {
+            AuditCmd::Keys => {
+                let keys = a.get_verifying_keys(GetAuditKeysRequest {}).await?.into_inner();
+                keys.keys
+                    .iter()
+                    .map(|k| format!("{} {}", k.key_id, hex::encode(&k.public_key)))
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            }
+            AuditCmd::Entries { estate, person, action } => {
+                let req =
+                    QueryEntriesRequest { estate_id: estate, person_pseudonym: person, action, ..Default::default() };
+                many(&all_pages!(a, query_entries, req, entries), o)
+            }
+            AuditCmd::Export { tenant, estate, previous_size, out } => {
+                let req = ExportRequest {
+                    tenant_id: tenant,
+                    estate_id: estate,
+                    previous_tree_size: previous_size,
+                    ..Default::default()
+                };
+                let mut stream = a.export(req).await?.into_inner();
+                let mut file = std::io::BufWriter::new(
+                    std::fs::File::create(&out).with_context(|| format!("cannot create {}", out.display()))?,
+                );
+                let mut entries = 0;
+                let mut size = 0;
+                while let Some(rec) = stream.message().await? {
+                    match &rec.record {
+                        Some(export_record::Record::Entry(_)) => entries += 1,
+                        Some(export_record::Record::Manifest(m)) => size = m.tree_size,
+                        _ => {}
+                    }
+                    estate_audit_bundle::write_record(&mut file, &rec)?;
+                }
+                std::io::Write::flush(&mut file)?;
+                format!("wrote {entries} entries (log size {size}) to {}", out.display())
+            }
+            AuditCmd::Report { out } => {
+                let report = a.access_report(AccessReportRequest {}).await?.into_inner();
+                let text = many(&report.lines, o);
+                match out {
+                    Some(path) => {
+                        std::fs::write(&path, format!("{text}\n"))
+                            .with_context(|| format!("cannot write {}", path.display()))?;
+                        format!(
+                            "wrote {} lines about {} to {}",
+                            report.lines.len(),
+                            report.person_pseudonym,
+                            path.display()
+                        )
+                    }
+                    None => text,
+                }
+            }
+            AuditCmd::Verify { .. } => unreachable_verify(),
+        },
         Command::Verify { estate, card, pin, unit, qr, visitor } => {
             use estate_proto::credentials::verify_credential_request::Presented;
             let presented = match (card, pin, qr, visitor) {

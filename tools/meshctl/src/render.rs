@@ -448,3 +448,35 @@ mod credential_fields {
         }
     }
 }
+
+mod audit_fields {
+    use super::{Fields, time};
+    use estate_proto::audit::*;
+
+    impl Fields for Entry {
+        fn fields(&self) -> Vec<(&'static str, String)> {
+            let d = self.decoded.clone().unwrap_or_default();
+            vec![
+                ("index", self.index.to_string()),
+                ("when", time(&d.occurred_at)),
+                ("action", d.action),
+                ("estate", d.estate_id),
+                ("person", d.person_pseudonym),
+                ("minor", d.concerns_minor.to_string()),
+                ("source", d.source),
+            ]
+        }
+    }
+
+    impl Fields for AccessReportLine {
+        fn fields(&self) -> Vec<(&'static str, String)> {
+            vec![
+                ("when", time(&self.when)),
+                ("what", self.what.clone()),
+                ("estate", self.estate_id.clone()),
+                ("by", self.by_role.clone()),
+                ("why", self.why.clone()),
+            ]
+        }
+    }
+}

@@ -40,7 +40,7 @@ fn sh_gate_token(sh: &Shell, operator_token: &str, gate: &str) -> anyhow::Result
 async fn readme_walkthrough_works_as_written() -> anyhow::Result<()> {
     let mesh = TestMesh::spawn().await?;
     let admin_token = std::fs::read_to_string(mesh.data_dir.path().join("admin.token"))?.trim().to_owned();
-    let mut sh = Shell { endpoint: mesh.endpoint(), token: admin_token };
+    let mut sh = Shell { endpoint: mesh.endpoint(), token: admin_token.clone() };
 
     let tenant = sh.ok(&["-o", "id", "tenant", "create", "--name", "Haihe Property", "--jurisdiction", "120101"])?;
     sh.token = sh.ok(&["-o", "id", "token", "issue", "operator", "--tenant", &tenant, "--subject", "ops@haihe"])?;
@@ -192,6 +192,36 @@ async fn readme_walkthrough_works_as_written() -> anyhow::Result<()> {
     assert!(ended.contains("ended"), "{ended}");
     let me = sh.ok(&["whoami"])?;
     assert!(me.contains("operator") && me.contains(&tenant), "{me}");
+
+    // The resident reads what was done with their data.
+    let operator_token = sh.token.clone();
+    sh.token = sh.ok(&["-o", "id", "token", "issue", "resident", "--person", &person, "--subject", "gu-wei-app"])?;
+    let report_file = dir.path().join("my-data.txt");
+    let wrote = sh.ok(&["audit", "report", "--out", &report_file.display().to_string()])?;
+    assert!(wrote.contains("lines"), "{wrote}");
+    assert!(std::fs::read_to_string(&report_file)?.contains("consent.grant"));
+
+    // A regulator exports the log and verifies it offline with the public key.
+    let keys_file = dir.path().join("audit.keys");
+    std::fs::write(&keys_file, sh.ok(&["audit", "keys"])?)?;
+    sh.token = admin_token.clone();
+    sh.token =
+        sh.ok(&["-o", "id", "token", "issue", "regulator", "--jurisdiction", "120000", "--subject", "tj-regulator"])?;
+    let bundle = dir.path().join("export.jsonl");
+    let wrote = sh.ok(&["audit", "export", "--tenant", &tenant, "--out", &bundle.display().to_string()])?;
+    assert!(wrote.contains("entries"), "{wrote}");
+    let verdict =
+        sh.ok(&["audit", "verify", &bundle.display().to_string(), "--keys", &keys_file.display().to_string()])?;
+    assert!(verdict.starts_with("OK"), "{verdict}");
+    let text = std::fs::read_to_string(&bundle)?;
+    let tampered_path = dir.path().join("tampered.jsonl");
+    let mut lines: Vec<&str> = text.lines().collect();
+    lines.remove(2);
+    std::fs::write(&tampered_path, lines.join("\n"))?;
+    let (ok, _, err) =
+        sh.run(&["audit", "verify", &tampered_path.display().to_string(), "--keys", &keys_file.display().to_string()])?;
+    assert!(!ok && err.contains("removed"), "{err}");
+    sh.token = operator_token;
 
     // Without a token the mesh refuses, and meshctl says why.
     sh.token = String::new();

@@ -97,6 +97,10 @@ impl Db {
                             conn.execute("PRAGMA synchronous = NORMAL").await?;
                         }
                         Backend::Postgres => {
+                            // Plans cached while a table was small (a seq scan)
+                            // would stay in use as it grows; plan each query
+                            // with the table as it is now.
+                            conn.execute("SET plan_cache_mode = force_custom_plan").await?;
                             if statement_timeout_ms > 0 {
                                 let sql = format!("SET statement_timeout = {statement_timeout_ms}");
                                 conn.execute(sqlx::AssertSqlSafe(sql)).await?;

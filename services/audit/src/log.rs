@@ -95,43 +95,91 @@ impl AuditLog {
         };
         let mut out = Appended::default();
         let now = now_ms();
+        // Which of these events the log already holds (a retried batch).
+        let mut seen: std::collections::HashSet<String> = std::collections::HashSet::new();
+        for chunk in events.chunks(500) {
+            let marks: Vec<String> = (0..chunk.len()).map(|i| format!("${}", i + 2)).collect();
+            let sql = format!(
+                "SELECT event_id FROM audit_entries WHERE tenant_id = $1 AND event_id IN ({})",
+                marks.join(", ")
+            );
+            let mut q = sqlx::query_as::<Any, (String,)>(sqlx::AssertSqlSafe(sql)).bind(tenant);
+            for e in chunk {
+                q = q.bind(e.1.event_id.clone());
+            }
+            for (id,) in q.fetch_all(&mut *tx).await.map_err(db_error)? {
+                seen.insert(id);
+            }
+        }
+        // One multi-row INSERT per 400 new entries (11 values each, well under
+        // the parameter limits of SQLite and PostgreSQL).
+        let mut rows: Vec<[String; 9]> = Vec::new();
+        let mut numbers: Vec<(i64, i64)> = Vec::new();
         for (bytes, event) in events.iter().map(|e| (&e.0, &e.1)) {
-            let (seen,): (i64,) = sqlx::query_as::<Any, (i64,)>(
-                "SELECT COUNT(*) FROM audit_entries WHERE tenant_id = $1 AND event_id = $2",
-            )
-            .bind(tenant)
-            .bind(&event.event_id)
-            .fetch_one(&mut *tx)
-            .await
-            .map_err(db_error)?;
-            if seen > 0 {
+            if seen.contains(&event.event_id) {
                 out.duplicates += 1;
                 continue;
             }
+            seen.insert(event.event_id.clone());
             let leaf = leaf_hash(bytes);
             chain = chain_next(&chain, &leaf);
             let occurred =
                 event.occurred_at.as_ref().map_or(now, |t| t.seconds * 1000 + i64::from(t.nanos / 1_000_000));
-            sqlx::query::<Any>(
-                "INSERT INTO audit_entries (tenant_id, idx, event_id, event_hex, leaf_hash, chain_hash, estate_id, \
-                 person_pseudonym, action, occurred_at, appended_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
-            )
-            .bind(tenant)
-            .bind(next)
-            .bind(&event.event_id)
-            .bind(hex::encode(bytes))
-            .bind(hex::encode(leaf))
-            .bind(hex::encode(chain))
-            .bind(&event.estate_id)
-            .bind(&event.person_pseudonym)
-            .bind(&event.action)
-            .bind(occurred)
-            .bind(now)
-            .execute(&mut *tx)
-            .await
-            .map_err(db_error)?;
+            rows.push([
+                tenant.to_owned(),
+                event.event_id.clone(),
+                hex::encode(bytes),
+                hex::encode(leaf),
+                hex::encode(chain),
+                event.estate_id.clone(),
+                event.person_pseudonym.clone(),
+                event.action.clone(),
+                String::new(),
+            ]);
+            numbers.push((next, occurred));
             next += 1;
             out.appended += 1;
+        }
+        for (chunk, nums) in rows.chunks(400).zip(numbers.chunks(400)) {
+            let mut values = Vec::with_capacity(chunk.len());
+            for i in 0..chunk.len() {
+                let b = i * 11;
+                values.push(format!(
+                    "(${}, ${}, ${}, ${}, ${}, ${}, ${}, ${}, ${}, ${}, ${})",
+                    b + 1,
+                    b + 2,
+                    b + 3,
+                    b + 4,
+                    b + 5,
+                    b + 6,
+                    b + 7,
+                    b + 8,
+                    b + 9,
+                    b + 10,
+                    b + 11
+                ));
+            }
+            let sql = format!(
+                "INSERT INTO audit_entries (tenant_id, idx, event_id, event_hex, leaf_hash, chain_hash, estate_id, \
+                 person_pseudonym, action, occurred_at, appended_at) VALUES {}",
+                values.join(", ")
+            );
+            let mut q = sqlx::query::<Any>(sqlx::AssertSqlSafe(sql));
+            for (row, (idx, occurred)) in chunk.iter().zip(nums) {
+                q = q
+                    .bind(row[0].clone())
+                    .bind(*idx)
+                    .bind(row[1].clone())
+                    .bind(row[2].clone())
+                    .bind(row[3].clone())
+                    .bind(row[4].clone())
+                    .bind(row[5].clone())
+                    .bind(row[6].clone())
+                    .bind(row[7].clone())
+                    .bind(*occurred)
+                    .bind(now);
+            }
+            q.execute(&mut *tx).await.map_err(db_error)?;
         }
         tx.commit().await.map_err(db_error)?;
         Ok(out)
@@ -241,11 +289,14 @@ impl AuditLog {
     /// have passed since the last one.
     pub async fn checkpoint_if_due(&self, tenant: &str) -> Result<()> {
         let latest = self.latest_checkpoint(tenant).await?;
-        let (size,): (i64,) = sqlx::query_as::<Any, (i64,)>("SELECT COUNT(*) FROM audit_entries WHERE tenant_id = $1")
-            .bind(tenant)
-            .fetch_one(self.db.pool())
-            .await
-            .map_err(db_error)?;
+        let head: Option<(i64,)> = sqlx::query_as::<Any, (i64,)>(
+            "SELECT idx FROM audit_entries WHERE tenant_id = $1 ORDER BY idx DESC LIMIT 1",
+        )
+        .bind(tenant)
+        .fetch_optional(self.db.pool())
+        .await
+        .map_err(db_error)?;
+        let size = head.map_or(0, |(i,)| i + 1);
         let (last_size, last_time) =
             latest.and_then(|c| c.decoded).map_or((0, 0), |d| (d.tree_size, d.timestamp_unix * 1000));
         let grown = size - last_size;

@@ -337,6 +337,13 @@ impl ServiceProcess {
         Ok(Endpoint::from_shared(format!("http://{}", self.addr))?.connect().await?)
     }
 
+    /// Kills the process with SIGKILL, as a crash would, and waits for it.
+    pub fn kill(mut self) -> anyhow::Result<()> {
+        self.child.kill()?;
+        self.child.wait()?;
+        Ok(())
+    }
+
     /// Sends SIGTERM and waits (10 s at most) for a clean exit.
     pub async fn stop_gracefully(mut self) -> anyhow::Result<std::process::ExitStatus> {
         let pid = self.child.id().to_string();

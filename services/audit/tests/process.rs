@@ -55,10 +55,8 @@ async fn a_killed_relay_loses_and_duplicates_nothing() -> anyhow::Result<()> {
     conn.commit().await?;
 
     let first = ServiceProcess::start(bin, &env)?;
-    let mut before_kill = 0;
     for _ in 0..600 {
-        before_kill = delivered(&db).await?;
-        if before_kill > 500 {
+        if delivered(&db).await? > 500 {
             break;
         }
         tokio::time::sleep(Duration::from_millis(5)).await;

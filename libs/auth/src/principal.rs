@@ -25,6 +25,8 @@ pub enum Principal {
     Resident { tenant_id: String, person_id: String },
     /// A regulator with authority over administrative division codes.
     Regulator { jurisdiction_codes: Vec<String> },
+    /// A mesh service acting for itself (an outbox relay shipping to audit).
+    Service { name: String },
 }
 
 /// An authenticated call: the principal, the token it came with and the
@@ -55,6 +57,7 @@ impl Caller {
                 (ActorKind::Resident, hasher.pseudonym(tenant_id, person_id))
             }
             Principal::Regulator { .. } => (ActorKind::Regulator, self.subject.clone()),
+            Principal::Service { name } => (ActorKind::Service, name.clone()),
         };
         Actor { kind: kind as i32, id }
     }
@@ -70,6 +73,7 @@ impl Caller {
                 "the platform admin holds no tenant; issue an operator token for the tenant and call with it",
             )),
             Principal::Regulator { .. } => Err(Error::denied("regulators cannot call tenant operations")),
+            Principal::Service { .. } => Err(Error::denied("a service token holds no tenant")),
         }
     }
 

@@ -58,6 +58,11 @@ pub struct AuditSettings {
     pub relay_batch: i64,
     /// How often the relay looks for new outbox rows, in milliseconds.
     pub relay_interval_ms: u64,
+    /// A service process whose outbox is not in the audit service's database
+    /// ships it to this audit endpoint's `Append` (e.g. "http://audit:50051").
+    pub relay_to: Option<String>,
+    /// File holding the service token used for `Append`.
+    pub relay_token_file: Option<PathBuf>,
 }
 
 /// Credentials service settings (R15 hot path, PIN lockout, QR codes).

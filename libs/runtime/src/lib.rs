@@ -7,6 +7,8 @@
 //!   the authentication layer (R14), tonic-health, tonic-reflection, a maximum
 //!   message size, and graceful shutdown on SIGTERM / Ctrl-C.
 
+pub mod relay;
+
 use estate_auth::{AuthLayer, TokenAuthority};
 use estate_bus::EventBus;
 use estate_config::Settings;
@@ -120,6 +122,29 @@ impl std::fmt::Debug for Runtime {
 }
 
 impl Runtime {
+    /// Starts the outbox relay to a remote audit service when
+    /// `audit.relay_to` is set (services that do not share the audit
+    /// service's database). `None` when not configured.
+    pub fn start_remote_relay(&self) -> Result<Option<tokio::task::JoinHandle<()>>, StartError> {
+        let a = &self.settings.audit;
+        let Some(endpoint) = &a.relay_to else { return Ok(None) };
+        let path = a
+            .relay_token_file
+            .as_ref()
+            .ok_or_else(|| StartError::Tokens("audit.relay_to is set but audit.relay_token_file is not".into()))?;
+        let token = std::fs::read_to_string(path)
+            .map_err(|e| StartError::Tokens(format!("cannot read {}: {e}", path.display())))?;
+        let handle = relay::spawn_remote_relay(
+            self.db.clone(),
+            endpoint,
+            &token,
+            a.relay_batch.max(1),
+            Duration::from_millis(a.relay_interval_ms.max(10)),
+        )
+        .map_err(StartError::Tokens)?;
+        Ok(Some(handle))
+    }
+
     /// Opens everything `settings` names. Runs the outbox migrations when
     /// `database.migrate_on_start` is set.
     pub async fn open(settings: Settings) -> Result<Self, StartError> {

@@ -339,6 +339,32 @@ impl AuditService for AuditDesk {
         Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
     }
 
+    async fn append(&self, request: Request<AppendRequest>) -> Result<Response<AppendResponse>, Status> {
+        let caller = caller(&request)?;
+        if !matches!(caller.principal, Principal::Service { .. }) {
+            return Err(Status::from(Error::denied("only a mesh service token may append to the audit log")));
+        }
+        let r = request.into_inner();
+        if r.events.len() > 1000 {
+            return Err(Status::from(Error::invalid("events", "send at most 1000 events per call")));
+        }
+        let mut events = Vec::with_capacity(r.events.len());
+        for bytes in r.events {
+            let event = AuditEvent::decode(bytes.as_slice()).map_err(|_| {
+                Status::from(Error::invalid("events", "each item must be an encoded estate.common.v1.AuditEvent"))
+            })?;
+            if event.event_id.is_empty() || event.tenant_id.is_empty() {
+                return Err(Status::from(Error::invalid("events", "every event needs an event_id and a tenant_id")));
+            }
+            events.push((bytes, event));
+        }
+        let done = self.log.append(&events).await.map_err(Status::from)?;
+        Ok(Response::new(AppendResponse {
+            appended: i64::try_from(done.appended).unwrap_or(i64::MAX),
+            duplicates: i64::try_from(done.duplicates).unwrap_or(i64::MAX),
+        }))
+    }
+
     async fn access_report(
         &self,
         request: Request<AccessReportRequest>,

@@ -96,3 +96,90 @@ async fn a_killed_relay_loses_and_duplicates_nothing() -> anyhow::Result<()> {
     db.close().await;
     test_db.drop().await
 }
+
+/// A service on a database of its own ships its outbox to the audit
+/// service's `Append`, with a service token; other principals may not append.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_service_on_its_own_database_ships_to_append() -> anyhow::Result<()> {
+    use estate_auth::{Principal, TokenAuthority};
+    use estate_proto::audit::AppendRequest;
+    use estate_proto::audit::audit_service_client::AuditServiceClient;
+    use estate_proto::identity::CreateTenantRequest;
+    use estate_proto::identity::identity_service_client::IdentityServiceClient;
+    use estate_test_support::Bearer;
+
+    let dir = tempfile::tempdir()?;
+    let (audit_dir, identity_dir) = (dir.path().join("audit"), dir.path().join("identity"));
+    std::fs::create_dir_all(&audit_dir)?;
+    std::fs::create_dir_all(&identity_dir)?;
+    let audit_db = TestDatabase::create(&audit_dir).await?;
+    let identity_db = TestDatabase::create(&identity_dir).await?;
+    let keys = dir.path().join("keys");
+    let audit_env = service_env(&audit_db, &keys, &audit_dir);
+    let audit_bin = env!("CARGO_BIN_EXE_estate-audit");
+    assert!(Command::new(audit_bin).arg("--migrate-only").envs(audit_env.clone()).status()?.success());
+    let audit = ServiceProcess::start(audit_bin, &audit_env)?;
+
+    let signing = estate_crypto::SigningKeyPair::load_or_generate(&keys.join("token-signing.ed25519"), false)?;
+    let tokens = TokenAuthority::new("estate-mesh", &signing)?;
+    let service_token = tokens.issue(Principal::Service { name: "identity".into() }, "identity-relay", 3600)?.token;
+    let admin_token = tokens.issue(Principal::PlatformAdmin, "admin", 3600)?.token;
+    let token_file = dir.path().join("relay.token");
+    std::fs::write(&token_file, &service_token)?;
+
+    // The identity service, in this test process, on its own database,
+    // configured to ship its outbox to the audit process.
+    let mut settings = estate_config::Settings::load_with_env(None, Vec::new())?;
+    settings.data_dir = identity_dir.clone();
+    settings.listen = "127.0.0.1:0".parse()?;
+    settings.database.url = Some(identity_db.url().to_owned());
+    settings.keys.dir = Some(keys.clone());
+    settings.keys.generate_missing = false;
+    settings.telemetry.log_filter = "warn".into();
+    settings.audit.relay_to = Some(format!("http://{}", audit.addr));
+    settings.audit.relay_token_file = Some(token_file.clone());
+    settings.audit.relay_interval_ms = 50;
+    let runtime = estate_runtime::Runtime::open(settings).await?;
+    runtime.db.migrate_outbox().await?;
+    let identity = estate_identity::Application::build(runtime).await?;
+    let port = identity.port();
+    let identity_task = tokio::spawn(identity.run_until_stopped());
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://127.0.0.1:{port}"))?.connect().await?;
+    let mut client = IdentityServiceClient::with_interceptor(channel, Bearer::new(&admin_token)?);
+    let tenant = client
+        .create_tenant(CreateTenantRequest { name: "Remote".into(), jurisdiction_code: "120101".into() })
+        .await?
+        .into_inner();
+
+    let audit_pool = Db::connect(&DbOptions {
+        url: audit_db.url().to_owned(),
+        max_connections: 1,
+        acquire_timeout: Duration::from_secs(10),
+        statement_timeout_ms: 0,
+    })
+    .await?;
+    let mut found = 0;
+    for _ in 0..100 {
+        let (n,): (i64,) = sqlx::query_as::<Any, (i64,)>("SELECT COUNT(*) FROM audit_entries WHERE tenant_id = $1")
+            .bind(&tenant.id)
+            .fetch_one(audit_pool.pool())
+            .await?;
+        found = n;
+        if n > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(found, 1, "the tenant.create event reached the audit log once");
+
+    // Only a service principal appends.
+    let mut as_admin = AuditServiceClient::with_interceptor(audit.channel().await?, Bearer::new(&admin_token)?);
+    let refused = as_admin.append(AppendRequest { events: vec![] }).await.err().map(|s| s.code());
+    assert_eq!(refused, Some(tonic::Code::PermissionDenied));
+
+    identity_task.abort();
+    assert!(audit.stop_gracefully().await?.success());
+    audit_pool.close().await;
+    audit_db.drop().await?;
+    identity_db.drop().await
+}

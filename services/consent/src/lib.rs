@@ -86,8 +86,12 @@ impl Application {
     /// Serves until SIGTERM / Ctrl-C, running the deletion sweep meanwhile.
     pub async fn run_until_stopped(self) -> Result<(), StartError> {
         let sweep = start_sweep(&self.runtime);
+        let relay = self.runtime.start_remote_relay()?;
         let result = self.app.run_until_stopped().await;
         sweep.abort();
+        if let Some(r) = relay {
+            r.abort();
+        }
         result
     }
 }

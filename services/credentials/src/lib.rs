@@ -68,6 +68,7 @@ pub fn server(runtime: &Runtime) -> CredentialServiceServer<CredentialBook> {
 #[derive(Debug)]
 pub struct Application {
     app: GrpcApp,
+    runtime: Runtime,
 }
 
 impl Application {
@@ -79,7 +80,7 @@ impl Application {
         let mut routes = tonic::service::RoutesBuilder::default();
         routes.add_service(server(&runtime));
         let app = GrpcApp::build(&runtime, routes, &[SERVICE_NAME]).await?;
-        Ok(Self { app })
+        Ok(Self { app, runtime })
     }
 
     /// The bound port.
@@ -88,7 +89,13 @@ impl Application {
     }
 
     /// Serves until SIGTERM / Ctrl-C.
+    /// Ships the outbox to a remote audit service when `audit.relay_to` is set.
     pub async fn run_until_stopped(self) -> Result<(), StartError> {
-        self.app.run_until_stopped().await
+        let relay = self.runtime.start_remote_relay()?;
+        let result = self.app.run_until_stopped().await;
+        if let Some(r) = relay {
+            r.abort();
+        }
+        result
     }
 }

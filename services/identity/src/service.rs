@@ -1390,6 +1390,11 @@ impl Identity {
         })?;
         let mut conn = self.conn().await?;
         let (principal, tenant_for_log, estate_for_log, pseudonym) = match grant {
+            issue_token_request::Principal::Service(g) => {
+                caller.require_platform_admin()?;
+                let name = required_text("service.name", &g.name, 64)?;
+                (Principal::Service { name }, PLATFORM_TENANT.to_owned(), String::new(), String::new())
+            }
             issue_token_request::Principal::PlatformAdmin(_) => {
                 caller.require_platform_admin()?;
                 (Principal::PlatformAdmin, PLATFORM_TENANT.to_owned(), String::new(), String::new())
@@ -1503,6 +1508,7 @@ impl Identity {
             Principal::Gate { .. } => "gate",
             Principal::Resident { .. } => "resident",
             Principal::Regulator { .. } => "regulator",
+            Principal::Service { .. } => "service",
         };
         let issued = self.tokens.issue(principal, &subject, ttl)?;
         let mut tx = self.begin().await?;
@@ -1550,6 +1556,7 @@ impl Identity {
                 out.kind = ActorKind::Regulator as i32;
                 out.jurisdiction_codes = jurisdiction_codes.clone();
             }
+            Principal::Service { .. } => out.kind = ActorKind::Service as i32,
         }
         out
     }

@@ -568,6 +568,13 @@ enum IssueCmd {
         #[command(flatten)]
         common: TokenCommon,
     },
+    /// For a mesh service, e.g. an outbox relay shipping to audit (platform admin only).
+    Service {
+        #[arg(long)]
+        name: String,
+        #[command(flatten)]
+        common: TokenCommon,
+    },
     /// Another platform admin token (platform admin only).
     Admin {
         #[command(flatten)]
@@ -831,6 +838,7 @@ async fn run(cli: Cli) -> anyhow::Result<String> {
                     (P::Regulator(RegulatorGrant { jurisdiction_codes: jurisdictions }), common)
                 }
                 IssueCmd::Admin { common } => (P::PlatformAdmin(PlatformAdminGrant {}), common),
+                IssueCmd::Service { name, common } => (P::Service(ServiceGrant { name }), common),
             };
             let req =
                 IssueTokenRequest { principal: Some(principal), subject: common.subject, ttl_seconds: common.ttl };

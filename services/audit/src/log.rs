@@ -81,6 +81,13 @@ impl AuditLog {
     }
 
     async fn append_tenant(&self, tenant: &str, events: &[&RawEvent]) -> Result<Appended> {
+        match self.append_tenant_with(tenant, events, false).await {
+            Err(Error::AlreadyExists(_)) => self.append_tenant_with(tenant, events, true).await,
+            other => other,
+        }
+    }
+
+    async fn append_tenant_with(&self, tenant: &str, events: &[&RawEvent], exhaustive: bool) -> Result<Appended> {
         let mut tx = self.db.begin().await?;
         let head: Option<(i64, String)> = sqlx::query_as::<Any, (i64, String)>(
             "SELECT idx, chain_hash FROM audit_entries WHERE tenant_id = $1 ORDER BY idx DESC LIMIT 1",
@@ -95,20 +102,33 @@ impl AuditLog {
         };
         let mut out = Appended::default();
         let now = now_ms();
-        // Which of these events the log already holds (a retried batch).
-        let mut seen: std::collections::HashSet<String> = std::collections::HashSet::new();
-        for chunk in events.chunks(500) {
-            let marks: Vec<String> = (0..chunk.len()).map(|i| format!("${}", i + 2)).collect();
-            let sql = format!(
-                "SELECT event_id FROM audit_entries WHERE tenant_id = $1 AND event_id IN ({})",
-                marks.join(", ")
-            );
-            let mut q = sqlx::query_as::<Any, (String,)>(sqlx::AssertSqlSafe(sql)).bind(tenant);
-            for e in chunk {
-                q = q.bind(e.1.event_id.clone());
-            }
-            for (id,) in q.fetch_all(&mut *tx).await.map_err(db_error)? {
-                seen.insert(id);
+        // Which of these events the log already holds. A retry (the relay
+        // crashed after an append, before marking) resends the oldest pending
+        // rows, which sit at the tail of the log: compare with the ids of the
+        // last entries (a primary-key range scan). A duplicate older than that
+        // window trips the unique index; then every event is looked up.
+        let window_from = next - i64::try_from(events.len()).unwrap_or(0) * 4 - 1000;
+        let tail: Vec<(String,)> =
+            sqlx::query_as::<Any, (String,)>("SELECT event_id FROM audit_entries WHERE tenant_id = $1 AND idx >= $2")
+                .bind(tenant)
+                .bind(window_from)
+                .fetch_all(&mut *tx)
+                .await
+                .map_err(db_error)?;
+        let mut seen: std::collections::HashSet<String> = tail.into_iter().map(|(id,)| id).collect();
+        if exhaustive {
+            for e in events {
+                let hit: Option<(String,)> = sqlx::query_as::<Any, (String,)>(
+                    "SELECT event_id FROM audit_entries WHERE tenant_id = $1 AND event_id = $2",
+                )
+                .bind(tenant)
+                .bind(&e.1.event_id)
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(db_error)?;
+                if let Some((id,)) = hit {
+                    seen.insert(id);
+                }
             }
         }
         // One multi-row INSERT per 400 new entries (11 values each, well under
@@ -179,7 +199,13 @@ impl AuditLog {
                     .bind(*occurred)
                     .bind(now);
             }
-            q.execute(&mut *tx).await.map_err(db_error)?;
+            q.execute(&mut *tx).await.map_err(|e| {
+                if estate_store::is_unique_violation(&e) {
+                    Error::AlreadyExists("an event of the batch is already in the log".into())
+                } else {
+                    db_error(e)
+                }
+            })?;
         }
         tx.commit().await.map_err(db_error)?;
         Ok(out)

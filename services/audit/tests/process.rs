@@ -27,8 +27,8 @@ async fn a_killed_relay_loses_and_duplicates_nothing() -> anyhow::Result<()> {
     let test_db = TestDatabase::create(dir.path()).await?;
     let mut env = service_env(&test_db, &dir.path().join("keys"), &dir.path().join("unused"));
     // Small batches, no pause: the kill lands mid-stream.
-    env.push(("ESTATE__AUDIT__RELAY_BATCH", "50".into()));
-    env.push(("ESTATE__AUDIT__RELAY_INTERVAL_MS", "10".into()));
+    env.push(("ESTATE__AUDIT__RELAY_BATCH", "20".into()));
+    env.push(("ESTATE__AUDIT__RELAY_INTERVAL_MS", "20".into()));
     let bin = env!("CARGO_BIN_EXE_estate-audit");
     assert!(Command::new(bin).arg("--migrate-only").envs(env.clone()).status()?.success());
 

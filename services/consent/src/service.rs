@@ -13,7 +13,7 @@
 use crate::deletion::{self, request_deletion};
 use crate::model::*;
 use estate_attestation::{FORMAT, KeySet};
-use estate_auth::{Caller, Principal, caller};
+use estate_auth::{Caller, Principal};
 use estate_core::{BirthDate, Error, Result, new_id, now_ms, parse_id, required_text};
 use estate_crypto::{KeyedHasher, SigningKeyPair, sha256_hex};
 use estate_identity::directory::{self, PersonFacts};
@@ -24,10 +24,7 @@ use estate_store::outbox::{self, Change};
 use estate_store::page::Page;
 use estate_store::{Db, db_error, is_unique_violation};
 use sqlx::{Any, AnyConnection};
-use std::future::Future;
-use std::pin::Pin;
 use tonic::{Request, Response, Status};
-use tracing::Instrument;
 
 const SOURCE: &str = "consent";
 const NOTICE_MAX_CHARS: usize = 20_000;
@@ -871,38 +868,10 @@ impl ConsentBook {
     }
 }
 
-/// Implements one unary RPC: authenticate, delegate, map the error.
-macro_rules! unary {
-    ($($name:ident($req:ty) -> $resp:ty;)*) => {
-        $(
-            fn $name<'life0, 'async_trait>(
-                &'life0 self,
-                request: Request<$req>,
-            ) -> Pin<Box<dyn Future<Output = std::result::Result<Response<$resp>, Status>> + Send + 'async_trait>>
-            where
-                'life0: 'async_trait,
-                Self: 'async_trait,
-            {
-                let span = tracing::info_span!("rpc", service = "consent", method = stringify!($name));
-                Box::pin(
-                    async move {
-                        let caller = caller(&request)?;
-                        let result = ConsentBook::$name(self, &caller, request.into_inner()).await;
-                        if let Err(e) = &result {
-                            tracing::debug!(code = ?e.code(), "call refused");
-                        }
-                        result.map(Response::new).map_err(Status::from)
-                    }
-                    .instrument(span),
-                )
-            }
-        )*
-    };
-}
-
 #[tonic::async_trait]
 impl ConsentService for ConsentBook {
-    unary! {
+    estate_auth::unary_rpcs! {
+        "consent", ConsentBook;
         publish_notice(PublishNoticeRequest) -> Notice;
         get_current_notice(GetCurrentNoticeRequest) -> NoticeText;
         list_notices(ListNoticesRequest) -> ListNoticesResponse;

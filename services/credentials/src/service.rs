@@ -15,7 +15,7 @@ use crate::model::*;
 use crate::totp;
 use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
 use estate_attestation::{Expected, KeySet};
-use estate_auth::{Caller, Principal, caller};
+use estate_auth::{Caller, Principal};
 use estate_bus::EventBus;
 use estate_core::{Error, Result, bounded_text, new_id, now_ms, parse_id};
 use estate_crypto::{KeyedHasher, SecretBox};
@@ -30,11 +30,7 @@ use estate_store::page::Page;
 use estate_store::{Db, db_error, is_unique_violation};
 use prost::Message;
 use sqlx::{Any, AnyConnection};
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
-use tonic::{Request, Response, Status};
-use tracing::Instrument;
 
 const SOURCE: &str = "credentials";
 /// Bus topic of [`CredentialChanged`] events.
@@ -1142,38 +1138,10 @@ impl CredentialBook {
     }
 }
 
-/// Implements one unary RPC: authenticate, delegate, map the error.
-macro_rules! unary {
-    ($($name:ident($req:ty) -> $resp:ty;)*) => {
-        $(
-            fn $name<'life0, 'async_trait>(
-                &'life0 self,
-                request: Request<$req>,
-            ) -> Pin<Box<dyn Future<Output = std::result::Result<Response<$resp>, Status>> + Send + 'async_trait>>
-            where
-                'life0: 'async_trait,
-                Self: 'async_trait,
-            {
-                let span = tracing::info_span!("rpc", service = "credentials", method = stringify!($name));
-                Box::pin(
-                    async move {
-                        let caller = caller(&request)?;
-                        let result = CredentialBook::$name(self, &caller, request.into_inner()).await;
-                        if let Err(e) = &result {
-                            tracing::debug!(code = ?e.code(), "call refused");
-                        }
-                        result.map(Response::new).map_err(Status::from)
-                    }
-                    .instrument(span),
-                )
-            }
-        )*
-    };
-}
-
 #[tonic::async_trait]
 impl CredentialService for CredentialBook {
-    unary! {
+    estate_auth::unary_rpcs! {
+        "credentials", CredentialBook;
         issue_credential(IssueCredentialRequest) -> IssuedCredential;
         get_credential(GetCredentialRequest) -> Credential;
         list_credentials(ListCredentialsRequest) -> ListCredentialsResponse;

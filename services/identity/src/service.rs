@@ -26,10 +26,7 @@ use estate_store::page::Page;
 use estate_store::{Db, db_error, is_unique_violation, outbox};
 use prost::Message;
 use sqlx::{Any, AnyConnection, Transaction};
-use std::future::Future;
-use std::pin::Pin;
 use tonic::{Request, Response, Status};
-use tracing::Instrument;
 
 /// Name of this service in audit events.
 const SOURCE: &str = "identity";
@@ -1575,39 +1572,10 @@ fn const_format(table: &'static str, cols: &'static str, cond: &'static str) -> 
     sqlx::AssertSqlSafe(format!("SELECT {cols} FROM {table} WHERE {cond}"))
 }
 
-/// Implements one unary RPC by authenticating the caller and delegating to the
-/// method of the same name, mapping the domain error to a status.
-macro_rules! unary {
-    ($($name:ident($req:ty) -> $resp:ty;)*) => {
-        $(
-            fn $name<'life0, 'async_trait>(
-                &'life0 self,
-                request: Request<$req>,
-            ) -> Pin<Box<dyn Future<Output = std::result::Result<Response<$resp>, Status>> + Send + 'async_trait>>
-            where
-                'life0: 'async_trait,
-                Self: 'async_trait,
-            {
-                let span = tracing::info_span!("rpc", service = "identity", method = stringify!($name));
-                Box::pin(
-                    async move {
-                        let caller = caller(&request)?;
-                        let result = Identity::$name(self, &caller, request.into_inner()).await;
-                        if let Err(e) = &result {
-                            tracing::debug!(code = ?e.code(), "call refused");
-                        }
-                        result.map(Response::new).map_err(Status::from)
-                    }
-                    .instrument(span),
-                )
-            }
-        )*
-    };
-}
-
 #[tonic::async_trait]
 impl IdentityService for Identity {
-    unary! {
+    estate_auth::unary_rpcs! {
+        "identity", Identity;
         create_tenant(CreateTenantRequest) -> Tenant;
         get_tenant(GetTenantRequest) -> Tenant;
         update_tenant(UpdateTenantRequest) -> Tenant;

@@ -228,6 +228,53 @@ impl GrpcApp {
     }
 }
 
+/// One service as its own process: its gRPC server, the background tasks it
+/// needs (a sweep, a relay), and, when `audit.relay_to` is set, the relay
+/// shipping its outbox to the audit service. Every service binary runs one.
+#[derive(Debug)]
+pub struct ServiceApp {
+    app: GrpcApp,
+    runtime: Runtime,
+    background: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl ServiceApp {
+    /// Binds the listener and mounts `services` (see [`GrpcApp::build`]).
+    pub async fn build(runtime: Runtime, services: RoutesBuilder, service_names: &[&str]) -> Result<Self, StartError> {
+        let app = GrpcApp::build(&runtime, services, service_names).await?;
+        Ok(Self { app, runtime, background: Vec::new() })
+    }
+
+    /// Adds a background task that stops with the server.
+    pub fn with_background(mut self, task: tokio::task::JoinHandle<()>) -> Self {
+        self.background.push(task);
+        self
+    }
+
+    /// The bound port.
+    pub fn port(&self) -> u16 {
+        self.app.port()
+    }
+
+    /// The process's runtime.
+    pub fn runtime(&self) -> &Runtime {
+        &self.runtime
+    }
+
+    /// Serves until SIGTERM / Ctrl-C, with the remote outbox relay when
+    /// configured; stops the background tasks afterwards.
+    pub async fn run_until_stopped(mut self) -> Result<(), StartError> {
+        if let Some(relay) = self.runtime.start_remote_relay()? {
+            self.background.push(relay);
+        }
+        let result = self.app.run_until_stopped().await;
+        for task in self.background {
+            task.abort();
+        }
+        result
+    }
+}
+
 /// Resolves on SIGTERM or Ctrl-C.
 pub async fn shutdown_signal() {
     let ctrl_c = async {

@@ -15,7 +15,7 @@ pub use relay::{relay_once, spawn_relay};
 pub use service::AuditDesk;
 
 use estate_proto::audit::audit_service_server::AuditServiceServer;
-use estate_runtime::{GrpcApp, Runtime, StartError};
+use estate_runtime::{Runtime, ServiceApp, StartError};
 use estate_store::Db;
 use std::time::Duration;
 
@@ -52,37 +52,15 @@ pub fn start_relay(runtime: &Runtime, log: AuditLog) -> tokio::task::JoinHandle<
     spawn_relay(runtime.db.clone(), log, s.relay_batch.max(1), Duration::from_millis(s.relay_interval_ms.max(10)))
 }
 
-/// The audit service as its own process, relaying from the shared database.
-#[derive(Debug)]
-pub struct Application {
-    app: GrpcApp,
-    runtime: Runtime,
-    log: AuditLog,
-}
-
-impl Application {
-    /// Migrates when configured and binds the listener.
-    pub async fn build(runtime: Runtime) -> Result<Self, StartError> {
-        if runtime.settings.database.migrate_on_start {
-            migrate(&runtime.db).await?;
-        }
-        let log = log(&runtime);
-        let mut routes = tonic::service::RoutesBuilder::default();
-        routes.add_service(server(&runtime, log.clone()));
-        let app = GrpcApp::build(&runtime, routes, &[SERVICE_NAME]).await?;
-        Ok(Self { app, runtime, log })
+/// The audit service as its own process, relaying the outbox of the database
+/// it shares with the other services.
+pub async fn application(runtime: Runtime) -> Result<ServiceApp, StartError> {
+    if runtime.settings.database.migrate_on_start {
+        migrate(&runtime.db).await?;
     }
-
-    /// The bound port.
-    pub fn port(&self) -> u16 {
-        self.app.port()
-    }
-
-    /// Serves until SIGTERM / Ctrl-C, relaying meanwhile.
-    pub async fn run_until_stopped(self) -> Result<(), StartError> {
-        let relay = start_relay(&self.runtime, self.log.clone());
-        let result = self.app.run_until_stopped().await;
-        relay.abort();
-        result
-    }
+    let log = log(&runtime);
+    let mut routes = tonic::service::RoutesBuilder::default();
+    routes.add_service(server(&runtime, log.clone()));
+    let relay = start_relay(&runtime, log);
+    Ok(ServiceApp::build(runtime, routes, &[SERVICE_NAME]).await?.with_background(relay))
 }

@@ -141,7 +141,7 @@ async fn a_service_on_its_own_database_ships_to_append() -> anyhow::Result<()> {
     settings.audit.relay_interval_ms = 50;
     let runtime = estate_runtime::Runtime::open(settings).await?;
     runtime.db.migrate_outbox().await?;
-    let identity = estate_identity::Application::build(runtime).await?;
+    let identity = estate_identity::application(runtime).await?;
     let port = identity.port();
     let identity_task = tokio::spawn(identity.run_until_stopped());
     let channel = tonic::transport::Endpoint::from_shared(format!("http://127.0.0.1:{port}"))?.connect().await?;

@@ -13,7 +13,7 @@ pub use deletion::{FaceDataEraser, fulfil_pending, spawn_sweep, sweep_residency_
 pub use service::{ConsentBook, ConsentOptions};
 
 use estate_proto::consent::consent_service_server::ConsentServiceServer;
-use estate_runtime::{GrpcApp, Runtime, StartError};
+use estate_runtime::{Runtime, ServiceApp, StartError};
 use estate_store::Db;
 use std::time::Duration;
 
@@ -58,40 +58,15 @@ pub fn start_sweep(runtime: &Runtime) -> tokio::task::JoinHandle<()> {
     )
 }
 
-/// The consent service as its own process (distributed mode). It shares the
-/// database with identity, whose person and residency facts it reads.
-#[derive(Debug)]
-pub struct Application {
-    app: GrpcApp,
-    runtime: Runtime,
-}
-
-impl Application {
-    /// Migrates when configured, starts the sweep, binds the listener.
-    pub async fn build(runtime: Runtime) -> Result<Self, StartError> {
-        if runtime.settings.database.migrate_on_start {
-            migrate(&runtime.db).await?;
-        }
-        let mut routes = tonic::service::RoutesBuilder::default();
-        routes.add_service(server(&runtime));
-        let app = GrpcApp::build(&runtime, routes, &[SERVICE_NAME]).await?;
-        Ok(Self { app, runtime })
+/// The consent service as its own process (distributed mode), sharing the
+/// database with identity, whose person and residency facts it reads; runs the
+/// deletion sweep beside the server.
+pub async fn application(runtime: Runtime) -> Result<ServiceApp, StartError> {
+    if runtime.settings.database.migrate_on_start {
+        migrate(&runtime.db).await?;
     }
-
-    /// The bound port.
-    pub fn port(&self) -> u16 {
-        self.app.port()
-    }
-
-    /// Serves until SIGTERM / Ctrl-C, running the deletion sweep meanwhile.
-    pub async fn run_until_stopped(self) -> Result<(), StartError> {
-        let sweep = start_sweep(&self.runtime);
-        let relay = self.runtime.start_remote_relay()?;
-        let result = self.app.run_until_stopped().await;
-        sweep.abort();
-        if let Some(r) = relay {
-            r.abort();
-        }
-        result
-    }
+    let mut routes = tonic::service::RoutesBuilder::default();
+    routes.add_service(server(&runtime));
+    let sweep = start_sweep(&runtime);
+    Ok(ServiceApp::build(runtime, routes, &[SERVICE_NAME]).await?.with_background(sweep))
 }

@@ -28,7 +28,7 @@ async fn main() -> anyhow::Result<()> {
         return Ok(());
     }
     let ip = runtime.settings.listen.ip();
-    let app = estate_consent::Application::build(runtime).await?;
+    let app = estate_consent::application(runtime).await?;
     println!("estate-consent listening on {}", std::net::SocketAddr::new(ip, app.port()));
     app.run_until_stopped().await?;
     Ok(())

@@ -15,7 +15,7 @@ pub use service::{CREDENTIAL_CHANGED_TOPIC, CredentialBook, CredentialOptions};
 
 use estate_attestation::KeySet;
 use estate_proto::credentials::credential_service_server::CredentialServiceServer;
-use estate_runtime::{GrpcApp, Runtime, StartError};
+use estate_runtime::{Runtime, ServiceApp, StartError};
 use estate_store::Db;
 use std::sync::Arc;
 use std::time::Duration;
@@ -64,38 +64,13 @@ pub fn server(runtime: &Runtime) -> CredentialServiceServer<CredentialBook> {
 }
 
 /// The credentials service as its own process (distributed mode), on the
-/// database it shares with identity.
-#[derive(Debug)]
-pub struct Application {
-    app: GrpcApp,
-    runtime: Runtime,
-}
-
-impl Application {
-    /// Migrates when configured and binds the listener.
-    pub async fn build(runtime: Runtime) -> Result<Self, StartError> {
-        if runtime.settings.database.migrate_on_start {
-            migrate(&runtime.db).await?;
-        }
-        let mut routes = tonic::service::RoutesBuilder::default();
-        routes.add_service(server(&runtime));
-        let app = GrpcApp::build(&runtime, routes, &[SERVICE_NAME]).await?;
-        Ok(Self { app, runtime })
+/// database it shares with identity: migrates when configured and binds the
+/// listener.
+pub async fn application(runtime: Runtime) -> Result<ServiceApp, StartError> {
+    if runtime.settings.database.migrate_on_start {
+        migrate(&runtime.db).await?;
     }
-
-    /// The bound port.
-    pub fn port(&self) -> u16 {
-        self.app.port()
-    }
-
-    /// Serves until SIGTERM / Ctrl-C.
-    /// Ships the outbox to a remote audit service when `audit.relay_to` is set.
-    pub async fn run_until_stopped(self) -> Result<(), StartError> {
-        let relay = self.runtime.start_remote_relay()?;
-        let result = self.app.run_until_stopped().await;
-        if let Some(r) = relay {
-            r.abort();
-        }
-        result
-    }
+    let mut routes = tonic::service::RoutesBuilder::default();
+    routes.add_service(server(&runtime));
+    ServiceApp::build(runtime, routes, &[SERVICE_NAME]).await
 }

@@ -15,7 +15,7 @@ pub use audit::PLATFORM_TENANT;
 pub use service::{Identity, IdentityOptions, RESIDENCY_ENDED_TOPIC};
 
 use estate_proto::identity::identity_service_server::IdentityServiceServer;
-use estate_runtime::{GrpcApp, Runtime, StartError};
+use estate_runtime::{Runtime, ServiceApp, StartError};
 use estate_store::Db;
 
 /// Applies the identity migrations (portable SQL, both engines).
@@ -47,38 +47,13 @@ pub fn server(runtime: &Runtime) -> IdentityServiceServer<Identity> {
 /// Name of the service for health checks.
 pub const SERVICE_NAME: &str = "estate.identity.v1.IdentityService";
 
-/// The identity service as its own process (distributed mode).
-#[derive(Debug)]
-pub struct Application {
-    app: GrpcApp,
-    runtime: Runtime,
-}
-
-impl Application {
-    /// Opens the runtime, migrates when configured, and binds the listener.
-    pub async fn build(runtime: Runtime) -> Result<Self, StartError> {
-        if runtime.settings.database.migrate_on_start {
-            migrate(&runtime.db).await?;
-        }
-        let mut routes = tonic::service::RoutesBuilder::default();
-        routes.add_service(server(&runtime));
-        let app = GrpcApp::build(&runtime, routes, &[SERVICE_NAME]).await?;
-        Ok(Self { app, runtime })
+/// The identity service as its own process (distributed mode): migrates when
+/// configured and binds the listener.
+pub async fn application(runtime: Runtime) -> Result<ServiceApp, StartError> {
+    if runtime.settings.database.migrate_on_start {
+        migrate(&runtime.db).await?;
     }
-
-    /// The bound port.
-    pub fn port(&self) -> u16 {
-        self.app.port()
-    }
-
-    /// Serves until SIGTERM / Ctrl-C.
-    /// Ships the outbox to a remote audit service when `audit.relay_to` is set.
-    pub async fn run_until_stopped(self) -> Result<(), StartError> {
-        let relay = self.runtime.start_remote_relay()?;
-        let result = self.app.run_until_stopped().await;
-        if let Some(r) = relay {
-            r.abort();
-        }
-        result
-    }
+    let mut routes = tonic::service::RoutesBuilder::default();
+    routes.add_service(server(&runtime));
+    ServiceApp::build(runtime, routes, &[SERVICE_NAME]).await
 }

@@ -38,7 +38,7 @@ async fn main() -> anyhow::Result<()> {
         return Ok(());
     }
     let ip = runtime.settings.listen.ip();
-    let app = estate_identity::Application::build(runtime).await?;
+    let app = estate_identity::application(runtime).await?;
     println!("estate-identity listening on {}", std::net::SocketAddr::new(ip, app.port()));
     tracing::info!(port = app.port(), "identity service listening");
     app.run_until_stopped().await?;

@@ -17,6 +17,7 @@ fn is_open_path(path: &str) -> bool {
         || path.starts_with("/grpc.reflection.")
         || path == "/estate.consent.v1.ConsentService/GetVerifyingKeys"
         || path == "/estate.audit.v1.AuditService/GetVerifyingKeys"
+        || path == "/estate.gate.v1.GateService/GetBundleKeys"
 }
 
 /// Verifies the `authorization: Bearer …` metadata of every call.

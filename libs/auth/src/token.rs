@@ -23,11 +23,27 @@ struct Claims {
     principal: Principal,
 }
 
+/// Most verified tokens remembered; beyond that the memory starts over.
+const VERIFIED_CACHE_CAPACITY: usize = 16_384;
+
 /// Public keys that verify tokens, by key id.
+///
+/// A token that verified once is remembered (by its SHA-256) until it
+/// expires, so a gate sending thousands of decisions with the same token pays
+/// for one Ed25519 verification, not one per call.
 #[derive(Clone)]
 pub struct VerifyingKeys {
     issuer: String,
     keys: Arc<HashMap<String, DecodingKey>>,
+    verified: Arc<std::sync::RwLock<HashMap<[u8; 32], Verified>>>,
+}
+
+#[derive(Clone)]
+struct Verified {
+    principal: Principal,
+    subject: String,
+    token_id: String,
+    expires_at: i64,
 }
 
 impl std::fmt::Debug for VerifyingKeys {
@@ -49,12 +65,48 @@ impl VerifyingKeys {
                 (kid, key)
             })
             .collect();
-        Self { issuer: issuer.into(), keys: Arc::new(keys) }
+        Self { issuer: issuer.into(), keys: Arc::new(keys), verified: Arc::default() }
     }
 
     /// Verifies `token` and returns the caller it proves. Every failure is
     /// UNAUTHENTICATED with a message that says what to do.
     pub fn verify(&self, token: &str, request_id: String) -> Result<Caller> {
+        let digest: [u8; 32] = estate_crypto::sha256(token.as_bytes());
+        let now = time_now_secs();
+        if let Ok(cache) = self.verified.read()
+            && let Some(v) = cache.get(&digest)
+            && v.expires_at > now
+        {
+            return Ok(Caller {
+                principal: v.principal.clone(),
+                subject: v.subject.clone(),
+                token_id: v.token_id.clone(),
+                expires_at: v.expires_at,
+                request_id,
+            });
+        }
+        let caller = self.verify_signed(token, request_id)?;
+        if let Ok(mut cache) = self.verified.write() {
+            if cache.len() >= VERIFIED_CACHE_CAPACITY {
+                cache.retain(|_, v| v.expires_at > now);
+                if cache.len() >= VERIFIED_CACHE_CAPACITY {
+                    cache.clear();
+                }
+            }
+            cache.insert(
+                digest,
+                Verified {
+                    principal: caller.principal.clone(),
+                    subject: caller.subject.clone(),
+                    token_id: caller.token_id.clone(),
+                    expires_at: caller.expires_at,
+                },
+            );
+        }
+        Ok(caller)
+    }
+
+    fn verify_signed(&self, token: &str, request_id: String) -> Result<Caller> {
         let header = jsonwebtoken::decode_header(token)
             .map_err(|_| Error::Unauthenticated("the bearer token is malformed".into()))?;
         if header.alg != Algorithm::EdDSA {
@@ -90,6 +142,13 @@ impl VerifyingKeys {
             request_id,
         })
     }
+}
+
+fn time_now_secs() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
 }
 
 /// A token just issued.

@@ -44,6 +44,28 @@ pub struct Settings {
     pub credentials: CredentialSettings,
     /// Audit service.
     pub audit: AuditSettings,
+    /// Gate service.
+    pub gate: GateSettings,
+}
+
+/// Gate service settings (R15 hot path, offline bundles).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GateSettings {
+    /// Seconds a cached credential is trusted without a change event before
+    /// it is re-read (a bound on staleness if an event is lost).
+    pub cache_ttl_secs: u64,
+    /// Most credentials held in the in-process cache.
+    pub cache_capacity: usize,
+    /// Seconds gate facts, rules and estate policy are cached per replica.
+    pub facts_ttl_secs: u64,
+    /// Most decisions committed to the audit outbox in one transaction.
+    pub decision_batch: usize,
+    /// Longest bundle lifetime an operator may set, in seconds.
+    pub max_bundle_ttl_secs: i64,
+    /// Changes buffered per WatchChanges stream before the slowest gate is
+    /// told to re-fetch its bundle.
+    pub watch_buffer: usize,
 }
 
 /// Audit service settings (R11).
@@ -243,6 +265,14 @@ checkpoint_every = 1000
 checkpoint_interval_secs = 60
 relay_batch = 500
 relay_interval_ms = 200
+
+[gate]
+cache_ttl_secs = 60
+cache_capacity = 200000
+facts_ttl_secs = 5
+decision_batch = 256
+max_bundle_ttl_secs = 604800
+watch_buffer = 1024
 
 [consent]
 attestation_ttl_secs = 300

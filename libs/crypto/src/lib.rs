@@ -166,6 +166,11 @@ pub fn verify_signature(public_key: &[u8; 32], message: &[u8], signature: &[u8])
     key.verify(message, &sig).is_ok()
 }
 
+/// SHA-256 of `data`.
+pub fn sha256(data: &[u8]) -> [u8; 32] {
+    Sha256::digest(data).into()
+}
+
 /// SHA-256 of `data`, hex.
 pub fn sha256_hex(data: &[u8]) -> String {
     hex::encode(Sha256::digest(data))
@@ -223,6 +228,13 @@ impl KeyedHasher {
     /// Keyed hash of a visitor pass code within a tenant, hex.
     pub fn visitor_code_hash(&self, tenant_id: &str, code: &str) -> String {
         hex::encode(self.mac("visitor.v1", tenant_id, code))
+    }
+
+    /// The key an estate's gates hash cards and visitor codes with in their
+    /// offline bundle (R15). Derived per (tenant, estate), so a key taken
+    /// from one estate's gate says nothing about another estate's cards.
+    pub fn offline_key(&self, tenant_id: &str, estate_id: &str) -> [u8; 32] {
+        self.mac("offline-key.v1", tenant_id, estate_id)
     }
 
     /// The pseudonymous id of a person: stable, tenant-bound, not reversible
@@ -289,6 +301,41 @@ impl SecretBox {
         let nonce = <[u8; 12]>::try_from(nonce).ok()?;
         self.cipher(tenant_id).decrypt(&nonce.into(), Payload { msg: ct, aad: record_id.as_bytes() }).ok()
     }
+}
+
+/// Hash of a normalised card or visitor code under an estate's offline key
+/// (see [`KeyedHasher::offline_key`]), hex. `kind` is "card" or "visitor".
+/// The gate SDK computes the same from what a reader presents.
+pub fn offline_hash(key: &[u8; 32], kind: &str, normalised: &str) -> String {
+    let mut mac = match <Hmac<Sha256> as Mac>::new_from_slice(key) {
+        Ok(m) => m,
+        Err(_) => unreachable_hmac(),
+    };
+    for part in ["offline.v1", kind, normalised] {
+        mac.update(&(part.len() as u64).to_be_bytes());
+        mac.update(part.as_bytes());
+    }
+    hex::encode(mac.finalize().into_bytes())
+}
+
+/// Canonical form of a card: optional facility code, UID in upper-case hex
+/// or decimal digits, separators dropped. `None` when it is not a card.
+pub fn normalise_card(uid: &str, facility_code: &str) -> Option<String> {
+    let uid: String = uid.chars().filter(|c| !matches!(c, ' ' | ':' | '-')).collect::<String>().to_ascii_uppercase();
+    if uid.len() < 4 || uid.len() > 32 || !uid.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return None;
+    }
+    let facility = facility_code.trim();
+    if facility.len() > 16 || !facility.bytes().all(|b| b.is_ascii_alphanumeric()) {
+        return None;
+    }
+    Some(format!("fc={facility};uid={uid}"))
+}
+
+/// Canonical form of a visitor pass code; `None` when it cannot be one.
+pub fn normalise_visitor_code(code: &str) -> Option<String> {
+    let code = code.trim().to_ascii_uppercase();
+    (!code.is_empty() && code.len() <= 64).then_some(code)
 }
 
 #[allow(clippy::panic)]

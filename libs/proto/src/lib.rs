@@ -39,10 +39,16 @@ pub mod estate {
             include!(concat!(env!("OUT_DIR"), "/estate.credentials.v1.rs"));
         }
     }
+    pub mod gate {
+        pub mod v1 {
+            include!(concat!(env!("OUT_DIR"), "/estate.gate.v1.rs"));
+        }
+    }
 }
 
 pub use estate::audit::v1 as audit;
 pub use estate::common::v1 as common;
 pub use estate::consent::v1 as consent;
 pub use estate::credentials::v1 as credentials;
+pub use estate::gate::v1 as gate;
 pub use estate::identity::v1 as identity;

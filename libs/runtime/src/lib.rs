@@ -28,6 +28,8 @@ pub const TOKEN_KEY_FILE: &str = "token-signing.ed25519";
 pub const CONSENT_KEY_FILE: &str = "consent-attestation.ed25519";
 /// File name of the audit checkpoint signing key in the keys directory.
 pub const AUDIT_KEY_FILE: &str = "audit-checkpoint.ed25519";
+/// File name of the offline bundle signing key in the keys directory.
+pub const BUNDLE_KEY_FILE: &str = "gate-bundle.ed25519";
 /// File name of the master key sealing credential secrets (QR seeds).
 pub const SECRET_BOX_FILE: &str = "credential-secrets.key";
 /// File name of the keyed-hash secret in the keys directory.
@@ -76,6 +78,8 @@ pub struct MeshKeys {
     pub secret_box: SecretBox,
     /// Signs audit checkpoints and export summaries (R11, R12).
     pub audit_signing: SigningKeyPair,
+    /// Signs gates' offline bundles (R15).
+    pub bundle_signing: SigningKeyPair,
 }
 
 impl MeshKeys {
@@ -90,6 +94,7 @@ impl MeshKeys {
             consent_signing: SigningKeyPair::load_or_generate(&dir.join(CONSENT_KEY_FILE), generate)?,
             secret_box: SecretBox::load_or_generate(&dir.join(SECRET_BOX_FILE), generate)?,
             audit_signing: SigningKeyPair::load_or_generate(&dir.join(AUDIT_KEY_FILE), generate)?,
+            bundle_signing: SigningKeyPair::load_or_generate(&dir.join(BUNDLE_KEY_FILE), generate)?,
         })
     }
 }
@@ -231,18 +236,38 @@ impl GrpcApp {
 /// One service as its own process: its gRPC server, the background tasks it
 /// needs (a sweep, a relay), and, when `audit.relay_to` is set, the relay
 /// shipping its outbox to the audit service. Every service binary runs one.
-#[derive(Debug)]
 pub struct ServiceApp {
     app: GrpcApp,
     runtime: Runtime,
     background: Vec<tokio::task::JoinHandle<()>>,
+    on_shutdown: Vec<ShutdownHook>,
 }
+
+impl std::fmt::Debug for ServiceApp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServiceApp")
+            .field("app", &self.app)
+            .field("background", &self.background.len())
+            .field("on_shutdown", &self.on_shutdown.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Runs when a stop is requested, before the server drains (ends streams that
+/// would otherwise keep graceful shutdown waiting).
+pub type ShutdownHook = Box<dyn FnOnce() + Send>;
 
 impl ServiceApp {
     /// Binds the listener and mounts `services` (see [`GrpcApp::build`]).
     pub async fn build(runtime: Runtime, services: RoutesBuilder, service_names: &[&str]) -> Result<Self, StartError> {
         let app = GrpcApp::build(&runtime, services, service_names).await?;
-        Ok(Self { app, runtime, background: Vec::new() })
+        Ok(Self { app, runtime, background: Vec::new(), on_shutdown: Vec::new() })
+    }
+
+    /// Adds a hook run when a stop is requested, before the server drains.
+    pub fn on_shutdown(mut self, hook: impl FnOnce() + Send + 'static) -> Self {
+        self.on_shutdown.push(Box::new(hook));
+        self
     }
 
     /// Adds a background task that stops with the server.
@@ -267,7 +292,16 @@ impl ServiceApp {
         if let Some(relay) = self.runtime.start_remote_relay()? {
             self.background.push(relay);
         }
-        let result = self.app.run_until_stopped().await;
+        let hooks = std::mem::take(&mut self.on_shutdown);
+        let result = self
+            .app
+            .run_until(async move {
+                shutdown_signal().await;
+                for hook in hooks {
+                    hook();
+                }
+            })
+            .await;
         for task in self.background {
             task.abort();
         }

@@ -4,6 +4,7 @@
 //! `ESTATE_TEST_REDIS_URL` switches the bus to Redis.
 
 pub mod fixtures;
+pub mod proxy;
 
 use anyhow::Context;
 use estate_auth::{IssuedToken, Principal, TokenAuthority};
@@ -11,6 +12,7 @@ use estate_config::Settings;
 use estate_proto::audit::audit_service_client::AuditServiceClient;
 use estate_proto::consent::consent_service_client::ConsentServiceClient;
 use estate_proto::credentials::credential_service_client::CredentialServiceClient;
+use estate_proto::gate::gate_service_client::GateServiceClient;
 use estate_proto::identity::identity_service_client::IdentityServiceClient;
 use estate_store::Db;
 use std::time::Duration;
@@ -62,6 +64,9 @@ pub type ConsentClient = ConsentServiceClient<InterceptedService<Channel, Bearer
 
 /// An identity client authenticated with some token.
 pub type IdentityClient = IdentityServiceClient<InterceptedService<Channel, Bearer>>;
+
+/// A gate-service client authenticated with some token.
+pub type GateClient = GateServiceClient<InterceptedService<Channel, Bearer>>;
 
 /// A running mesh owned by one test.
 #[derive(Debug)]
@@ -263,6 +268,11 @@ impl TestMesh {
     /// A credentials client using `token`.
     pub fn credentials(&self, token: &str) -> anyhow::Result<CredentialClient> {
         Ok(CredentialServiceClient::with_interceptor(self.channel(), Bearer::new(token)?))
+    }
+
+    /// A gate-service client using `token`.
+    pub fn gate(&self, token: &str) -> anyhow::Result<GateClient> {
+        Ok(GateServiceClient::with_interceptor(self.channel(), Bearer::new(token)?))
     }
 
     /// A consent client sending no token.

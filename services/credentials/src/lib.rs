@@ -5,6 +5,7 @@
 //!
 //! Enforces R1, R2, R4, R14, R17; secrets are never stored or logged in clear.
 
+pub mod directory;
 mod limiter;
 mod model;
 mod service;

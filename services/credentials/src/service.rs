@@ -71,6 +71,9 @@ struct NewSecret {
     max_entries: Option<i64>,
     face_enrolment_ref: Option<String>,
     consent_id: Option<String>,
+    /// ("card" | "visitor", normalised value): hashed per estate for offline
+    /// bundles, held only in memory while the row is written.
+    offline: Option<(&'static str, String)>,
     shown_once: String,
 }
 
@@ -84,6 +87,7 @@ impl NewSecret {
             max_entries: None,
             face_enrolment_ref: None,
             consent_id: None,
+            offline: None,
             shown_once: String::new(),
         }
     }
@@ -98,16 +102,12 @@ fn random_bytes<const N: usize>() -> Result<[u8; N]> {
 /// Canonical form of a card: optional facility code, UID in upper-case hex or
 /// decimal digits, separators dropped.
 fn normalise_card(card: &CardSecret, field: &'static str) -> Result<String> {
-    let uid: String =
-        card.uid.chars().filter(|c| !matches!(c, ' ' | ':' | '-')).collect::<String>().to_ascii_uppercase();
-    if uid.len() < 4 || uid.len() > 32 || !uid.bytes().all(|b| b.is_ascii_hexdigit()) {
-        return Err(Error::invalid(field, "card uid must be 4 to 32 hex or decimal digits"));
-    }
-    let facility = card.facility_code.trim();
-    if facility.len() > 16 || !facility.bytes().all(|b| b.is_ascii_alphanumeric()) {
-        return Err(Error::invalid(field, "facility_code must be at most 16 letters or digits"));
-    }
-    Ok(format!("fc={facility};uid={uid}"))
+    estate_crypto::normalise_card(&card.uid, &card.facility_code).ok_or_else(|| {
+        Error::invalid(
+            field,
+            "card uid must be 4 to 32 hex or decimal digits, facility_code at most 16 letters or digits",
+        )
+    })
 }
 
 fn check_pin(pin: &str, field: &'static str) -> Result<()> {
@@ -155,7 +155,7 @@ fn parse_names(s: &str) -> Vec<CredentialKind> {
     s.split(',').filter_map(kind_from_name).collect()
 }
 
-const DEFAULT_ACCEPTED: [CredentialKind; 4] =
+pub(crate) const DEFAULT_ACCEPTED: [CredentialKind; 4] =
     [CredentialKind::Card, CredentialKind::Pin, CredentialKind::Qr, CredentialKind::Visitor];
 const DEFAULT_ALTERNATIVES: [CredentialKind; 3] = [CredentialKind::Qr, CredentialKind::Pin, CredentialKind::Card];
 
@@ -260,7 +260,9 @@ impl CredentialBook {
         let mut s = NewSecret::empty();
         let kind = match r {
             Secret::Card(card) => {
-                s.lookup_hash = Some(self.hasher.card_hash(tenant, &normalise_card(card, "card")?));
+                let norm = normalise_card(card, "card")?;
+                s.lookup_hash = Some(self.hasher.card_hash(tenant, &norm));
+                s.offline = Some(("card", norm));
                 CredentialKind::Card
             }
             Secret::Pin(pin) => {
@@ -292,6 +294,7 @@ impl CredentialBook {
                 }
                 let code = data_encoding::BASE32_NOPAD.encode(&random_bytes::<10>()?);
                 s.lookup_hash = Some(self.hasher.visitor_code_hash(tenant, &code));
+                s.offline = Some(("visitor", code.clone()));
                 s.max_entries = Some(i64::from(v.max_entries));
                 s.shown_once = code;
                 CredentialKind::Visitor
@@ -401,16 +404,25 @@ impl CredentialBook {
         })?;
         for e in estates {
             sqlx::query::<Any>(
-                "INSERT INTO credential_estates (tenant_id, credential_id, estate_id) VALUES ($1, $2, $3)",
+                "INSERT INTO credential_estates (tenant_id, credential_id, estate_id, offline_hash) VALUES ($1, $2, $3, $4)",
             )
             .bind(tenant)
             .bind(id)
             .bind(e)
+            .bind(self.offline_hash(tenant, e, secret))
             .execute(&mut *tx)
             .await
             .map_err(db_error)?;
         }
         Ok(row)
+    }
+
+    /// The hash of a card or visitor code under `estate`'s offline key.
+    fn offline_hash(&self, tenant: &str, estate: &str, secret: &NewSecret) -> Option<String> {
+        secret
+            .offline
+            .as_ref()
+            .map(|(kind, value)| estate_crypto::offline_hash(&self.hasher.offline_key(tenant, estate), kind, value))
     }
 
     // ---- issue ----
@@ -698,6 +710,20 @@ impl CredentialBook {
                 db_error(e)
             }
         })?;
+        if new.offline.is_some() {
+            for e in &estates {
+                sqlx::query::<Any>(
+                    "UPDATE credential_estates SET offline_hash = $1 WHERE tenant_id = $2 AND credential_id = $3 AND estate_id = $4",
+                )
+                .bind(self.offline_hash(&row.tenant_id, e, &new))
+                .bind(&row.tenant_id)
+                .bind(&row.id)
+                .bind(e)
+                .execute(&mut *tx)
+                .await
+                .map_err(db_error)?;
+            }
+        }
         let audit = Change::new(&row.tenant_id, "credential.rotate", "credential", &row.id)
             .person(&row.person_pseudonym, false)
             .attr("kind", row.kind.clone());

@@ -150,3 +150,57 @@ pub async fn tenant_jurisdiction(db: &Db, tenant_id: &str) -> Result<Option<Stri
             .map_err(db_error)?;
     Ok(row.map(|(j,)| j))
 }
+
+/// What the gate service needs to know about one gate.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GateInfo {
+    /// Gate id.
+    pub id: String,
+    /// The estate it belongs to.
+    pub estate_id: String,
+    /// Gate name.
+    pub name: String,
+    /// "in", "out" or "both".
+    pub direction: String,
+    /// Stored kind names the hardware reads.
+    pub kinds: Vec<String>,
+    /// Whether the gate is active (and its estate too).
+    pub active: bool,
+}
+
+/// The gate `gate_id` of `tenant_id`, if it exists. A gate of a deactivated
+/// estate counts as inactive.
+pub async fn gate(db: &Db, tenant_id: &str, gate_id: &str) -> Result<Option<GateInfo>> {
+    let row: Option<(String, String, String, String, String, String)> =
+        sqlx::query_as::<Any, (String, String, String, String, String, String)>(
+            "SELECT g.id, g.estate_id, g.name, g.direction, g.supported_kinds, \
+             CASE WHEN g.status = 'active' AND e.status = 'active' THEN 'active' ELSE 'inactive' END \
+             FROM gates g JOIN estates e ON e.tenant_id = g.tenant_id AND e.id = g.estate_id \
+             WHERE g.tenant_id = $1 AND g.id = $2",
+        )
+        .bind(tenant_id)
+        .bind(gate_id)
+        .fetch_optional(db.pool())
+        .await
+        .map_err(db_error)?;
+    Ok(row.map(|(id, estate_id, name, direction, kinds, status)| GateInfo {
+        id,
+        estate_id,
+        name,
+        direction,
+        kinds: kinds.split(',').filter(|k| !k.is_empty()).map(str::to_owned).collect(),
+        active: status == ACTIVE,
+    }))
+}
+
+/// Every gate of an estate, active or not, as (id, name).
+pub async fn all_gates_of_estate(db: &Db, tenant_id: &str, estate_id: &str) -> Result<Vec<(String, String)>> {
+    sqlx::query_as::<Any, (String, String)>(
+        "SELECT id, name FROM gates WHERE tenant_id = $1 AND estate_id = $2 ORDER BY id",
+    )
+    .bind(tenant_id)
+    .bind(estate_id)
+    .fetch_all(db.pool())
+    .await
+    .map_err(db_error)
+}

@@ -38,6 +38,7 @@ pub async fn migrate_all(runtime: &Runtime) -> Result<(), estate_store::StoreErr
     estate_consent::migrate(&runtime.db).await?;
     estate_credentials::migrate(&runtime.db).await?;
     estate_audit::migrate(&runtime.db).await?;
+    estate_gate::migrate(&runtime.db).await?;
     Ok(())
 }
 
@@ -48,6 +49,8 @@ pub struct Application {
     runtime: Runtime,
     admin_token_path: PathBuf,
     audit_log: estate_audit::AuditLog,
+    gate: estate_gate::GateDesk,
+    gate_tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
 impl Application {
@@ -69,14 +72,17 @@ impl Application {
         routes.add_service(estate_credentials::server(&runtime));
         let audit_log = estate_audit::log(&runtime);
         routes.add_service(estate_audit::server(&runtime, audit_log.clone()));
+        let (gate, gate_tasks) = estate_gate::service(&runtime);
+        routes.add_service(estate_gate::server(&runtime, gate.clone()));
         let names = [
             estate_identity::SERVICE_NAME,
             estate_consent::SERVICE_NAME,
             estate_credentials::SERVICE_NAME,
             estate_audit::SERVICE_NAME,
+            estate_gate::SERVICE_NAME,
         ];
         let app = GrpcApp::build(&runtime, routes, &names).await?;
-        Ok(Self { app, runtime, admin_token_path, audit_log })
+        Ok(Self { app, runtime, admin_token_path, audit_log, gate, gate_tasks })
     }
 
     /// The bound port.
@@ -98,9 +104,19 @@ impl Application {
     pub async fn run_until(self, shutdown: impl Future<Output = ()>) -> Result<(), MeshError> {
         let sweep = estate_consent::start_sweep(&self.runtime);
         let relay = estate_audit::start_relay(&self.runtime, self.audit_log.clone());
-        let served = self.app.run_until(shutdown).await;
+        let gate = self.gate.clone();
+        let served = self
+            .app
+            .run_until(async move {
+                shutdown.await;
+                gate.close_streams();
+            })
+            .await;
         sweep.abort();
         relay.abort();
+        for task in self.gate_tasks {
+            task.abort();
+        }
         self.runtime.db.close().await;
         Ok(served?)
     }

@@ -1,0 +1,346 @@
+//! The hot-path view of credentials a gate decision reads (R15): keyed card /
+//! visitor hashes -> holder, status, validity, estates. In memory when
+//! embedded, in Redis (shared by every gate replica) when distributed.
+//!
+//! Filled from the database on a miss (`SET NX`, so a fill never overwrites a
+//! fresher value), refreshed from the database after every credential change
+//! event (a compare-and-set on the credential version, so two replicas
+//! refreshing out of order cannot put an older state back), and bounded in
+//! staleness by a TTL in case an event is lost. Unknown hashes are cached
+//! too, so a stream of made-up cards costs one database read per card per TTL.
+//!
+//! Also the anti-passback presence (last direction per person and estate).
+
+use estate_core::{Error, Result};
+use estate_credentials::directory::CredentialFacts;
+use estate_proto::common::CredentialKind;
+use prost::Message;
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+/// What the cache stores for one hash: the facts, or that nothing matched.
+#[derive(Clone, PartialEq, Message)]
+struct CachedCredential {
+    #[prost(bool, tag = "1")]
+    found: bool,
+    #[prost(string, tag = "2")]
+    id: String,
+    #[prost(string, tag = "3")]
+    person_pseudonym: String,
+    #[prost(int32, tag = "4")]
+    kind: i32,
+    #[prost(string, tag = "5")]
+    status: String,
+    #[prost(int64, tag = "6")]
+    valid_from: i64,
+    #[prost(int64, optional, tag = "7")]
+    valid_until: Option<i64>,
+    #[prost(int64, tag = "8")]
+    version: i64,
+    #[prost(string, repeated, tag = "9")]
+    estate_ids: Vec<String>,
+}
+
+impl CachedCredential {
+    fn of(facts: Option<&CredentialFacts>) -> Self {
+        match facts {
+            None => Self::default(),
+            Some(f) => Self {
+                found: true,
+                id: f.id.clone(),
+                person_pseudonym: f.person_pseudonym.clone(),
+                kind: f.kind as i32,
+                status: f.status.clone(),
+                valid_from: f.valid_from,
+                valid_until: f.valid_until,
+                version: f.version,
+                estate_ids: f.estate_ids.clone(),
+            },
+        }
+    }
+
+    fn into_facts(self) -> Option<CredentialFacts> {
+        self.found.then(|| CredentialFacts {
+            id: self.id,
+            person_pseudonym: self.person_pseudonym,
+            kind: CredentialKind::try_from(self.kind).unwrap_or(CredentialKind::Unspecified),
+            status: self.status,
+            valid_from: self.valid_from,
+            valid_until: self.valid_until,
+            version: self.version,
+            estate_ids: self.estate_ids,
+        })
+    }
+}
+
+/// Compare-and-set for a refresh: keeps the stored value when it is the same
+/// credential at a higher version. Values are "<credential id>|<version,
+/// 20 digits>|<hex protobuf>".
+const REFRESH_SCRIPT: &str = r"
+local cur = redis.call('GET', KEYS[1])
+if cur then
+  local cid, cver = string.match(cur, '^([^|]*)|([0-9]+)|')
+  local nid, nver = string.match(ARGV[1], '^([^|]*)|([0-9]+)|')
+  if cid and nid and cid == nid and cver > nver then
+    return 0
+  end
+end
+redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+return 1
+";
+
+fn encode(value: &CachedCredential) -> String {
+    let id = if value.found { value.id.as_str() } else { "-" };
+    format!("{id}|{:020}|{}", value.version.max(0), hex::encode(value.encode_to_vec()))
+}
+
+fn decode(text: &str) -> Option<CachedCredential> {
+    let payload = text.rsplit('|').next()?;
+    CachedCredential::decode(hex::decode(payload).ok()?.as_slice()).ok()
+}
+
+fn redis_error(e: redis::RedisError) -> Error {
+    Error::Unavailable(format!("the gate cache (redis) is unreachable: {e}"))
+}
+
+enum Backend {
+    Memory { entries: RwLock<HashMap<String, (Instant, CachedCredential)>>, capacity: usize },
+    Redis(redis::aio::ConnectionManager),
+}
+
+/// The credential view; cheap to clone.
+#[derive(Clone)]
+pub struct CredentialCache {
+    backend: Arc<Backend>,
+    ttl: Duration,
+}
+
+impl std::fmt::Debug for CredentialCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let kind = match &*self.backend {
+            Backend::Memory { .. } => "memory",
+            Backend::Redis(_) => "redis",
+        };
+        f.debug_struct("CredentialCache").field("backend", &kind).field("ttl", &self.ttl).finish()
+    }
+}
+
+fn key(tenant: &str, hash: &str) -> String {
+    format!("estate:gate:cred:{tenant}:{hash}")
+}
+
+impl CredentialCache {
+    /// In Redis when `redis` is given, else in this process.
+    pub fn new(redis: Option<redis::aio::ConnectionManager>, ttl: Duration, capacity: usize) -> Self {
+        let backend = match redis {
+            Some(conn) => Backend::Redis(conn),
+            None => Backend::Memory { entries: RwLock::new(HashMap::new()), capacity: capacity.max(1) },
+        };
+        Self { backend: Arc::new(backend), ttl }
+    }
+
+    /// `Some(facts)` on a hit (`facts` is `None` for a known-unknown hash),
+    /// `None` on a miss.
+    pub async fn get(&self, tenant: &str, hash: &str) -> Result<Option<Option<CredentialFacts>>> {
+        let k = key(tenant, hash);
+        match &*self.backend {
+            Backend::Memory { entries, .. } => {
+                let guard = entries.read().map_err(|_| Error::Internal("gate cache lock poisoned".into()))?;
+                Ok(guard.get(&k).filter(|(at, _)| at.elapsed() < self.ttl).map(|(_, v)| v.clone().into_facts()))
+            }
+            Backend::Redis(conn) => {
+                let mut conn = conn.clone();
+                let text: Option<String> =
+                    redis::cmd("GET").arg(&k).query_async(&mut conn).await.map_err(redis_error)?;
+                Ok(text.as_deref().and_then(decode).map(CachedCredential::into_facts))
+            }
+        }
+    }
+
+    /// Stores what a miss read from the database, unless a value arrived
+    /// meanwhile.
+    pub async fn fill(&self, tenant: &str, hash: &str, facts: Option<&CredentialFacts>) -> Result<()> {
+        let k = key(tenant, hash);
+        let value = CachedCredential::of(facts);
+        match &*self.backend {
+            Backend::Memory { entries, capacity } => {
+                let mut guard = entries.write().map_err(|_| Error::Internal("gate cache lock poisoned".into()))?;
+                if guard.len() >= *capacity {
+                    let ttl = self.ttl;
+                    guard.retain(|_, (at, _)| at.elapsed() < ttl);
+                    if guard.len() >= *capacity {
+                        return Ok(());
+                    }
+                }
+                match guard.get(&k) {
+                    Some((at, _)) if at.elapsed() < self.ttl => {}
+                    _ => {
+                        guard.insert(k, (Instant::now(), value));
+                    }
+                }
+                Ok(())
+            }
+            Backend::Redis(conn) => {
+                let mut conn = conn.clone();
+                let _: Option<String> = redis::cmd("SET")
+                    .arg(&k)
+                    .arg(encode(&value))
+                    .arg("NX")
+                    .arg("EX")
+                    .arg(self.ttl.as_secs().max(1))
+                    .query_async(&mut conn)
+                    .await
+                    .map_err(redis_error)?;
+                Ok(())
+            }
+        }
+    }
+
+    /// Stores the state read from the database after a change event, unless
+    /// a newer version of the same credential is already there.
+    pub async fn refresh(&self, tenant: &str, hash: &str, facts: Option<&CredentialFacts>) -> Result<()> {
+        let k = key(tenant, hash);
+        let value = CachedCredential::of(facts);
+        match &*self.backend {
+            Backend::Memory { entries, .. } => {
+                let mut guard = entries.write().map_err(|_| Error::Internal("gate cache lock poisoned".into()))?;
+                let keep = guard.get(&k).is_some_and(|(_, cur)| {
+                    cur.found && value.found && cur.id == value.id && cur.version > value.version
+                });
+                if !keep {
+                    guard.insert(k, (Instant::now(), value));
+                }
+                Ok(())
+            }
+            Backend::Redis(conn) => {
+                let mut conn = conn.clone();
+                let _: i64 = redis::Script::new(REFRESH_SCRIPT)
+                    .key(&k)
+                    .arg(encode(&value))
+                    .arg(self.ttl.as_secs().max(1))
+                    .invoke_async(&mut conn)
+                    .await
+                    .map_err(redis_error)?;
+                Ok(())
+            }
+        }
+    }
+}
+
+/// Anti-passback presence: the last direction a person passed at an estate.
+#[derive(Clone)]
+pub struct Presence {
+    backend: Arc<PresenceBackend>,
+}
+
+enum PresenceBackend {
+    Memory(std::sync::Mutex<HashMap<String, &'static str>>),
+    Redis(redis::aio::ConnectionManager),
+}
+
+impl std::fmt::Debug for Presence {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Presence(..)")
+    }
+}
+
+/// How long a presence is remembered: a person who entered and never left
+/// may enter again after a day.
+const PRESENCE_TTL_SECS: u64 = 24 * 3600;
+
+impl Presence {
+    /// In Redis when given (shared by replicas), else in this process.
+    pub fn new(redis: Option<redis::aio::ConnectionManager>) -> Self {
+        let backend = match redis {
+            Some(c) => PresenceBackend::Redis(c),
+            None => PresenceBackend::Memory(std::sync::Mutex::new(HashMap::new())),
+        };
+        Self { backend: Arc::new(backend) }
+    }
+
+    /// Records that the person passes in `direction` ("in" / "out") and
+    /// returns false, without recording, when their last passage was in the
+    /// same direction (a passback).
+    pub async fn pass(&self, tenant: &str, estate: &str, pseudonym: &str, direction: &'static str) -> Result<bool> {
+        let k = format!("estate:gate:presence:{tenant}:{estate}:{pseudonym}");
+        match &*self.backend {
+            PresenceBackend::Memory(m) => {
+                let mut guard = m.lock().map_err(|_| Error::Internal("presence lock poisoned".into()))?;
+                if guard.get(&k).is_some_and(|last| *last == direction) {
+                    return Ok(false);
+                }
+                guard.insert(k, direction);
+                Ok(true)
+            }
+            PresenceBackend::Redis(conn) => {
+                let mut conn = conn.clone();
+                // SET .. GET swaps atomically; re-setting the same direction
+                // changes nothing, so a refusal needs no undo.
+                let previous: Option<String> = redis::cmd("SET")
+                    .arg(&k)
+                    .arg(direction)
+                    .arg("GET")
+                    .arg("EX")
+                    .arg(PRESENCE_TTL_SECS)
+                    .query_async(&mut conn)
+                    .await
+                    .map_err(redis_error)?;
+                Ok(previous.as_deref() != Some(direction))
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn facts(id: &str, version: i64, status: &str) -> CredentialFacts {
+        CredentialFacts {
+            id: id.into(),
+            person_pseudonym: "psn_1".into(),
+            kind: CredentialKind::Card,
+            status: status.into(),
+            valid_from: 0,
+            valid_until: None,
+            version,
+            estate_ids: vec!["e".into()],
+        }
+    }
+
+    #[tokio::test]
+    async fn refresh_never_puts_an_older_version_back() -> Result<()> {
+        let cache = CredentialCache::new(None, Duration::from_secs(60), 100);
+        cache.refresh("t", "h", Some(&facts("c1", 3, "revoked"))).await?;
+        cache.refresh("t", "h", Some(&facts("c1", 2, "active"))).await?;
+        let got = cache.get("t", "h").await?.flatten().map(|f| f.status);
+        assert_eq!(got.as_deref(), Some("revoked"));
+        // A fill after a refresh changes nothing either.
+        cache.fill("t", "h", Some(&facts("c1", 1, "active"))).await?;
+        assert_eq!(cache.get("t", "h").await?.flatten().map(|f| f.version), Some(3));
+        // Another credential with the same card replaces a revoked one.
+        cache.refresh("t", "h", Some(&facts("c2", 1, "active"))).await?;
+        assert_eq!(cache.get("t", "h").await?.flatten().map(|f| f.id), Some("c2".to_owned()));
+        Ok(())
+    }
+
+    #[test]
+    fn encoded_values_round_trip() {
+        let v = CachedCredential::of(Some(&facts("c1", 7, "active")));
+        let text = encode(&v);
+        assert!(text.starts_with("c1|00000000000000000007|"));
+        assert_eq!(decode(&text), Some(v));
+        assert_eq!(decode(&encode(&CachedCredential::of(None))).map(|c| c.found), Some(false));
+    }
+
+    #[tokio::test]
+    async fn presence_refuses_the_same_direction_twice() -> Result<()> {
+        let p = Presence::new(None);
+        assert!(p.pass("t", "e", "psn", "in").await?);
+        assert!(!p.pass("t", "e", "psn", "in").await?);
+        assert!(p.pass("t", "e", "psn", "out").await?);
+        assert!(p.pass("t", "e", "psn", "in").await?);
+        Ok(())
+    }
+}

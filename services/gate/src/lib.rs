@@ -1,0 +1,78 @@
+//! The gate service: admit / deny decisions for the gates of an estate, the
+//! revocation stream gates follow, and signed offline bundles (R15).
+//!
+//! Enforces R1 and R2 at the gate (face is never required), R14 (a gate acts
+//! only for itself, at its own estate), R15 and R17.
+
+pub mod cache;
+mod service;
+pub mod writer;
+
+pub use service::{GateDesk, GateOptions, RULES_CHANGED_TOPIC, evaluate};
+
+use cache::{CredentialCache, Presence};
+use estate_proto::gate::gate_service_server::GateServiceServer;
+use estate_runtime::{Runtime, ServiceApp, StartError};
+use estate_store::Db;
+use std::time::Duration;
+use writer::DecisionWriter;
+
+/// Name of the service for health checks.
+pub const SERVICE_NAME: &str = "estate.gate.v1.GateService";
+
+/// Applies the gate migrations (portable SQL, both engines).
+pub async fn migrate(db: &Db) -> Result<(), estate_store::StoreError> {
+    db.migrate("gate", sqlx::migrate!("./migrations")).await
+}
+
+/// The gate service and the background tasks it needs (the decision writer
+/// and the bus follower), built from a runtime: hot-path cache and
+/// anti-passback presence in Redis when configured, in memory otherwise.
+pub fn service(runtime: &Runtime) -> (GateDesk, Vec<tokio::task::JoinHandle<()>>) {
+    let s = &runtime.settings.gate;
+    let cache =
+        CredentialCache::new(runtime.redis.clone(), Duration::from_secs(s.cache_ttl_secs.max(1)), s.cache_capacity);
+    let presence = Presence::new(runtime.redis.clone());
+    let (writer, writer_task) = DecisionWriter::start(runtime.db.clone(), s.decision_batch);
+    let desk = GateDesk::new(
+        runtime.db.clone(),
+        runtime.keys.hasher.clone(),
+        runtime.keys.bundle_signing.clone(),
+        estate_credentials::service(runtime),
+        cache,
+        presence,
+        writer,
+        runtime.bus.clone(),
+        GateOptions {
+            max_bundle_ttl_secs: s.max_bundle_ttl_secs.max(60),
+            facts_ttl: Duration::from_secs(s.facts_ttl_secs),
+            watch_buffer: s.watch_buffer,
+        },
+    );
+    let follower = desk.start_follower();
+    (desk, vec![writer_task, follower])
+}
+
+/// The tonic server wrapper with the configured message size limit.
+pub fn server(runtime: &Runtime, desk: GateDesk) -> GateServiceServer<GateDesk> {
+    let max = runtime.settings.limits.max_message_bytes;
+    GateServiceServer::new(desk).max_decoding_message_size(max).max_encoding_message_size(max)
+}
+
+/// The gate service as its own process (several replicas when distributed,
+/// sharing PostgreSQL and Redis): migrates when configured, binds the
+/// listener, and ends open change streams when asked to stop.
+pub async fn application(runtime: Runtime) -> Result<ServiceApp, StartError> {
+    if runtime.settings.database.migrate_on_start {
+        estate_credentials::migrate(&runtime.db).await?;
+        migrate(&runtime.db).await?;
+    }
+    let (desk, tasks) = service(&runtime);
+    let mut routes = tonic::service::RoutesBuilder::default();
+    routes.add_service(server(&runtime, desk.clone()));
+    let mut app = ServiceApp::build(runtime, routes, &[SERVICE_NAME]).await?.on_shutdown(move || desk.close_streams());
+    for task in tasks {
+        app = app.with_background(task);
+    }
+    Ok(app)
+}

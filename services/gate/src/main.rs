@@ -1,0 +1,36 @@
+//! `estate-gate`: the gate service as its own process (one of several replicas). Settings
+//! come from `--config FILE` and `ESTATE__…` variables; the database is the one
+//! identity and credentials use; Redis (when set) holds the hot-path cache and fans changes out across replicas.
+
+use clap::Parser;
+
+#[derive(Debug, Parser)]
+#[command(name = "estate-gate", version, about = "Gate service of the estate access mesh")]
+struct Cli {
+    /// TOML settings file (overridden by ESTATE__… variables).
+    #[arg(long, env = "ESTATE_CONFIG")]
+    config: Option<std::path::PathBuf>,
+    /// Only apply database migrations, then exit.
+    #[arg(long)]
+    migrate_only: bool,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let settings = estate_config::Settings::load(cli.config.as_deref())?;
+    let _telemetry = estate_telemetry::init(&settings.telemetry, "estate-gate")?;
+    let runtime = estate_runtime::Runtime::open(settings).await?;
+    if cli.migrate_only {
+        runtime.db.migrate_outbox().await?;
+        estate_credentials::migrate(&runtime.db).await?;
+        estate_gate::migrate(&runtime.db).await?;
+        tracing::info!("migrations applied");
+        return Ok(());
+    }
+    let ip = runtime.settings.listen.ip();
+    let app = estate_gate::application(runtime).await?;
+    println!("estate-gate listening on {}", std::net::SocketAddr::new(ip, app.port()));
+    app.run_until_stopped().await?;
+    Ok(())
+}

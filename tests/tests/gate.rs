@@ -1,0 +1,581 @@
+//! End-to-end tests of the gate service and the gate SDK (R1, R14, R15, R17).
+
+mod support;
+
+use estate_auth::Principal;
+use estate_gate_sdk::{GateController, Mode, Options, Presented, TrustedKeys};
+use estate_proto::common::CredentialKind;
+use estate_proto::credentials::*;
+use estate_proto::gate::*;
+use estate_proto::identity::{
+    CreateEstateRequest, CreateGateRequest, CreateResidencyRequest, CreateUnitRequest, DeactivateGateRequest, Gate,
+    GateDirection, ResidencyRole,
+};
+use estate_test_support::proxy::LinkProxy;
+use estate_test_support::{GateClient, TestMesh};
+use std::sync::Arc;
+use std::time::Duration;
+use support::*;
+use tonic::Code;
+
+const ALL_KINDS: [CredentialKind; 5] =
+    [CredentialKind::Card, CredentialKind::Pin, CredentialKind::Qr, CredentialKind::Visitor, CredentialKind::Face];
+
+fn code<T: std::fmt::Debug>(r: Result<tonic::Response<T>, tonic::Status>) -> Code {
+    match r {
+        Ok(v) => panic!("expected an error, got {v:?}"),
+        Err(s) => s.code(),
+    }
+}
+
+fn card_request(person: &str, estates: &[&str], uid: &str) -> IssueCredentialRequest {
+    IssueCredentialRequest {
+        person_id: person.into(),
+        estate_ids: estates.iter().map(|e| (*e).to_owned()).collect(),
+        secret: Some(issue_credential_request::Secret::Card(CardSecret {
+            uid: uid.into(),
+            facility_code: String::new(),
+        })),
+        ..Default::default()
+    }
+}
+
+fn card(uid: &str) -> DecideRequest {
+    DecideRequest {
+        presented: Some(decide_request::Presented::Card(PresentedCard {
+            uid: uid.into(),
+            facility_code: String::new(),
+        })),
+        gate_id: String::new(),
+    }
+}
+
+fn id_of(c: &IssuedCredential) -> String {
+    c.credential.as_ref().map(|c| c.id.clone()).unwrap_or_default()
+}
+
+fn now_unix() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+fn now_ms() -> i64 {
+    (now_unix() * 1000) as i64
+}
+
+async fn reason(g: &mut GateClient, req: DecideRequest) -> anyhow::Result<Reason> {
+    let d = g.decide(req).await?.into_inner();
+    let reason = Reason::try_from(d.reason)?;
+    let verdict = Verdict::try_from(d.verdict)?;
+    assert_eq!(verdict == Verdict::Admit, reason == Reason::Ok, "verdict and reason agree: {d:?}");
+    assert!(!d.decision_id.is_empty());
+    Ok(reason)
+}
+
+async fn new_gate(
+    mesh: &TestMesh,
+    w: &World,
+    estate: &str,
+    name: &str,
+    direction: GateDirection,
+    kinds: &[CredentialKind],
+) -> anyhow::Result<(Gate, GateClient)> {
+    let gate = operator(mesh, w)?
+        .create_gate(CreateGateRequest {
+            estate_id: estate.into(),
+            name: name.into(),
+            direction: direction as i32,
+            supported_kinds: kinds.iter().map(|k| *k as i32).collect(),
+        })
+        .await?
+        .into_inner();
+    let token = mesh
+        .token_for(Principal::Gate {
+            tenant_id: w.tenant.id.clone(),
+            estate_id: estate.into(),
+            gate_id: gate.id.clone(),
+        })?
+        .token;
+    let client = mesh.gate(&token)?;
+    Ok((gate, client))
+}
+
+fn gate_decisions(rows: &[estate_store::outbox::OutboxRow], action: &str) -> usize {
+    rows.iter().filter(|r| r.event.action == action).count()
+}
+
+#[tokio::test]
+async fn every_reason_code_is_reachable_and_every_decision_is_audited() -> anyhow::Result<()> {
+    // Gate facts are re-read on every decision here, so a deactivation shows at once.
+    let mesh = TestMesh::spawn_with(|s| s.gate.facts_ttl_secs = 0).await?;
+    let w = world(&mesh, "Reasons", "120101").await?;
+    let mut op = mesh.credentials(&w.operator_token)?;
+    let estate = w.estate.id.as_str();
+    let (all, mut at_all) = new_gate(&mesh, &w, estate, "All kinds", GateDirection::Both, &ALL_KINDS).await?;
+    let mut north = mesh.gate(&gate(&mesh, &w)?)?; // IN, card + face
+
+    op.issue_credential(card_request(&w.person.id, &[estate], "04A1B2C3")).await?;
+    assert_eq!(reason(&mut north, card("04:a1:b2:c3")).await?, Reason::Ok);
+    assert_eq!(reason(&mut north, card("DEADBEEF")).await?, Reason::Unknown);
+
+    let revoked = op.issue_credential(card_request(&w.person.id, &[estate], "11110001")).await?.into_inner();
+    op.revoke_credential(ChangeCredentialRequest { id: id_of(&revoked), reason: "lost".into() }).await?;
+    let suspended = op.issue_credential(card_request(&w.person.id, &[estate], "11110002")).await?.into_inner();
+    op.suspend_credential(ChangeCredentialRequest { id: id_of(&suspended), reason: "unpaid".into() }).await?;
+    assert_eq!(reason(&mut at_all, card("11110001")).await?, Reason::Revoked);
+    assert_eq!(reason(&mut at_all, card("11110002")).await?, Reason::Suspended);
+
+    let mut later = card_request(&w.person.id, &[estate], "11110003");
+    later.valid_from = Some(prost_types::Timestamp { seconds: now_unix() as i64 + 3600, nanos: 0 });
+    op.issue_credential(later).await?;
+    assert_eq!(reason(&mut at_all, card("11110003")).await?, Reason::NotYetValid);
+    let mut brief = card_request(&w.person.id, &[estate], "11110004");
+    brief.valid_until = Some(prost_types::Timestamp { seconds: now_unix() as i64 + 1, nanos: 0 });
+    op.issue_credential(brief).await?;
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    assert_eq!(reason(&mut at_all, card("11110004")).await?, Reason::Expired);
+
+    // A card of another estate of the same tenant.
+    let other = operator(&mesh, &w)?
+        .create_estate(CreateEstateRequest {
+            name: "Other Garden".into(),
+            address: "2 Nanjing Road".into(),
+            jurisdiction_code: "120101".into(),
+        })
+        .await?
+        .into_inner();
+    let flat = operator(&mesh, &w)?
+        .create_unit(CreateUnitRequest {
+            estate_id: other.id.clone(),
+            building: "1".into(),
+            unit: "1".into(),
+            room: "101".into(),
+        })
+        .await?
+        .into_inner();
+    operator(&mesh, &w)?
+        .create_residency(CreateResidencyRequest {
+            person_id: w.person.id.clone(),
+            unit_id: flat.id,
+            role: ResidencyRole::Renter as i32,
+            valid_from: None,
+            valid_until: None,
+        })
+        .await?;
+    op.issue_credential(card_request(&w.person.id, &[&other.id], "22220001")).await?;
+    assert_eq!(reason(&mut at_all, card("22220001")).await?, Reason::NotThisEstate);
+
+    // The North gate reads cards and faces only.
+    let pin_at_north = DecideRequest {
+        presented: Some(decide_request::Presented::Pin(PresentedPin {
+            unit_id: w.unit.id.clone(),
+            pin: "739146".into(),
+        })),
+        gate_id: String::new(),
+    };
+    assert_eq!(reason(&mut north, pin_at_north.clone()).await?, Reason::KindNotAccepted);
+
+    // Time windows: a visitor window that excludes the present minute.
+    let minute = (((now_unix() / 60) + 480) % 1440) as i32;
+    let (start, end) = ((minute + 60) % 1440, (minute + 120) % 1440);
+    let mut gates = mesh.gate(&w.operator_token)?;
+    gates
+        .set_gate_rules(SetGateRulesRequest {
+            gate_id: all.id.clone(),
+            windows: vec![TimeWindow { kind: CredentialKind::Card as i32, start_minute: start, end_minute: end }],
+            ..Default::default()
+        })
+        .await?;
+    assert_eq!(reason(&mut at_all, card("04A1B2C3")).await?, Reason::OutsideWindow);
+    gates.set_gate_rules(SetGateRulesRequest { gate_id: all.id.clone(), ..Default::default() }).await?;
+    assert_eq!(reason(&mut at_all, card("04A1B2C3")).await?, Reason::Ok);
+
+    // Anti-passback between the estate's IN and OUT gates.
+    let (_, mut south) = new_gate(&mesh, &w, estate, "South exit", GateDirection::Out, &[CredentialKind::Card]).await?;
+    for g in [&w.gate.id, &all.id] {
+        gates
+            .set_gate_rules(SetGateRulesRequest { gate_id: g.clone(), anti_passback: true, ..Default::default() })
+            .await?;
+    }
+    let south_id = south.decide(card("04A1B2C3")).await?.into_inner().gate_id;
+    gates.set_gate_rules(SetGateRulesRequest { gate_id: south_id, anti_passback: true, ..Default::default() }).await?;
+    assert_eq!(reason(&mut north, card("04A1B2C3")).await?, Reason::Ok);
+    assert_eq!(reason(&mut north, card("04A1B2C3")).await?, Reason::AntiPassback);
+    assert_eq!(reason(&mut south, card("04A1B2C3")).await?, Reason::Ok);
+    assert_eq!(reason(&mut south, card("04A1B2C3")).await?, Reason::AntiPassback);
+    assert_eq!(reason(&mut north, card("04A1B2C3")).await?, Reason::Ok);
+
+    // PIN: five wrong PINs lock the unit.
+    op.issue_credential(IssueCredentialRequest {
+        person_id: w.person.id.clone(),
+        estate_ids: vec![estate.into()],
+        secret: Some(issue_credential_request::Secret::Pin(PinSecret {
+            pin: "739146".into(),
+            unit_id: w.unit.id.clone(),
+        })),
+        ..Default::default()
+    })
+    .await?;
+    let pin = |p: &str| DecideRequest {
+        presented: Some(decide_request::Presented::Pin(PresentedPin { unit_id: w.unit.id.clone(), pin: p.into() })),
+        gate_id: String::new(),
+    };
+    assert_eq!(reason(&mut at_all, pin("739146")).await?, Reason::Ok);
+    for _ in 0..4 {
+        assert_eq!(reason(&mut at_all, pin("000001")).await?, Reason::Unknown);
+    }
+    assert_eq!(reason(&mut at_all, pin("000001")).await?, Reason::Locked);
+    assert_eq!(reason(&mut at_all, pin("739146")).await?, Reason::Locked);
+
+    // QR: a code works once.
+    let q = op
+        .issue_credential(IssueCredentialRequest {
+            person_id: w.person.id.clone(),
+            estate_ids: vec![estate.into()],
+            secret: Some(issue_credential_request::Secret::Qr(QrSecret {})),
+            ..Default::default()
+        })
+        .await?
+        .into_inner();
+    let seed = data_encoding::BASE32_NOPAD.decode(q.secret.as_bytes())?;
+    let totp = estate_credentials::totp::code_at(&seed, now_unix(), 30).ok_or_else(|| anyhow::anyhow!("no code"))?;
+    let qr = DecideRequest {
+        presented: Some(decide_request::Presented::Qr(PresentedQr { payload: format!("EM1.{}.{totp}", id_of(&q)) })),
+        gate_id: String::new(),
+    };
+    assert_eq!(reason(&mut at_all, qr.clone()).await?, Reason::Ok);
+    assert_eq!(reason(&mut at_all, qr).await?, Reason::Replayed);
+
+    // Visitor pass with one entry.
+    let host = resident(&mesh, &w, &w.person.id)?;
+    let pass = mesh
+        .credentials(&host)?
+        .issue_credential(IssueCredentialRequest {
+            estate_ids: vec![estate.into()],
+            valid_until: Some(prost_types::Timestamp { seconds: now_unix() as i64 + 3600, nanos: 0 }),
+            secret: Some(issue_credential_request::Secret::Visitor(VisitorPass { max_entries: 1 })),
+            ..Default::default()
+        })
+        .await?
+        .into_inner();
+    let visitor = DecideRequest {
+        presented: Some(decide_request::Presented::Visitor(PresentedVisitor { code: pass.secret.clone() })),
+        gate_id: String::new(),
+    };
+    assert_eq!(reason(&mut at_all, visitor.clone()).await?, Reason::Ok);
+    assert_eq!(reason(&mut at_all, visitor).await?, Reason::Exhausted);
+
+    // Face: no matcher in this mesh yet; denied with a hint to use another way (R1).
+    let face = DecideRequest {
+        presented: Some(decide_request::Presented::Face(FaceProbe { template: vec![0.1; 512], image: Vec::new() })),
+        gate_id: String::new(),
+    };
+    let d = at_all.decide(face).await?.into_inner();
+    assert_eq!(Reason::try_from(d.reason)?, Reason::FaceUnavailable);
+    assert!(d.message.contains("card"), "{}", d.message);
+
+    // A deactivated gate denies everything.
+    operator(&mesh, &w)?.deactivate_gate(DeactivateGateRequest { id: all.id.clone() }).await?;
+    assert_eq!(reason(&mut at_all, card("04A1B2C3")).await?, Reason::GateInactive);
+
+    // An operator can test-decide at a gate of their estate.
+    let mut test = DecideRequest { gate_id: w.gate.id.clone(), ..card("DEADBEEF") };
+    assert_eq!(reason(&mut gates, test.clone()).await?, Reason::Unknown);
+    test.gate_id = String::new();
+    assert_eq!(code(gates.decide(test).await), Code::InvalidArgument);
+
+    // Every decision was audited, by pseudonym only (R17).
+    let rows = estate_store::outbox::for_tenant(mesh.db().pool(), &w.tenant.id).await?;
+    assert_eq!(gate_decisions(&rows, "gate.decide"), 30);
+    for r in rows.iter().filter(|r| r.event.action == "gate.decide") {
+        let text = format!("{:?}", r.event);
+        assert!(!text.contains("04A1B2C3") && !text.contains("739146") && !text.contains("Gu Wei"), "{text}");
+        assert!(r.event.attributes.contains_key("reason") && r.event.attributes.contains_key("decision_id"));
+    }
+    mesh.stop().await
+}
+
+#[tokio::test]
+async fn gates_act_only_for_themselves_and_bad_input_is_refused() -> anyhow::Result<()> {
+    let mesh = TestMesh::spawn().await?;
+    let a = world(&mesh, "Alpha", "120101").await?;
+    let b = world(&mesh, "Beta", "310101").await?;
+    let mut gate_a = mesh.gate(&gate(&mesh, &a)?)?;
+    // Another estate's gate (another tenant) and a gate of the same tenant's other estate.
+    let named = |gate_id: &str| DecideRequest { gate_id: gate_id.into(), ..card("04A1B2C3") };
+    assert_eq!(code(gate_a.decide(named(&b.gate.id)).await), Code::PermissionDenied);
+    // A token claiming estate A for estate B's gate.
+    let forged = mesh
+        .token_for(Principal::Gate {
+            tenant_id: a.tenant.id.clone(),
+            estate_id: a.estate.id.clone(),
+            gate_id: b.gate.id.clone(),
+        })?
+        .token;
+    let mut confused = mesh.gate(&forged)?;
+    assert_eq!(code(confused.decide(card("04A1B2C3")).await), Code::NotFound);
+    let mut stream_try = mesh.gate(&forged)?;
+    assert_eq!(code(stream_try.watch_changes(WatchChangesRequest {}).await), Code::NotFound);
+    assert_eq!(code(stream_try.get_offline_bundle(GetOfflineBundleRequest {}).await), Code::NotFound);
+    let (other_estate_gate, _) = {
+        let e2 = operator(&mesh, &a)?
+            .create_estate(CreateEstateRequest {
+                name: "Alpha East".into(),
+                address: "3 Nanjing Road".into(),
+                jurisdiction_code: "120101".into(),
+            })
+            .await?
+            .into_inner();
+        new_gate(&mesh, &a, &e2.id, "East gate", GateDirection::In, &[CredentialKind::Card]).await?
+    };
+    let wrong_estate = mesh
+        .token_for(Principal::Gate {
+            tenant_id: a.tenant.id.clone(),
+            estate_id: a.estate.id.clone(),
+            gate_id: other_estate_gate.id.clone(),
+        })?
+        .token;
+    let mut wrong = mesh.gate(&wrong_estate)?;
+    assert_eq!(code(wrong.decide(card("04A1B2C3")).await), Code::PermissionDenied);
+    assert_eq!(code(wrong.watch_changes(WatchChangesRequest {}).await), Code::PermissionDenied);
+    assert_eq!(code(wrong.get_offline_bundle(GetOfflineBundleRequest {}).await), Code::PermissionDenied);
+
+    // Operators: another tenant's gate does not exist for them; estate limits hold.
+    let mut op_a = mesh.gate(&a.operator_token)?;
+    assert_eq!(code(op_a.decide(named(&b.gate.id)).await), Code::NotFound);
+    assert_eq!(code(op_a.get_gate_rules(GetGateRulesRequest { gate_id: b.gate.id.clone() }).await), Code::NotFound);
+    assert_eq!(
+        code(op_a.list_gate_status(ListGateStatusRequest { estate_id: b.estate.id.clone(), only_stale: false }).await),
+        Code::NotFound
+    );
+    let limited = mesh
+        .token_for(Principal::Operator { tenant_id: a.tenant.id.clone(), estate_ids: vec![a.estate.id.clone()] })?
+        .token;
+    assert_eq!(code(mesh.gate(&limited)?.decide(named(&other_estate_gate.id)).await), Code::NotFound);
+    // Only gates watch, fetch bundles and upload.
+    assert_eq!(code(op_a.watch_changes(WatchChangesRequest {}).await), Code::PermissionDenied);
+    assert_eq!(code(op_a.get_offline_bundle(GetOfflineBundleRequest {}).await), Code::PermissionDenied);
+    let mut resident_gate = mesh.gate(&resident(&mesh, &a, &a.person.id)?)?;
+    assert_eq!(code(resident_gate.decide(named(&a.gate.id)).await), Code::PermissionDenied);
+
+    // Bad input.
+    assert_eq!(code(gate_a.decide(DecideRequest::default()).await), Code::InvalidArgument);
+    assert_eq!(code(gate_a.decide(card("zz")).await), Code::InvalidArgument);
+    let empty_face = DecideRequest {
+        presented: Some(decide_request::Presented::Face(FaceProbe::default())),
+        gate_id: String::new(),
+    };
+    assert_eq!(code(gate_a.decide(empty_face).await), Code::InvalidArgument);
+    let nan = DecideRequest {
+        presented: Some(decide_request::Presented::Face(FaceProbe { template: vec![f32::NAN; 4], image: Vec::new() })),
+        gate_id: String::new(),
+    };
+    assert_eq!(code(gate_a.decide(nan).await), Code::InvalidArgument);
+    assert_eq!(code(op_a.decide(named("nope")).await), Code::InvalidArgument);
+    assert_eq!(code(gate_a.ack_bundle(AckBundleRequest { version: 0 }).await), Code::InvalidArgument);
+    assert_eq!(code(gate_a.ack_bundle(AckBundleRequest { version: 99 }).await), Code::NotFound);
+    assert_eq!(
+        code(gate_a.upload_offline_decisions(UploadOfflineDecisionsRequest { decisions: vec![] }).await),
+        Code::InvalidArgument
+    );
+    let bad_window = SetGateRulesRequest {
+        gate_id: a.gate.id.clone(),
+        windows: vec![TimeWindow { kind: CredentialKind::Card as i32, start_minute: 1500, end_minute: 0 }],
+        ..Default::default()
+    };
+    assert_eq!(code(op_a.set_gate_rules(bad_window).await), Code::InvalidArgument);
+    let too_long =
+        SetGateRulesRequest { gate_id: a.gate.id.clone(), bundle_ttl_secs: 30 * 86400, ..Default::default() };
+    assert_eq!(code(op_a.set_gate_rules(too_long).await), Code::InvalidArgument);
+    // Nothing was decided, so nothing was audited as a decision.
+    let rows = estate_store::outbox::for_tenant(mesh.db().pool(), &a.tenant.id).await?;
+    assert_eq!(gate_decisions(&rows, "gate.decide"), 0);
+    mesh.stop().await
+}
+
+#[tokio::test]
+async fn a_revocation_reaches_watching_gates_and_the_next_decision() -> anyhow::Result<()> {
+    let mesh = TestMesh::spawn().await?;
+    let w = world(&mesh, "Stream", "120101").await?;
+    let mut op = mesh.credentials(&w.operator_token)?;
+    let issued = op.issue_credential(card_request(&w.person.id, &[&w.estate.id], "0A0B0C0D")).await?.into_inner();
+    let mut g = mesh.gate(&gate(&mesh, &w)?)?;
+    assert_eq!(reason(&mut g, card("0A0B0C0D")).await?, Reason::Ok); // now cached
+    let mut stream = g.watch_changes(WatchChangesRequest {}).await?.into_inner();
+    let first = stream.message().await?.ok_or_else(|| anyhow::anyhow!("stream ended"))?;
+    assert_eq!(first.change, "subscribed");
+    op.revoke_credential(ChangeCredentialRequest { id: id_of(&issued), reason: "lost".into() }).await?;
+    let change = tokio::time::timeout(Duration::from_secs(5), stream.message())
+        .await??
+        .ok_or_else(|| anyhow::anyhow!("stream ended"))?;
+    assert_eq!((change.change.as_str(), change.credential_id.as_str()), ("revoke", id_of(&issued).as_str()));
+    assert_eq!(change.status, CredentialStatus::Revoked as i32);
+    assert_eq!(reason(&mut g, card("0A0B0C0D")).await?, Reason::Revoked);
+    mesh.stop().await
+}
+
+#[tokio::test]
+async fn a_gate_that_loses_the_mesh_decides_from_its_bundle_and_uploads_exactly_once() -> anyhow::Result<()> {
+    let mesh = TestMesh::spawn().await?;
+    let w = world(&mesh, "Offline", "120101").await?;
+    let mut op = mesh.credentials(&w.operator_token)?;
+    let estate = w.estate.id.as_str();
+    op.issue_credential(card_request(&w.person.id, &[estate], "C0FFEE01")).await?;
+    let gone = op.issue_credential(card_request(&w.person.id, &[estate], "C0FFEE02")).await?.into_inner();
+    op.revoke_credential(ChangeCredentialRequest { id: id_of(&gone), reason: "lost".into() }).await?;
+    let later = op.issue_credential(card_request(&w.person.id, &[estate], "C0FFEE03")).await?.into_inner();
+
+    let proxy = LinkProxy::start(mesh.port).await?;
+    let state = tempfile::tempdir()?;
+    let token = gate(&mesh, &w)?;
+    let options = Options { timeout: Duration::from_secs(2), ..Options::default() };
+    let controller = Arc::new(GateController::open(&proxy.endpoint(), &token, state.path(), options)?);
+    let version = controller.refresh_bundle().await?;
+    assert_eq!(version, 1);
+    let present = |uid: &str| Presented::Card { uid: uid.into(), facility_code: String::new() };
+    let online = controller.decide(&present("C0FFEE01")).await?;
+    assert_eq!((online.mode, online.reason), (Mode::Online, Reason::Ok));
+
+    // The operator sees the acknowledged bundle; a credential revoked after
+    // it makes the gate stale.
+    let mut ops = mesh.gate(&w.operator_token)?;
+    op.revoke_credential(ChangeCredentialRequest { id: id_of(&later), reason: "moved out".into() }).await?;
+    let status =
+        ops.list_gate_status(ListGateStatusRequest { estate_id: estate.into(), only_stale: true }).await?.into_inner();
+    let north = status.gates.iter().find(|g| g.gate_id == w.gate.id).ok_or_else(|| anyhow::anyhow!("gate missing"))?;
+    assert_eq!((north.bundle_version_issued, north.bundle_version_acked), (1, 1));
+    assert_eq!(north.stale_credential_ids, vec![id_of(&later)]);
+    assert!(north.last_seen_at.is_some());
+
+    proxy.go_offline().await;
+    let admitted = controller.decide(&present("C0FFEE01")).await?;
+    assert_eq!((admitted.mode, admitted.verdict, admitted.sequence), (Mode::Offline, Verdict::Admit, 1));
+    assert!(admitted.person_pseudonym.starts_with("psn_"));
+    let revoked_before = controller.decide(&present("C0FFEE02")).await?;
+    assert_eq!((revoked_before.verdict, revoked_before.reason), (Verdict::Deny, Reason::Unknown));
+    // Revoked after the bundle, with no stream to hear it: admitted until the
+    // bundle expires (the R15 bound the operator sets).
+    assert_eq!(controller.decide(&present("C0FFEE03")).await?.verdict, Verdict::Admit);
+    let pin = Presented::Pin { unit_id: w.unit.id.clone(), pin: "739146".into() };
+    assert_eq!(controller.decide(&pin).await?.reason, Reason::OfflineUnsupported);
+    assert_eq!(controller.pending_uploads(), 4);
+
+    // A day later (simulated clock) the same bundle is refused.
+    let copy = tempfile::tempdir()?;
+    for f in ["bundle.pb", "bundle-keys.pb"] {
+        std::fs::copy(state.path().join(f), copy.path().join(f))?;
+    }
+    let tomorrow = Options { clock: Arc::new(|| now_ms() + 25 * 3600 * 1000), ..Options::default() };
+    let next_day = GateController::open(&proxy.endpoint(), &token, copy.path(), tomorrow)?;
+    let expired = next_day.decide_offline(&present("C0FFEE01"))?;
+    assert_eq!((expired.verdict, expired.reason), (Verdict::Deny, Reason::OfflineNoBundle));
+
+    // The link returns: the next online decision uploads the journal. (The
+    // channel may need an attempt or two to reconnect; those attempts are
+    // offline decisions too, and are uploaded like the others.)
+    proxy.go_online();
+    let mut back = controller.decide(&present("C0FFEE01")).await?;
+    for _ in 0..50 {
+        if back.mode == Mode::Online {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        back = controller.decide(&present("C0FFEE01")).await?;
+    }
+    assert_eq!(back.mode, Mode::Online);
+    assert_eq!(controller.pending_uploads(), 0);
+    let total = controller.status()?.uploaded_through;
+    assert!(total >= 4, "{total}");
+    // A retried upload (the gate lost the answer) counts nothing twice.
+    let replay: Vec<OfflineDecision> = (1..=4)
+        .map(|sequence| OfflineDecision {
+            sequence,
+            decided_at: Some(prost_types::Timestamp { seconds: now_unix() as i64, nanos: 0 }),
+            verdict: Verdict::Admit as i32,
+            reason: Reason::Ok as i32,
+            ..Default::default()
+        })
+        .collect();
+    let mut raw = mesh.gate(&token)?;
+    let retried = raw.upload_offline_decisions(UploadOfflineDecisionsRequest { decisions: replay }).await?.into_inner();
+    assert_eq!((retried.accepted, retried.duplicates), (0, 4));
+    let expected = usize::try_from(total)?;
+
+    // The audit log holds each offline decision exactly once.
+    let mut audit = mesh.audit(&w.operator_token)?;
+    let mut offline = Vec::new();
+    for _ in 0..100 {
+        offline = audit
+            .query_entries(estate_proto::audit::QueryEntriesRequest {
+                action: "gate.decide.offline".into(),
+                page_size: 100,
+                ..Default::default()
+            })
+            .await?
+            .into_inner()
+            .entries;
+        if offline.len() >= expected {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(offline.len(), expected);
+    let rows = estate_store::outbox::for_tenant(mesh.db().pool(), &w.tenant.id).await?;
+    assert_eq!(gate_decisions(&rows, "gate.decide.offline"), expected);
+    let mut sequences: Vec<i64> = rows
+        .iter()
+        .filter(|r| r.event.action == "gate.decide.offline")
+        .filter_map(|r| r.event.attributes.get("sequence").and_then(|s| s.parse().ok()))
+        .collect();
+    sequences.sort();
+    assert_eq!(sequences, (1..=total).collect::<Vec<_>>());
+    mesh.stop().await
+}
+
+#[tokio::test]
+async fn forged_and_tampered_bundles_are_rejected_by_the_sdk() -> anyhow::Result<()> {
+    let mesh = TestMesh::spawn().await?;
+    let w = world(&mesh, "Forgery", "120101").await?;
+    mesh.credentials(&w.operator_token)?
+        .issue_credential(card_request(&w.person.id, &[&w.estate.id], "BADC0DE1"))
+        .await?;
+    let token = gate(&mesh, &w)?;
+    let mut g = mesh.gate(&token)?;
+    let keys = TrustedKeys::from_proto(&g.get_bundle_keys(GetBundleKeysRequest {}).await?.into_inner());
+    let bundle = g.get_offline_bundle(GetOfflineBundleRequest {}).await?.into_inner();
+    // Cards appear only as keyed hashes.
+    assert!(!String::from_utf8_lossy(&bundle.contents).contains("BADC0DE1"));
+    let state = tempfile::tempdir()?;
+    let options = Options { trusted_keys: Some(keys), ..Options::default() };
+    let controller = GateController::open(&mesh.endpoint(), &token, state.path(), options)?;
+    assert_eq!(controller.install_bundle(&bundle)?, 1);
+
+    let mut tampered = bundle.clone();
+    let n = tampered.contents.len();
+    tampered.contents[n / 2] ^= 0x01;
+    assert!(matches!(
+        controller.install_bundle(&tampered),
+        Err(estate_gate_sdk::SdkError::Bundle(estate_gate_sdk::BundleError::BadSignature))
+    ));
+    let forger = estate_crypto::SigningKeyPair::generate()?;
+    let forged = OfflineBundle {
+        signature: forger.sign(&bundle.contents).to_vec(),
+        contents: bundle.contents.clone(),
+        key_id: bundle.key_id.clone(),
+    };
+    assert!(matches!(
+        controller.install_bundle(&forged),
+        Err(estate_gate_sdk::SdkError::Bundle(estate_gate_sdk::BundleError::BadSignature))
+    ));
+    let own_key = OfflineBundle { key_id: forger.key_id().to_owned(), ..forged };
+    assert!(matches!(
+        controller.install_bundle(&own_key),
+        Err(estate_gate_sdk::SdkError::Bundle(estate_gate_sdk::BundleError::UnknownKey(_)))
+    ));
+    // The good bundle is still the one in force.
+    assert_eq!(controller.status()?.bundle_version, Some(1));
+    assert_eq!(
+        controller.decide_offline(&Presented::Card { uid: "BADC0DE1".into(), facility_code: String::new() })?.reason,
+        Reason::Ok
+    );
+    mesh.stop().await
+}

@@ -14,6 +14,7 @@ use estate_proto::consent::consent_service_client::ConsentServiceClient;
 use estate_proto::consent::*;
 use estate_proto::credentials::credential_service_client::CredentialServiceClient;
 use estate_proto::credentials::*;
+use estate_proto::gate::gate_service_client::GateServiceClient;
 use estate_proto::identity::identity_service_client::IdentityServiceClient;
 use estate_proto::identity::*;
 use render::{Output, many, one};
@@ -178,6 +179,63 @@ enum GateCmd {
     },
     /// Deactivates a gate.
     Deactivate { id: String },
+    /// Decides as the gate would (manual test): operators name --gate; with
+    /// a gate token, the gate decides for itself.
+    Decide {
+        #[arg(long, default_value = "")]
+        gate: String,
+        #[arg(long, conflicts_with_all = ["pin", "qr", "visitor"])]
+        card: Option<String>,
+        /// Facility code printed on the card, if any.
+        #[arg(long, default_value = "")]
+        facility: String,
+        /// PIN entered at the unit given with --unit.
+        #[arg(long, requires = "unit")]
+        pin: Option<String>,
+        #[arg(long, default_value = "")]
+        unit: String,
+        /// The QR payload "EM1.<id>.<code>".
+        #[arg(long)]
+        qr: Option<String>,
+        #[arg(long)]
+        visitor: Option<String>,
+    },
+    /// Fetches the gate's signed offline bundle (gate token), verifies it
+    /// against the mesh's published keys and prints a summary; --out saves it.
+    Bundle {
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Do not acknowledge the bundle (by default the gate applied it).
+        #[arg(long)]
+        no_ack: bool,
+    },
+    /// Gates of an estate: last seen, offline bundle issued and acknowledged,
+    /// revoked credentials an acknowledged bundle still holds.
+    Status {
+        #[arg(long)]
+        estate: String,
+        /// Only gates still holding a revoked or suspended credential.
+        #[arg(long)]
+        stale: bool,
+    },
+    /// Shows a gate's rules.
+    Rules { id: String },
+    /// Sets a gate's rules (replaces them all).
+    SetRules {
+        id: String,
+        /// Refuse a second entry without an exit (IN / OUT gates).
+        #[arg(long)]
+        anti_passback: bool,
+        /// KIND=HH:MM-HH:MM, local time; repeat for several kinds.
+        #[arg(long = "window")]
+        windows: Vec<String>,
+        /// Offline bundle lifetime in seconds (default 86400).
+        #[arg(long, default_value_t = 0)]
+        bundle_ttl: i64,
+        /// Minutes east of UTC of the gate's clock (default 480, China).
+        #[arg(long, allow_hyphen_values = true)]
+        utc_offset: Option<i32>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -644,8 +702,9 @@ fn unreachable_verify() -> String {
 }
 
 type Audits = AuditServiceClient<InterceptedService<Channel, Bearer>>;
+type Gates = GateServiceClient<InterceptedService<Channel, Bearer>>;
 
-async fn connect(cli: &Cli) -> anyhow::Result<(Client, Consents, Credentials, Audits)> {
+async fn connect(cli: &Cli) -> anyhow::Result<(Client, Consents, Credentials, Audits, Gates)> {
     let token = match (&cli.token, &cli.token_file) {
         (Some(t), _) => Some(t.trim().to_owned()),
         (None, Some(path)) => Some(
@@ -667,7 +726,8 @@ async fn connect(cli: &Cli) -> anyhow::Result<(Client, Consents, Credentials, Au
         IdentityServiceClient::with_interceptor(channel.clone(), bearer.clone()),
         ConsentServiceClient::with_interceptor(channel.clone(), bearer.clone()),
         CredentialServiceClient::with_interceptor(channel.clone(), bearer.clone()),
-        AuditServiceClient::with_interceptor(channel, bearer),
+        AuditServiceClient::with_interceptor(channel.clone(), bearer.clone()),
+        GateServiceClient::with_interceptor(channel, bearer),
     ))
 }
 
@@ -711,11 +771,47 @@ fn verify_bundle(
     ))
 }
 
+/// "visitor=08:00-20:00" as a time window.
+fn time_window(text: &str) -> anyhow::Result<estate_proto::gate::TimeWindow> {
+    let parse = |hm: &str| -> anyhow::Result<i32> {
+        let (h, m) = hm.split_once(':').context("times are HH:MM")?;
+        let (h, m): (i32, i32) = (h.parse()?, m.parse()?);
+        anyhow::ensure!((0..24).contains(&h) && (0..60).contains(&m), "times are HH:MM, 00:00 to 23:59");
+        Ok(h * 60 + m)
+    };
+    let (k, range) = text.split_once('=').context("a window is KIND=HH:MM-HH:MM")?;
+    let (start, end) = range.split_once('-').context("a window is KIND=HH:MM-HH:MM")?;
+    Ok(estate_proto::gate::TimeWindow { kind: kind(k)?, start_minute: parse(start)?, end_minute: parse(end)? })
+}
+
+/// `gate bundle`: fetch, verify against the published keys, acknowledge,
+/// summarise.
+async fn gate_bundle(g: &mut Gates, out: Option<&std::path::Path>, ack: bool, o: Output) -> anyhow::Result<String> {
+    use estate_proto::gate::*;
+    use prost::Message;
+    let keys = g.get_bundle_keys(GetBundleKeysRequest {}).await?.into_inner();
+    let bundle = g.get_offline_bundle(GetOfflineBundleRequest {}).await?.into_inner();
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_millis();
+    let contents = estate_gate_sdk::bundle::verify(
+        &bundle,
+        &estate_gate_sdk::TrustedKeys::from_proto(&keys),
+        None,
+        i64::try_from(now)?,
+    )?;
+    if let Some(path) = out {
+        std::fs::write(path, bundle.encode_to_vec()).with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    if ack {
+        g.ack_bundle(AckBundleRequest { version: contents.version }).await?;
+    }
+    Ok(one(&render::BundleSummary { contents, key_id: bundle.key_id, acknowledged: ack }, o))
+}
+
 async fn run(cli: Cli) -> anyhow::Result<String> {
     if let Command::Audit(AuditCmd::Verify { bundle, keys, previous }) = &cli.command {
         return verify_bundle(bundle, keys, previous.as_deref());
     }
-    let (mut c, mut k, mut cr, mut a) = connect(&cli).await?;
+    let (mut c, mut k, mut cr, mut a, mut g) = connect(&cli).await?;
     let o = cli.output;
     Ok(match cli.command {
         Command::Tenant(cmd) => match cmd {
@@ -766,6 +862,36 @@ async fn run(cli: Cli) -> anyhow::Result<String> {
                 many(&all_pages!(c, list_gates, req, gates), o)
             }
             GateCmd::Deactivate { id } => one(&c.deactivate_gate(DeactivateGateRequest { id }).await?.into_inner(), o),
+            GateCmd::Decide { gate, card, facility, pin, unit, qr, visitor } => {
+                use estate_proto::gate::decide_request::Presented;
+                let presented = match (card, pin, qr, visitor) {
+                    (Some(uid), ..) => Presented::Card(PresentedCard { uid, facility_code: facility }),
+                    (_, Some(pin), ..) => Presented::Pin(PresentedPin { unit_id: unit, pin }),
+                    (_, _, Some(payload), _) => Presented::Qr(PresentedQr { payload }),
+                    (_, _, _, Some(code)) => Presented::Visitor(PresentedVisitor { code }),
+                    _ => bail!("present one of --card, --pin (with --unit), --qr or --visitor"),
+                };
+                let req = estate_proto::gate::DecideRequest { presented: Some(presented), gate_id: gate };
+                one(&g.decide(req).await?.into_inner(), o)
+            }
+            GateCmd::Bundle { out, no_ack } => gate_bundle(&mut g, out.as_deref(), !no_ack, o).await?,
+            GateCmd::Status { estate, stale } => {
+                let req = estate_proto::gate::ListGateStatusRequest { estate_id: estate, only_stale: stale };
+                many(&g.list_gate_status(req).await?.into_inner().gates, o)
+            }
+            GateCmd::Rules { id } => {
+                one(&g.get_gate_rules(estate_proto::gate::GetGateRulesRequest { gate_id: id }).await?.into_inner(), o)
+            }
+            GateCmd::SetRules { id, anti_passback, windows, bundle_ttl, utc_offset } => {
+                let req = estate_proto::gate::SetGateRulesRequest {
+                    gate_id: id,
+                    anti_passback,
+                    windows: windows.iter().map(|w| time_window(w)).collect::<anyhow::Result<Vec<_>>>()?,
+                    bundle_ttl_secs: bundle_ttl,
+                    utc_offset_minutes: utc_offset,
+                };
+                one(&g.set_gate_rules(req).await?.into_inner(), o)
+            }
         },
         Command::Unit(cmd) => match cmd {
             UnitCmd::Add { estate, building, unit, room } => one(

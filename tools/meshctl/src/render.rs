@@ -480,3 +480,104 @@ mod audit_fields {
         }
     }
 }
+
+mod gate_fields {
+    use super::{Fields, kinds, time};
+    use estate_proto::gate::*;
+
+    /// A verified offline bundle, summarised (never its hashes or key).
+    #[derive(Debug)]
+    pub struct BundleSummary {
+        /// The verified contents.
+        pub contents: BundleContents,
+        /// Signing key id.
+        pub key_id: String,
+        /// Whether it was acknowledged.
+        pub acknowledged: bool,
+    }
+
+    fn ms(ms: i64) -> String {
+        time(&Some(prost_types::Timestamp { seconds: ms.div_euclid(1000), nanos: 0 }))
+    }
+
+    impl Fields for BundleSummary {
+        fn fields(&self) -> Vec<(&'static str, String)> {
+            let c = &self.contents;
+            vec![
+                ("version", c.version.to_string()),
+                ("gate", c.gate_id.clone()),
+                ("estate", c.estate_id.clone()),
+                ("issued", ms(c.issued_at_ms)),
+                ("expires", ms(c.expires_at_ms)),
+                ("entries", c.entries.len().to_string()),
+                ("accepted_kinds", kinds(&c.accepted_kinds)),
+                ("signed_by", self.key_id.clone()),
+                ("signature", "verified".into()),
+                ("acknowledged", self.acknowledged.to_string()),
+            ]
+        }
+    }
+
+    impl Fields for Decision {
+        fn fields(&self) -> Vec<(&'static str, String)> {
+            let verdict = Verdict::try_from(self.verdict).map(|v| v.as_str_name()).unwrap_or("?");
+            let reason = Reason::try_from(self.reason).map(|r| r.as_str_name()).unwrap_or("?");
+            vec![
+                ("id", self.decision_id.clone()),
+                ("verdict", verdict.trim_start_matches("VERDICT_").to_owned()),
+                ("reason", reason.trim_start_matches("REASON_").to_owned()),
+                ("message", self.message.clone()),
+                ("credential", self.credential_id.clone()),
+                ("person_pseudonym", self.person_pseudonym.clone()),
+                ("kind", kinds(&[self.kind])),
+                ("gate", self.gate_id.clone()),
+                ("at", time(&self.decided_at)),
+            ]
+        }
+    }
+
+    impl Fields for GateStatus {
+        fn fields(&self) -> Vec<(&'static str, String)> {
+            vec![
+                ("id", self.gate_id.clone()),
+                ("name", self.name.clone()),
+                ("last_seen", time(&self.last_seen_at)),
+                ("bundle_issued", self.bundle_version_issued.to_string()),
+                ("bundle_acked", self.bundle_version_acked.to_string()),
+                ("acked_expires", time(&self.acked_bundle_expires_at)),
+                ("stale_credentials", self.stale_credential_ids.join(",")),
+            ]
+        }
+    }
+
+    impl Fields for GateRules {
+        fn fields(&self) -> Vec<(&'static str, String)> {
+            let windows = self
+                .windows
+                .iter()
+                .map(|w| {
+                    format!(
+                        "{}={:02}:{:02}-{:02}:{:02}",
+                        kinds(&[w.kind]),
+                        w.start_minute / 60,
+                        w.start_minute % 60,
+                        w.end_minute / 60,
+                        w.end_minute % 60
+                    )
+                })
+                .collect::<Vec<_>>()
+                .join(",");
+            vec![
+                ("id", self.gate_id.clone()),
+                ("estate", self.estate_id.clone()),
+                ("anti_passback", self.anti_passback.to_string()),
+                ("windows", windows),
+                ("bundle_ttl_secs", self.bundle_ttl_secs.to_string()),
+                ("utc_offset_minutes", self.utc_offset_minutes.to_string()),
+                ("default", self.is_default.to_string()),
+            ]
+        }
+    }
+}
+
+pub use gate_fields::BundleSummary;

@@ -182,11 +182,37 @@ async fn readme_walkthrough_works_as_written() -> anyhow::Result<()> {
     let operator_token = std::mem::replace(&mut sh.token, resident_token);
     let alt = sh.ok(&["alternative", "request", "--estate", &estate])?;
     assert!(alt.contains("secret_shown_once") && alt.contains("qr"), "{alt}");
-    sh.token = sh_gate_token(&sh, &operator_token, &gate)?;
+    let gate_token = sh_gate_token(&sh, &operator_token, &gate)?;
+    sh.token = gate_token.clone();
     let verdict = sh.ok(&["verify", "--card", "04a1b2c3"])?;
     assert!(verdict.contains("VALID"), "{verdict}");
+
+    // Gates: a test decision, the offline bundle, rules, revocation, status.
     sh.token = operator_token;
+    let decided = sh.ok(&["gate", "decide", "--gate", &gate, "--card", "04a1b2c3"])?;
+    assert!(decided.contains("ADMIT") && decided.contains(&card), "{decided}");
+    let operator_token = std::mem::replace(&mut sh.token, gate_token);
+    let saved = dir.path().join("north.bundle");
+    let bundle = sh.ok(&["gate", "bundle", "--out", &saved.display().to_string()])?;
+    assert!(bundle.contains("verified") && bundle.contains("entries") && saved.exists(), "{bundle}");
+    assert!(!String::from_utf8_lossy(&std::fs::read(&saved)?).contains("04A1B2C3"));
+    sh.token = operator_token;
+    let rules = sh.ok(&[
+        "gate",
+        "set-rules",
+        &gate,
+        "--anti-passback",
+        "--window",
+        "visitor=06:00-23:30",
+        "--bundle-ttl",
+        "43200",
+    ])?;
+    assert!(rules.contains("visitor=06:00-23:30") && rules.contains("43200"), "{rules}");
     sh.ok(&["credential", "revoke", &card, "--reason", "lost"])?;
+    let decided = sh.ok(&["gate", "decide", "--gate", &gate, "--card", "04a1b2c3"])?;
+    assert!(decided.contains("DENY") && decided.contains("REVOKED"), "{decided}");
+    let status = sh.ok(&["gate", "status", "--estate", &estate, "--stale"])?;
+    assert!(status.contains(&gate) && status.contains(&card), "{status}");
 
     let ended = sh.ok(&["residency", "end", &residency, "--reason", "moved out"])?;
     assert!(ended.contains("ended"), "{ended}");

@@ -35,7 +35,7 @@ pub async fn ship_once(db: &Db, client: &mut Client, batch: i64) -> Result<usize
     let request = AppendRequest { events: rows.iter().map(|r| r.payload.clone()).collect() };
     client.append(request).await.map_err(|s| format!("{:?}: {}", s.code(), s.message()))?;
     let seqs: Vec<i64> = rows.iter().map(|r| r.seq).collect();
-    outbox::mark_delivered(db.pool(), &seqs).await.map_err(|e| e.to_string())?;
+    outbox::mark_delivered(db, &seqs).await.map_err(|e| e.to_string())?;
     Ok(rows.len())
 }
 

@@ -38,6 +38,53 @@ pub async fn record(conn: &mut AnyConnection, event: &AuditEvent) -> Result<()> 
     Ok(())
 }
 
+/// Writes `events` to the outbox on `conn` with multi-row INSERTs (50 rows
+/// per statement): what a group commit of many small changes uses, since one
+/// statement per row costs a round trip (or a worker hand-off on SQLite) each.
+pub async fn record_many(conn: &mut AnyConnection, events: &[&AuditEvent]) -> Result<()> {
+    const COLUMNS: usize = 10;
+    for chunk in events.chunks(50) {
+        let mut sql = String::from(
+            "INSERT INTO outbox_events (event_id, tenant_id, source, action, object_type, object_id, \
+             estate_id, person_pseudonym, occurred_at, payload) VALUES ",
+        );
+        for i in 0..chunk.len() {
+            if i > 0 {
+                sql.push_str(", ");
+            }
+            sql.push('(');
+            for c in 0..COLUMNS {
+                if c > 0 {
+                    sql.push_str(", ");
+                }
+                sql.push_str(&format!("${}", i * COLUMNS + c + 1));
+            }
+            sql.push(')');
+        }
+        let mut q = sqlx::query::<Any>(sqlx::AssertSqlSafe(sql));
+        for event in chunk {
+            let occurred_at = event
+                .occurred_at
+                .as_ref()
+                .map(|t| t.seconds * 1000 + i64::from(t.nanos / 1_000_000))
+                .unwrap_or_else(estate_core::now_ms);
+            q = q
+                .bind(event.event_id.clone())
+                .bind(event.tenant_id.clone())
+                .bind(event.source.clone())
+                .bind(event.action.clone())
+                .bind(event.object_type.clone())
+                .bind(event.object_id.clone())
+                .bind(event.estate_id.clone())
+                .bind(event.person_pseudonym.clone())
+                .bind(occurred_at)
+                .bind(event.encode_to_vec());
+        }
+        q.execute(&mut *conn).await.map_err(db_error)?;
+    }
+    Ok(())
+}
+
 /// A stored outbox row.
 #[derive(Debug, Clone)]
 pub struct OutboxRow {
@@ -92,16 +139,19 @@ pub async fn pending(pool: &sqlx::AnyPool, after_seq: i64, limit: i64) -> Result
 }
 
 /// Marks events delivered (after the audit service acknowledged them).
-pub async fn mark_delivered(pool: &sqlx::AnyPool, seqs: &[i64]) -> Result<()> {
+pub async fn mark_delivered(db: &crate::Db, seqs: &[i64]) -> Result<()> {
     let now = estate_core::now_ms();
-    let mut tx = pool.begin().await.map_err(db_error)?;
-    for seq in seqs {
-        sqlx::query::<Any>("UPDATE outbox_events SET delivered_at = $1 WHERE seq = $2")
-            .bind(now)
-            .bind(*seq)
-            .execute(&mut *tx)
-            .await
-            .map_err(db_error)?;
+    let mut tx = db.begin().await?;
+    // 50 ids per statement: one statement per row was a round trip each, and
+    // SQLite's parameter lookup grows with the square of a statement's size.
+    for chunk in seqs.chunks(50) {
+        let list = (0..chunk.len()).map(|i| format!("${}", i + 2)).collect::<Vec<_>>().join(", ");
+        let sql = format!("UPDATE outbox_events SET delivered_at = $1 WHERE seq IN ({list})");
+        let mut q = sqlx::query::<Any>(sqlx::AssertSqlSafe(sql)).bind(now);
+        for seq in chunk {
+            q = q.bind(*seq);
+        }
+        q.execute(&mut *tx).await.map_err(db_error)?;
     }
     tx.commit().await.map_err(db_error)
 }

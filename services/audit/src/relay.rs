@@ -17,7 +17,7 @@ pub async fn relay_once(db: &Db, log: &AuditLog, batch: i64) -> Result<usize> {
         rows.iter().map(|r| (r.payload.clone(), r.event.clone())).collect();
     log.append(&events).await?;
     let seqs: Vec<i64> = rows.iter().map(|r| r.seq).collect();
-    outbox::mark_delivered(db.pool(), &seqs).await?;
+    outbox::mark_delivered(db, &seqs).await?;
     Ok(rows.len())
 }
 

@@ -400,12 +400,19 @@ impl GateDesk {
         None
     }
 
+    /// The card's facts from the hot-path cache, else from the database. A
+    /// cache that cannot be reached (Redis down) costs speed, not decisions:
+    /// the database is the source of truth.
     async fn card_facts(&self, tenant: &str, hash: &str) -> Result<Option<CredentialFacts>> {
-        if let Some(hit) = self.cache.get(tenant, hash).await? {
-            return Ok(hit);
+        match self.cache.get(tenant, hash).await {
+            Ok(Some(hit)) => return Ok(hit),
+            Ok(None) => {}
+            Err(e) => tracing::warn!(error = %e, "gate cache unavailable; deciding from the database"),
         }
         let facts = creds::by_lookup_hash(&self.db, tenant, hash).await?;
-        self.cache.fill(tenant, hash, facts.as_ref()).await?;
+        if let Err(e) = self.cache.fill(tenant, hash, facts.as_ref()).await {
+            tracing::debug!(error = %e, "gate cache not filled");
+        }
         Ok(facts)
     }
 
@@ -419,8 +426,12 @@ impl GateDesk {
             "out" => "out",
             _ => return Ok(()),
         };
-        if !self.presence.pass(&view.tenant, &view.info.estate_id, &outcome.pseudonym, direction).await? {
-            outcome.reason = Reason::AntiPassback as i32;
+        match self.presence.pass(&view.tenant, &view.info.estate_id, &outcome.pseudonym, direction).await {
+            Ok(true) => {}
+            Ok(false) => outcome.reason = Reason::AntiPassback as i32,
+            // Anti-passback is a convenience rule: without its store the gate
+            // lets residents through rather than locking everyone out.
+            Err(e) => tracing::warn!(error = %e, "anti-passback store unavailable; not enforced for this passage"),
         }
         Ok(())
     }

@@ -25,7 +25,7 @@ use estate_store::outbox::Change;
 use estate_store::page::Page;
 use estate_store::{Db, db_error, is_unique_violation, outbox};
 use prost::Message;
-use sqlx::{Any, AnyConnection, Transaction};
+use sqlx::{Any, AnyConnection};
 use tonic::{Request, Response, Status};
 
 /// Name of this service in audit events.
@@ -67,7 +67,7 @@ pub struct Identity {
     options: IdentityOptions,
 }
 
-type Tx = Transaction<'static, Any>;
+type Tx = estate_store::WriteTx;
 
 fn unique_or(message: &'static str) -> impl Fn(sqlx::Error) -> Error {
     move |e| if is_unique_violation(&e) { Error::AlreadyExists(message.to_owned()) } else { db_error(e) }

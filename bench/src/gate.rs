@@ -1,0 +1,483 @@
+//! `gate-bench`: the gate hot path against a no-op tonic unary call measured
+//! in the same run, then the revoke-to-gate latency with many gates watching.
+//!
+//! One process runs the all-in-one mesh (estate-mesh, release build) on a
+//! loopback port and the load generator. The baseline is `grpc.health.v1.
+//! Health/Check` on the same server (same transport, same tower stack; it is
+//! an open path, so it skips token verification): a unary call that does
+//! nothing. The decision is `GateService/Decide` with a card, as a gate sends
+//! it, signed token included, audited in the outbox before the answer.
+//!
+//! `cargo run --release -p estate-bench --bin gate-bench -- --seconds 10`
+//! (`--database-url postgres://…` and `--redis-url redis://…` for the
+//! distributed configuration; SQLite and in-process cache by default).
+
+use clap::Parser;
+use estate_auth::Principal;
+use estate_proto::common::CredentialKind;
+use estate_proto::credentials::credential_service_client::CredentialServiceClient;
+use estate_proto::credentials::*;
+use estate_proto::gate::gate_service_client::GateServiceClient;
+use estate_proto::gate::*;
+use estate_proto::identity::identity_service_client::IdentityServiceClient;
+use estate_proto::identity::*;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+use tonic::metadata::AsciiMetadataValue;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Channel, Endpoint};
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_client::HealthClient;
+
+#[derive(Debug, Parser)]
+struct Args {
+    /// Seconds per measured phase.
+    #[arg(long, default_value_t = 10)]
+    seconds: u64,
+    /// Requests in flight in the closed-loop phases.
+    #[arg(long, default_value_t = 64)]
+    concurrency: usize,
+    /// HTTP/2 connections the load is spread over.
+    #[arg(long, default_value_t = 4)]
+    connections: usize,
+    /// Cards issued (decisions cycle through them).
+    #[arg(long, default_value_t = 1000)]
+    cards: usize,
+    /// Gates watching the change stream in the revocation phase.
+    #[arg(long, default_value_t = 1000)]
+    gates: usize,
+    /// Revocations timed in the revocation phase.
+    #[arg(long, default_value_t = 20)]
+    revocations: usize,
+    /// PostgreSQL URL of an existing database (default: SQLite in a temporary directory).
+    #[arg(long)]
+    database_url: Option<String>,
+    /// Redis URL (default: in-process cache and bus).
+    #[arg(long)]
+    redis_url: Option<String>,
+    /// Defer the audit relay (outbox -> audit log: hashing, chaining,
+    /// indexing) until after the measurement, to show what the decision path
+    /// costs on its own. Decisions are still written to the outbox.
+    #[arg(long)]
+    defer_audit: bool,
+    /// Outbox rows the audit relay appends per transaction (default 500).
+    #[arg(long)]
+    relay_batch: Option<i64>,
+    /// Only run closed-loop decisions for this many seconds (for profiling).
+    #[arg(long)]
+    profile_decide: Option<u64>,
+}
+
+#[derive(Debug, Clone)]
+struct Bearer(AsciiMetadataValue);
+
+impl tonic::service::Interceptor for Bearer {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        req.metadata_mut().insert("authorization", self.0.clone());
+        Ok(req)
+    }
+}
+
+fn bearer(token: &str) -> anyhow::Result<Bearer> {
+    Ok(Bearer(AsciiMetadataValue::try_from(format!("Bearer {token}"))?))
+}
+
+type Gates = GateServiceClient<InterceptedService<Channel, Bearer>>;
+
+#[derive(Debug, Clone, Copy)]
+enum Call {
+    Noop,
+    Decide,
+}
+
+struct Summary {
+    rate: f64,
+    p50: f64,
+    p99: f64,
+    p999: f64,
+    errors: u64,
+}
+
+fn percentile(sorted: &[u64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)] as f64 / 1000.0
+}
+
+fn summarise(mut lat_us: Vec<u64>, elapsed: Duration, errors: u64) -> Summary {
+    lat_us.sort_unstable();
+    Summary {
+        rate: lat_us.len() as f64 / elapsed.as_secs_f64(),
+        p50: percentile(&lat_us, 0.50),
+        p99: percentile(&lat_us, 0.99),
+        p999: percentile(&lat_us, 0.999),
+        errors,
+    }
+}
+
+struct Load {
+    health: Vec<HealthClient<Channel>>,
+    gates: Vec<Gates>,
+    cards: Arc<Vec<String>>,
+    next: Arc<AtomicU64>,
+}
+
+impl Load {
+    async fn one(&self, call: Call, lane: usize) -> bool {
+        match call {
+            Call::Noop => {
+                let mut h = self.health[lane % self.health.len()].clone();
+                h.check(HealthCheckRequest { service: String::new() }).await.is_ok()
+            }
+            Call::Decide => {
+                let mut g = self.gates[lane % self.gates.len()].clone();
+                let i = self.next.fetch_add(1, Ordering::Relaxed) as usize % self.cards.len();
+                let req = DecideRequest {
+                    presented: Some(decide_request::Presented::Card(PresentedCard {
+                        uid: self.cards[i].clone(),
+                        facility_code: String::new(),
+                    })),
+                    gate_id: String::new(),
+                };
+                matches!(g.decide(req).await, Ok(d) if d.get_ref().verdict == Verdict::Admit as i32)
+            }
+        }
+    }
+
+    /// As many calls as `concurrency` workers can make in `secs`.
+    async fn closed(self: &Arc<Self>, call: Call, concurrency: usize, secs: u64) -> Summary {
+        let start = Instant::now();
+        let deadline = start + Duration::from_secs(secs);
+        let mut tasks = Vec::new();
+        for lane in 0..concurrency {
+            let load = self.clone();
+            tasks.push(tokio::spawn(async move {
+                let (mut lat, mut errors) = (Vec::with_capacity(1 << 16), 0u64);
+                while Instant::now() < deadline {
+                    let t = Instant::now();
+                    if load.one(call, lane).await {
+                        lat.push(t.elapsed().as_micros() as u64);
+                    } else {
+                        errors += 1;
+                    }
+                }
+                (lat, errors)
+            }));
+        }
+        let (mut all, mut errors) = (Vec::new(), 0);
+        for t in tasks {
+            if let Ok((l, e)) = t.await {
+                all.extend(l);
+                errors += e;
+            }
+        }
+        summarise(all, start.elapsed(), errors)
+    }
+
+    /// Calls at a fixed `rate` for `secs`, latency measured from each call's
+    /// scheduled start (no coordinated omission).
+    async fn open(self: &Arc<Self>, call: Call, rate: f64, secs: u64) -> Summary {
+        let start = Instant::now();
+        let total = (rate * secs as f64) as u64;
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Option<u64>>();
+        let mut sent = 0u64;
+        let mut tick = tokio::time::interval(Duration::from_millis(1));
+        while sent < total {
+            tick.tick().await;
+            let due = ((start.elapsed().as_secs_f64() * rate) as u64).min(total);
+            while sent < due {
+                let scheduled = start + Duration::from_secs_f64(sent as f64 / rate);
+                let (load, tx) = (self.clone(), tx.clone());
+                let lane = sent as usize;
+                tokio::spawn(async move {
+                    let ok = load.one(call, lane).await;
+                    let _ = tx.send(ok.then(|| scheduled.elapsed().as_micros() as u64));
+                });
+                sent += 1;
+            }
+        }
+        drop(tx);
+        let (mut lat, mut errors) = (Vec::with_capacity(total as usize), 0);
+        while let Some(r) = rx.recv().await {
+            match r {
+                Some(us) => lat.push(us),
+                None => errors += 1,
+            }
+        }
+        summarise(lat, start.elapsed(), errors)
+    }
+}
+
+fn line(name: &str, s: &Summary) {
+    println!(
+        "{name:<44} {:>9.0} calls/s   p50 {:>6.2} ms   p99 {:>6.2} ms   p99.9 {:>6.2} ms   errors {}",
+        s.rate, s.p50, s.p99, s.p999, s.errors
+    );
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let dir = tempfile::tempdir()?;
+    let mut settings = estate_config::Settings::load_with_env(None, Vec::new())?;
+    settings.data_dir = dir.path().to_path_buf();
+    settings.listen = "127.0.0.1:0".parse()?;
+    settings.telemetry.log_filter = "error".into();
+    settings.database.url = args.database_url.clone();
+    settings.redis.url = args.redis_url.clone();
+    if let Some(b) = args.relay_batch {
+        settings.audit.relay_batch = b;
+    }
+    if args.defer_audit {
+        settings.audit.relay_interval_ms = 3_600_000;
+        settings.audit.relay_batch = 10_000_000;
+    }
+    let app = estate_mesh::Application::build(settings).await?;
+    let port = app.port();
+    let admin = std::fs::read_to_string(app.admin_token_path())?.trim().to_owned();
+    let tokens = app.runtime().tokens.clone();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(async move {
+        let _ = app
+            .run_until(async {
+                let _ = stop_rx.await;
+            })
+            .await;
+    });
+    let endpoint = format!("http://127.0.0.1:{port}");
+    let connect = || async { Endpoint::from_shared(endpoint.clone())?.connect().await.map_err(anyhow::Error::from) };
+    let setup = connect().await?;
+
+    // A tenant, an estate, a gate, persons with cards.
+    let mut id = IdentityServiceClient::with_interceptor(setup.clone(), bearer(&admin)?);
+    let tenant = id
+        .create_tenant(CreateTenantRequest { name: "Bench Property".into(), jurisdiction_code: "120101".into() })
+        .await?
+        .into_inner();
+    let op_token =
+        tokens.issue(Principal::Operator { tenant_id: tenant.id.clone(), estate_ids: vec![] }, "bench", 3600)?.token;
+    let mut op = IdentityServiceClient::with_interceptor(setup.clone(), bearer(&op_token)?);
+    let mut cr = CredentialServiceClient::with_interceptor(setup.clone(), bearer(&op_token)?);
+    let estate = op
+        .create_estate(CreateEstateRequest {
+            name: "Bench Garden".into(),
+            address: "1 Bench Road".into(),
+            jurisdiction_code: "120101".into(),
+        })
+        .await?
+        .into_inner();
+    let gate = op
+        .create_gate(CreateGateRequest {
+            estate_id: estate.id.clone(),
+            name: "Main gate".into(),
+            direction: GateDirection::Both as i32,
+            supported_kinds: vec![CredentialKind::Card as i32, CredentialKind::Qr as i32],
+        })
+        .await?
+        .into_inner();
+    let mut cards = Vec::with_capacity(args.cards);
+    let mut card_ids = Vec::with_capacity(args.cards);
+    let per_person = 10;
+    for p in 0..args.cards.div_ceil(per_person) {
+        let unit = op
+            .create_unit(CreateUnitRequest {
+                estate_id: estate.id.clone(),
+                building: format!("{}", p / 100 + 1),
+                unit: "1".into(),
+                room: format!("{}", p % 100 + 101),
+            })
+            .await?
+            .into_inner();
+        let person = op
+            .create_person(CreatePersonRequest {
+                display_name: format!("Resident {p}"),
+                phone: format!("1380000{p:04}"),
+                birth_date: "1980-01-01".into(),
+                guardian_person_id: String::new(),
+            })
+            .await?
+            .into_inner();
+        op.create_residency(CreateResidencyRequest {
+            person_id: person.id.clone(),
+            unit_id: unit.id,
+            role: ResidencyRole::Owner as i32,
+            valid_from: None,
+            valid_until: None,
+        })
+        .await?;
+        for c in 0..per_person {
+            let n = p * per_person + c;
+            if n >= args.cards {
+                break;
+            }
+            let uid = format!("{:08X}", 0x1000_0000 + n);
+            let issued = cr
+                .issue_credential(IssueCredentialRequest {
+                    person_id: person.id.clone(),
+                    estate_ids: vec![estate.id.clone()],
+                    secret: Some(issue_credential_request::Secret::Card(CardSecret {
+                        uid: uid.clone(),
+                        facility_code: String::new(),
+                    })),
+                    ..Default::default()
+                })
+                .await?
+                .into_inner();
+            cards.push(uid);
+            card_ids.push(issued.credential.map(|c| c.id).unwrap_or_default());
+        }
+    }
+    let gate_token = tokens
+        .issue(
+            Principal::Gate { tenant_id: tenant.id.clone(), estate_id: estate.id.clone(), gate_id: gate.id.clone() },
+            "bench-gate",
+            3600,
+        )?
+        .token;
+    let mut channels = Vec::new();
+    for _ in 0..args.connections.max(1) {
+        channels.push(connect().await?);
+    }
+    let load = Arc::new(Load {
+        health: channels.iter().map(|c| HealthClient::new(c.clone())).collect(),
+        gates: channels
+            .iter()
+            .map(|c| Ok(GateServiceClient::with_interceptor(c.clone(), bearer(&gate_token)?)))
+            .collect::<anyhow::Result<Vec<_>>>()?,
+        cards: Arc::new(cards),
+        next: Arc::new(AtomicU64::new(0)),
+    });
+
+    println!(
+        "gate-bench: {} cards, {} connections, {} in flight, {} s per phase; database {}, cache {}",
+        load.cards.len(),
+        args.connections,
+        args.concurrency,
+        args.seconds,
+        if args.database_url.is_some() { "PostgreSQL" } else { "SQLite" },
+        if args.redis_url.is_some() { "Redis" } else { "in-process" }
+    );
+    // Warm-up: fills the hot-path cache and the connection pools.
+    load.closed(Call::Decide, args.concurrency, 2).await;
+    load.closed(Call::Noop, args.concurrency, 1).await;
+
+    if let Some(secs) = args.profile_decide {
+        eprintln!("profiling window starts");
+        line("card decision (GateService/Decide)", &load.closed(Call::Decide, args.concurrency, secs).await);
+        let _ = stop_tx.send(());
+        return Ok(());
+    }
+    let noop_a = load.closed(Call::Noop, args.concurrency, args.seconds).await;
+    let decide = load.closed(Call::Decide, args.concurrency, args.seconds).await;
+    let noop_b = load.closed(Call::Noop, args.concurrency, args.seconds).await;
+    let noop_rate = (noop_a.rate + noop_b.rate) / 2.0;
+    line("no-op unary (Health/Check), before", &noop_a);
+    line("card decision (GateService/Decide)", &decide);
+    line("no-op unary (Health/Check), after", &noop_b);
+    println!("ratio decide / no-op (closed loop): {:.2}", decide.rate / noop_rate);
+
+    let target = decide.rate * 0.7;
+    let paced = load.open(Call::Decide, target, args.seconds).await;
+    line(&format!("card decision at 70% of its max ({target:.0}/s)"), &paced);
+    let paced_noop = load.open(Call::Noop, target, args.seconds).await;
+    line(&format!("no-op unary at the same rate ({target:.0}/s)"), &paced_noop);
+
+    // Revocation fan-out: `gates` gates of the estate watch; each revocation
+    // is timed from just before the operator's call to arrival at each gate.
+    if args.gates > 0 && args.revocations > 0 {
+        let mut created = Vec::new();
+        for i in 0..args.gates {
+            let g = op
+                .create_gate(CreateGateRequest {
+                    estate_id: estate.id.clone(),
+                    name: format!("Watch gate {i}"),
+                    direction: GateDirection::Both as i32,
+                    supported_kinds: vec![CredentialKind::Card as i32, CredentialKind::Qr as i32],
+                })
+                .await?
+                .into_inner();
+            created.push(g.id);
+        }
+        let (seen_tx, mut seen_rx) = tokio::sync::mpsc::unbounded_channel::<(String, Instant)>();
+        let (ready_tx, mut ready_rx) = tokio::sync::mpsc::unbounded_channel::<()>();
+        let mut watchers = Vec::new();
+        let stream_channels: Vec<Channel> = {
+            let mut v = Vec::new();
+            for _ in 0..(args.gates / 100).max(1) {
+                v.push(connect().await?);
+            }
+            v
+        };
+        for (i, g) in created.iter().enumerate() {
+            let token = tokens
+                .issue(
+                    Principal::Gate { tenant_id: tenant.id.clone(), estate_id: estate.id.clone(), gate_id: g.clone() },
+                    "bench-watch",
+                    3600,
+                )?
+                .token;
+            let mut client = GateServiceClient::with_interceptor(
+                stream_channels[i % stream_channels.len()].clone(),
+                bearer(&token)?,
+            );
+            let (seen_tx, ready_tx) = (seen_tx.clone(), ready_tx.clone());
+            watchers.push(tokio::spawn(async move {
+                let Ok(resp) = client.watch_changes(WatchChangesRequest {}).await else { return };
+                let mut stream = resp.into_inner();
+                while let Ok(Some(change)) = stream.message().await {
+                    if change.change == "subscribed" {
+                        let _ = ready_tx.send(());
+                    } else {
+                        let _ = seen_tx.send((change.credential_id, Instant::now()));
+                    }
+                }
+            }));
+        }
+        for _ in 0..created.len() {
+            ready_rx.recv().await;
+        }
+        let mut latencies = Vec::new();
+        let mut rpc = Vec::new();
+        let mut missing = 0usize;
+        for id in card_ids.iter().rev().take(args.revocations) {
+            let t0 = Instant::now();
+            cr.revoke_credential(ChangeCredentialRequest { id: id.clone(), reason: "bench".into() }).await?;
+            rpc.push(t0.elapsed().as_micros() as u64);
+            let mut got = 0;
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+            while got < created.len() {
+                match tokio::time::timeout_at(deadline, seen_rx.recv()).await {
+                    Ok(Some((cid, at))) if cid == *id => {
+                        latencies.push(at.duration_since(t0).as_micros() as u64);
+                        got += 1;
+                    }
+                    Ok(Some(_)) => {}
+                    _ => break,
+                }
+            }
+            missing += created.len() - got;
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let n = latencies.len();
+        let s = summarise(latencies, Duration::from_secs(1), 0);
+        let r = summarise(rpc, Duration::from_secs(1), 0);
+        println!(
+            "revoke-to-gate, {} gates x {} revocations ({n} deliveries, {missing} missing): p50 {:.2} ms, p99 {:.2} ms, p99.9 {:.2} ms",
+            created.len(),
+            args.revocations,
+            s.p50,
+            s.p99,
+            s.p999
+        );
+        println!("  (of which the operator's RevokeCredential call itself: p50 {:.2} ms, p99 {:.2} ms)", r.p50, r.p99);
+        for w in watchers {
+            w.abort();
+        }
+    }
+    let _ = stop_tx.send(());
+    let _ = tokio::time::timeout(Duration::from_secs(10), server).await;
+    Ok(())
+}

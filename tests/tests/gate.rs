@@ -579,3 +579,80 @@ async fn forged_and_tampered_bundles_are_rejected_by_the_sdk() -> anyhow::Result
     );
     mesh.stop().await
 }
+
+#[tokio::test]
+async fn moving_out_stops_the_cards_at_that_estate_only() -> anyhow::Result<()> {
+    let mesh = TestMesh::spawn().await?;
+    let w = world(&mesh, "MoveOut", "120101").await?;
+    let mut ident = operator(&mesh, &w)?;
+    // A second estate where the person also lives, and a card valid at both.
+    let other = ident
+        .create_estate(CreateEstateRequest {
+            name: "Hillside".into(),
+            address: "9 Hill Road".into(),
+            jurisdiction_code: "120101".into(),
+        })
+        .await?
+        .into_inner();
+    let flat = ident
+        .create_unit(CreateUnitRequest {
+            estate_id: other.id.clone(),
+            building: "2".into(),
+            unit: "1".into(),
+            room: "201".into(),
+        })
+        .await?
+        .into_inner();
+    ident
+        .create_residency(CreateResidencyRequest {
+            person_id: w.person.id.clone(),
+            unit_id: flat.id,
+            role: ResidencyRole::Owner as i32,
+            valid_from: None,
+            valid_until: None,
+        })
+        .await?;
+    let mut op = mesh.credentials(&w.operator_token)?;
+    let both =
+        op.issue_credential(card_request(&w.person.id, &[&w.estate.id, &other.id], "AB000001")).await?.into_inner();
+    let here = op.issue_credential(card_request(&w.person.id, &[&w.estate.id], "AB000002")).await?.into_inner();
+    let mut north = mesh.gate(&gate(&mesh, &w)?)?;
+    let (_, mut hill) = new_gate(&mesh, &w, &other.id, "Hill gate", GateDirection::In, &[CredentialKind::Card]).await?;
+    assert_eq!(reason(&mut north, card("AB000001")).await?, Reason::Ok);
+    assert_eq!(reason(&mut north, card("AB000002")).await?, Reason::Ok);
+    let mut stream = north.watch_changes(WatchChangesRequest {}).await?.into_inner();
+    assert_eq!(stream.message().await?.map(|c| c.change), Some("subscribed".to_owned()));
+
+    ident
+        .end_residency(estate_proto::identity::EndResidencyRequest {
+            id: w.residency.id.clone(),
+            reason: "moved out".into(),
+        })
+        .await?;
+    // The North gate hears of both cards, and denies them.
+    let mut heard = Vec::new();
+    while heard.len() < 2 {
+        let c = tokio::time::timeout(Duration::from_secs(10), stream.message())
+            .await??
+            .ok_or_else(|| anyhow::anyhow!("stream ended"))?;
+        assert_eq!(c.status, CredentialStatus::Revoked as i32);
+        heard.push(c.credential_id);
+    }
+    heard.sort();
+    let mut expected = vec![id_of(&both), id_of(&here)];
+    expected.sort();
+    assert_eq!(heard, expected);
+    assert_eq!(reason(&mut north, card("AB000001")).await?, Reason::NotThisEstate);
+    assert_eq!(reason(&mut north, card("AB000002")).await?, Reason::Revoked);
+    // Where the person still lives, their card still works.
+    assert_eq!(reason(&mut hill, card("AB000001")).await?, Reason::Ok);
+    let rows = estate_store::outbox::for_tenant(mesh.db().pool(), &w.tenant.id).await?;
+    let sweep: Vec<_> = rows
+        .iter()
+        .filter(|r| r.event.attributes.get("reason").map(String::as_str) == Some("residency ended"))
+        .map(|r| r.event.action.as_str())
+        .collect();
+    assert_eq!(sweep.len(), 2);
+    assert!(sweep.contains(&"credential.revoke") && sweep.contains(&"credential.unlink_estate"));
+    mesh.stop().await
+}

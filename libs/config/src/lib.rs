@@ -101,6 +101,9 @@ pub struct CredentialSettings {
     pub qr_step_secs: u64,
     /// Steps of clock difference tolerated either side.
     pub qr_window_steps: u64,
+    /// How often the move-out sweep reads ended residencies (it also wakes
+    /// on the bus).
+    pub sweep_interval_secs: u64,
 }
 
 /// Consent service settings (R5, R9, R16).
@@ -259,6 +262,7 @@ pin_failure_window_secs = 900
 pin_lockout_secs = 900
 qr_step_secs = 30
 qr_window_steps = 1
+sweep_interval_secs = 5
 
 [audit]
 checkpoint_every = 1000

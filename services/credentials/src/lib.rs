@@ -9,6 +9,7 @@ pub mod directory;
 mod limiter;
 mod model;
 mod service;
+pub mod sweep;
 pub mod totp;
 
 pub use limiter::PinLimiter;
@@ -58,6 +59,16 @@ pub fn service(runtime: &Runtime) -> CredentialBook {
     )
 }
 
+/// Starts the move-out sweep (credentials stop at an estate when the
+/// holder's last residency there ends).
+pub fn start_sweep(runtime: &Runtime) -> tokio::task::JoinHandle<()> {
+    sweep::spawn_sweep(
+        runtime.db.clone(),
+        runtime.bus.clone(),
+        Duration::from_secs(runtime.settings.credentials.sweep_interval_secs.max(1)),
+    )
+}
+
 /// The tonic server wrapper with the configured message size limit.
 pub fn server(runtime: &Runtime) -> CredentialServiceServer<CredentialBook> {
     let max = runtime.settings.limits.max_message_bytes;
@@ -73,5 +84,6 @@ pub async fn application(runtime: Runtime) -> Result<ServiceApp, StartError> {
     }
     let mut routes = tonic::service::RoutesBuilder::default();
     routes.add_service(server(&runtime));
-    ServiceApp::build(runtime, routes, &[SERVICE_NAME]).await
+    let sweep = start_sweep(&runtime);
+    Ok(ServiceApp::build(runtime, routes, &[SERVICE_NAME]).await?.with_background(sweep))
 }

@@ -1080,8 +1080,13 @@ impl GateDesk {
                         if !change.lookup_hash.is_empty() {
                             let (t, h) = (change.tenant_id.as_str(), change.lookup_hash.as_str());
                             let refreshed = async {
-                                let facts = creds::by_lookup_hash(&desk.db, t, h).await?;
-                                desk.cache.refresh(t, h, facts.as_ref()).await
+                                // A change names a credential that exists; finding
+                                // none means the event came from a mesh on another
+                                // database sharing this Redis, and is not ours.
+                                match creds::by_lookup_hash(&desk.db, t, h).await? {
+                                    Some(facts) => desk.cache.refresh(t, h, Some(&facts)).await,
+                                    None => Ok(()),
+                                }
                             };
                             if let Err(e) = refreshed.await {
                                 tracing::warn!(error = %e, "gate cache not refreshed after a change; it expires by TTL");

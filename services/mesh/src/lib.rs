@@ -103,6 +103,7 @@ impl Application {
     /// Serves until `shutdown` resolves.
     pub async fn run_until(self, shutdown: impl Future<Output = ()>) -> Result<(), MeshError> {
         let sweep = estate_consent::start_sweep(&self.runtime);
+        let move_out = estate_credentials::start_sweep(&self.runtime);
         let relay = estate_audit::start_relay(&self.runtime, self.audit_log.clone());
         let gate = self.gate.clone();
         let served = self
@@ -113,6 +114,7 @@ impl Application {
             })
             .await;
         sweep.abort();
+        move_out.abort();
         relay.abort();
         for task in self.gate_tasks {
             task.abort();

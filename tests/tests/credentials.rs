@@ -163,7 +163,7 @@ async fn withdrawing_face_consent_keeps_every_other_credential_working() -> anyh
         })
         .await?
         .into_inner();
-    assert_eq!(face.credential.map(|c| c.consent_id), Some(granted.id.clone()));
+    assert_eq!(face.credential.as_ref().map(|c| c.consent_id.clone()), Some(granted.id.clone()));
     // A face reference without consent, or for another estate, is refused.
     let (c, _) = err(op
         .issue_credential(IssueCredentialRequest {
@@ -185,6 +185,18 @@ async fn withdrawing_face_consent_keeps_every_other_credential_working() -> anyh
     assert_eq!(outcome(&mut g, present_card("04a1b2c3")).await?, VerifyOutcome::Valid);
     assert_eq!(outcome(&mut g, present_pin(&w.unit.id, "739146")).await?, VerifyOutcome::Valid);
     assert_eq!(outcome(&mut g, qr_code(&q, now_unix())?).await?, VerifyOutcome::Valid);
+    // The face reference itself is revoked by the sweep (within its interval).
+    let face_id = face.credential.map(|c| c.id).unwrap_or_default();
+    let mut status = CredentialStatus::Active;
+    for _ in 0..100 {
+        let c = op.get_credential(GetCredentialRequest { id: face_id.clone() }).await?.into_inner();
+        status = CredentialStatus::try_from(c.status)?;
+        if status == CredentialStatus::Revoked {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert_eq!(status, CredentialStatus::Revoked);
     mesh.stop().await
 }
 

@@ -1,5 +1,8 @@
 //! Move-out: when a person's last residency at an estate ends, their
-//! credentials stop opening that estate's gates.
+//! credentials stop opening that estate's gates. Face consent ended: when a
+//! person withdraws face consent at an estate (or it ends with their
+//! residency), their face references there are revoked (R4, R5: the other
+//! credentials keep working).
 //!
 //! Identity writes a `residency.end` outbox event (with `last_at_estate`) in
 //! the transaction that ends the residency; this sweep reads those events
@@ -152,6 +155,97 @@ pub async fn sweep_residency_ends(db: &Db, bus: &EventBus) -> Result<usize> {
     }
 }
 
+/// Consent events that end face processing for a person at an estate.
+const FACE_CONSENT_ENDS: [&str; 2] = ["consent.withdraw", "face_deletion.request"];
+
+/// Revokes face references of persons whose face consent ended (consent
+/// withdrawn, or ended with their residency); returns the credentials revoked.
+pub async fn sweep_face_consent_ends(db: &Db, bus: &EventBus) -> Result<usize> {
+    let mut changed = 0;
+    for action in FACE_CONSENT_ENDS {
+        loop {
+            let cursor: Option<(i64,)> =
+                sqlx::query_as::<Any, (i64,)>("SELECT last_seq FROM credentials_sweep_cursor WHERE name = $1")
+                    .bind(action)
+                    .fetch_optional(db.pool())
+                    .await
+                    .map_err(db_error)?;
+            let after = cursor.map_or(0, |(s,)| s);
+            let events = outbox::with_action_after(db.pool(), action, after, BATCH).await?;
+            let Some(last) = events.last().map(|e| e.seq) else { break };
+            let mut announce = Vec::new();
+            let mut tx = db.begin().await?;
+            for row in &events {
+                let ev = &row.event;
+                if ev.estate_id.is_empty() || ev.person_pseudonym.is_empty() {
+                    continue;
+                }
+                let faces: Vec<(String, i64)> = sqlx::query_as::<Any, (String, i64)>(
+                    "SELECT c.id, c.version FROM credentials c \
+                     JOIN credential_estates ce ON ce.tenant_id = c.tenant_id AND ce.credential_id = c.id \
+                     WHERE c.tenant_id = $1 AND c.person_pseudonym = $2 AND ce.estate_id = $3 AND c.kind = 'face' \
+                     AND c.status <> $4 ORDER BY c.id",
+                )
+                .bind(&ev.tenant_id)
+                .bind(&ev.person_pseudonym)
+                .bind(&ev.estate_id)
+                .bind(REVOKED)
+                .fetch_all(&mut *tx)
+                .await
+                .map_err(db_error)?;
+                for (id, version) in faces {
+                    let version = version + 1;
+                    sqlx::query::<Any>(
+                        "UPDATE credentials SET status = $1, version = $2, updated_at = $3 WHERE tenant_id = $4 AND id = $5",
+                    )
+                    .bind(REVOKED)
+                    .bind(version)
+                    .bind(now_ms())
+                    .bind(&ev.tenant_id)
+                    .bind(&id)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(db_error)?;
+                    let audit = Change::new(&ev.tenant_id, "credential.revoke", "credential", &id)
+                        .estate(&ev.estate_id)
+                        .person(&ev.person_pseudonym, ev.concerns_minor)
+                        .attr("kind", "face")
+                        .attr("reason", "face consent ended")
+                        .attr("cause_event_id", ev.event_id.clone());
+                    outbox::record(&mut tx, &audit.into_event(sweep_actor(), &ev.request_id, SOURCE)).await?;
+                    announce.push(CredentialChanged {
+                        tenant_id: ev.tenant_id.clone(),
+                        credential_id: id,
+                        estate_ids: vec![ev.estate_id.clone()],
+                        kind: CredentialKind::Face as i32,
+                        status: CredentialStatus::Revoked as i32,
+                        version,
+                        change: "revoke".into(),
+                        lookup_hash: String::new(),
+                    });
+                    changed += 1;
+                }
+            }
+            sqlx::query::<Any>(
+                "INSERT INTO credentials_sweep_cursor (name, last_seq) VALUES ($1, $2) \
+                 ON CONFLICT (name) DO UPDATE SET last_seq = excluded.last_seq",
+            )
+            .bind(action)
+            .bind(last)
+            .execute(&mut *tx)
+            .await
+            .map_err(db_error)?;
+            tx.commit().await.map_err(db_error)?;
+            for ev in announce {
+                if let Err(e) = bus.publish(CREDENTIAL_CHANGED_TOPIC, ev.encode_to_vec()).await {
+                    tracing::warn!(error = %e, "face reference revocation not announced");
+                }
+            }
+        }
+    }
+    Ok(changed)
+}
+
 /// Runs the sweep every `interval`, and at once when identity announces a
 /// residency end. Stops when the database pool is closed.
 pub fn spawn_sweep(db: Db, bus: EventBus, interval: Duration) -> tokio::task::JoinHandle<()> {
@@ -163,6 +257,9 @@ pub fn spawn_sweep(db: Db, bus: EventBus, interval: Duration) -> tokio::task::Jo
             }
             if let Err(e) = sweep_residency_ends(&db, &bus).await {
                 tracing::warn!(error = %e, "move-out sweep failed; will retry");
+            }
+            if let Err(e) = sweep_face_consent_ends(&db, &bus).await {
+                tracing::warn!(error = %e, "face consent sweep failed; will retry");
             }
             let residency_ended = async {
                 loop {

@@ -61,6 +61,9 @@ struct Args {
     /// costs on its own. Decisions are still written to the outbox.
     #[arg(long)]
     defer_audit: bool,
+    /// Idle WatchChanges streams to open at the end (memory per stream).
+    #[arg(long, default_value_t = 0)]
+    idle_streams: usize,
     /// Outbox rows the audit relay appends per transaction (default 500).
     #[arg(long)]
     relay_batch: Option<i64>,
@@ -477,7 +480,100 @@ async fn main() -> anyhow::Result<()> {
             w.abort();
         }
     }
+    if args.idle_streams > 0 {
+        idle_streams(&args, &mut op, &tokens, &tenant.id, &estate.id, &connect).await?;
+    }
     let _ = stop_tx.send(());
     let _ = tokio::time::timeout(Duration::from_secs(10), server).await;
+    Ok(())
+}
+
+fn rss_mib() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("VmRSS:")).map(str::to_owned))
+        .and_then(|l| l.split_whitespace().nth(1).and_then(|k| k.parse::<f64>().ok()))
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
+/// Opens `idle_streams` WatchChanges streams, one gate each, and reports the
+/// process's resident memory before and after (server and client sides both
+/// live in this process, so the figure per stream is an upper bound for the
+/// server).
+async fn idle_streams<F, Fut>(
+    args: &Args,
+    op: &mut IdentityServiceClient<InterceptedService<Channel, Bearer>>,
+    tokens: &estate_auth::TokenAuthority,
+    tenant: &str,
+    estate: &str,
+    connect: &F,
+) -> anyhow::Result<()>
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<Channel>>,
+{
+    let n = args.idle_streams;
+    let mut gate_ids = Vec::with_capacity(n);
+    for i in 0..n {
+        let g = op
+            .create_gate(CreateGateRequest {
+                estate_id: estate.to_owned(),
+                name: format!("Idle gate {i}"),
+                direction: GateDirection::Both as i32,
+                supported_kinds: vec![CredentialKind::Card as i32, CredentialKind::Qr as i32],
+            })
+            .await?
+            .into_inner();
+        gate_ids.push(g.id);
+    }
+    let mut channels = Vec::new();
+    for _ in 0..n.div_ceil(100) {
+        channels.push(connect().await?);
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let before = rss_mib();
+    let (ready_tx, mut ready_rx) = tokio::sync::mpsc::unbounded_channel::<()>();
+    let mut tasks = Vec::with_capacity(n);
+    let started = Instant::now();
+    for (i, g) in gate_ids.iter().enumerate() {
+        let token = tokens
+            .issue(
+                Principal::Gate { tenant_id: tenant.to_owned(), estate_id: estate.to_owned(), gate_id: g.clone() },
+                "bench-idle",
+                3600,
+            )?
+            .token;
+        let mut client = GateServiceClient::with_interceptor(channels[i % channels.len()].clone(), bearer(&token)?);
+        let ready_tx = ready_tx.clone();
+        tasks.push(tokio::spawn(async move {
+            let Ok(resp) = client.watch_changes(WatchChangesRequest {}).await else { return };
+            let mut stream = resp.into_inner();
+            let _ = stream.message().await;
+            let _ = ready_tx.send(());
+            while let Ok(Some(_)) = stream.message().await {}
+        }));
+    }
+    let mut ready = 0;
+    while ready < n {
+        match tokio::time::timeout(Duration::from_secs(30), ready_rx.recv()).await {
+            Ok(Some(())) => ready += 1,
+            _ => break,
+        }
+    }
+    let opened = started.elapsed();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let after = rss_mib();
+    let t0 = Instant::now();
+    let mut h = HealthClient::new(connect().await?);
+    h.check(HealthCheckRequest { service: String::new() }).await?;
+    println!(
+        "idle streams: {ready} of {n} subscribed in {:.1} s; RSS {before:.0} -> {after:.0} MiB ({:.1} KiB per stream, client side included); a health check meanwhile took {:.2} ms",
+        opened.as_secs_f64(),
+        (after - before) * 1024.0 / ready.max(1) as f64,
+        t0.elapsed().as_secs_f64() * 1000.0
+    );
+    for t in tasks {
+        t.abort();
+    }
     Ok(())
 }

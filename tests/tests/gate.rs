@@ -656,3 +656,93 @@ async fn moving_out_stops_the_cards_at_that_estate_only() -> anyhow::Result<()> 
     assert!(sweep.contains(&"credential.revoke") && sweep.contains(&"credential.unlink_estate"));
     mesh.stop().await
 }
+
+/// Every gate RPC, called by every principal that may not call it, answers
+/// with the exact status: UNAUTHENTICATED without a valid token, PERMISSION
+/// DENIED for a principal of the wrong kind; GetBundleKeys is open to all.
+#[tokio::test]
+async fn every_gate_rpc_refuses_every_wrong_principal() -> anyhow::Result<()> {
+    let mesh = TestMesh::spawn().await?;
+    let w = world(&mesh, "Matrix", "120101").await?;
+    let now = now_unix() as i64;
+    let expired = mesh
+        .tokens()
+        .issue_between(
+            Principal::Gate {
+                tenant_id: w.tenant.id.clone(),
+                estate_id: w.estate.id.clone(),
+                gate_id: w.gate.id.clone(),
+            },
+            "old",
+            now - 7200,
+            now - 3600,
+        )?
+        .token;
+    let forged = {
+        // One character in the middle of the signature changed.
+        let t = gate(&mesh, &w)?;
+        let at = t.len() - 20;
+        let swapped = if &t[at..=at] == "A" { "B" } else { "A" };
+        format!("{}{swapped}{}", &t[..at], &t[at + 1..])
+    };
+    let unauthenticated = [("no token", String::new()), ("expired", expired), ("forged", forged)];
+    let wrong_kind = [
+        ("platform admin", mesh.admin_token.clone()),
+        ("regulator", mesh.token_for(Principal::Regulator { jurisdiction_codes: vec!["120000".into()] })?.token),
+        ("resident", resident(&mesh, &w, &w.person.id)?),
+        ("service", mesh.token_for(Principal::Service { name: "relay".into() })?.token),
+    ];
+    let gate_only_rpcs = |who: &str| format!("{who}: a gate-only RPC");
+    for (who, token) in unauthenticated.iter().chain(wrong_kind.iter()) {
+        let mut g = if token.is_empty() {
+            estate_proto::gate::gate_service_client::GateServiceClient::with_interceptor(
+                mesh.channel(),
+                estate_test_support::Bearer::none(),
+            )
+        } else {
+            mesh.gate(token)?
+        };
+        let expect = if unauthenticated.iter().any(|(w2, _)| w2 == who) {
+            Code::Unauthenticated
+        } else {
+            Code::PermissionDenied
+        };
+        let calls: Vec<(&str, Code)> = vec![
+            ("Decide", code(g.decide(DecideRequest { gate_id: w.gate.id.clone(), ..card("04A1B2C3") }).await)),
+            ("WatchChanges", code(g.watch_changes(WatchChangesRequest {}).await)),
+            ("GetOfflineBundle", code(g.get_offline_bundle(GetOfflineBundleRequest {}).await)),
+            ("AckBundle", code(g.ack_bundle(AckBundleRequest { version: 1 }).await)),
+            (
+                "UploadOfflineDecisions",
+                code(g.upload_offline_decisions(UploadOfflineDecisionsRequest { decisions: vec![] }).await),
+            ),
+            (
+                "SetGateRules",
+                code(g.set_gate_rules(SetGateRulesRequest { gate_id: w.gate.id.clone(), ..Default::default() }).await),
+            ),
+            ("GetGateRules", code(g.get_gate_rules(GetGateRulesRequest { gate_id: w.gate.id.clone() }).await)),
+            (
+                "ListGateStatus",
+                code(
+                    g.list_gate_status(ListGateStatusRequest { estate_id: w.estate.id.clone(), only_stale: false })
+                        .await,
+                ),
+            ),
+        ];
+        for (rpc, got) in calls {
+            assert_eq!(got, expect, "{} {rpc}", gate_only_rpcs(who));
+        }
+        assert!(g.get_bundle_keys(GetBundleKeysRequest {}).await.is_ok(), "{who}: GetBundleKeys is open");
+    }
+    // A gate may not use operator RPCs.
+    let mut g = mesh.gate(&gate(&mesh, &w)?)?;
+    assert_eq!(
+        code(g.set_gate_rules(SetGateRulesRequest { gate_id: w.gate.id.clone(), ..Default::default() }).await),
+        Code::PermissionDenied
+    );
+    assert_eq!(
+        code(g.list_gate_status(ListGateStatusRequest { estate_id: w.estate.id.clone(), only_stale: false }).await),
+        Code::PermissionDenied
+    );
+    mesh.stop().await
+}

@@ -746,3 +746,37 @@ async fn every_gate_rpc_refuses_every_wrong_principal() -> anyhow::Result<()> {
     );
     mesh.stop().await
 }
+
+/// Oversized requests are refused before any handler runs, with the status
+/// tonic gives for a message over the configured limit; nothing is recorded.
+#[tokio::test]
+async fn oversized_decisions_are_refused_and_not_recorded() -> anyhow::Result<()> {
+    let mesh = TestMesh::spawn_with(|s| s.limits.max_message_bytes = 64 * 1024).await?;
+    let w = world(&mesh, "Oversize", "120101").await?;
+    let mut g = mesh.gate(&gate(&mesh, &w)?)?;
+    let huge = DecideRequest {
+        presented: Some(decide_request::Presented::Face(FaceProbe {
+            template: Vec::new(),
+            image: vec![7u8; 200 * 1024],
+        })),
+        gate_id: String::new(),
+    };
+    let got = code(g.decide(huge).await);
+    assert!(matches!(got, Code::OutOfRange | Code::ResourceExhausted), "{got:?}");
+    // Under the transport limit but over the probe limit: INVALID_ARGUMENT.
+    let mesh2 = TestMesh::spawn().await?;
+    let w2 = world(&mesh2, "Oversize2", "120101").await?;
+    let mut g2 = mesh2.gate(&gate(&mesh2, &w2)?)?;
+    let big = DecideRequest {
+        presented: Some(decide_request::Presented::Face(FaceProbe {
+            template: Vec::new(),
+            image: vec![7u8; 3 * 1024 * 1024],
+        })),
+        gate_id: String::new(),
+    };
+    assert_eq!(code(g2.decide(big).await), Code::InvalidArgument);
+    let rows = estate_store::outbox::for_tenant(mesh.db().pool(), &w.tenant.id).await?;
+    assert_eq!(gate_decisions(&rows, "gate.decide"), 0);
+    mesh2.stop().await?;
+    mesh.stop().await
+}

@@ -34,7 +34,12 @@ macro_rules! unary_rpcs {
                 'life0: 'async_trait,
                 Self: 'async_trait,
             {
-                let span = ::tracing::info_span!("rpc", service = $service, method = stringify!($name));
+                let span = ::tracing::info_span!(
+                    "rpc",
+                    otel.name = concat!($service, ".", stringify!($name)),
+                    service = $service,
+                    method = stringify!($name)
+                );
                 Box::pin(::tracing::Instrument::instrument(
                     async move {
                         let caller = $crate::caller(&request)?;

@@ -8,6 +8,9 @@
 //!   message size, and graceful shutdown on SIGTERM / Ctrl-C.
 
 pub mod relay;
+mod rpc_trace;
+
+pub use rpc_trace::{RpcTrace, RpcTraceLayer};
 
 use estate_auth::{AuthLayer, TokenAuthority};
 use estate_bus::EventBus;
@@ -183,7 +186,7 @@ impl Runtime {
 pub struct GrpcApp {
     listener: TcpListener,
     port: u16,
-    router: Router<Stack<AuthLayer, Identity>>,
+    router: Router<Stack<AuthLayer, Stack<RpcTraceLayer, Identity>>>,
 }
 
 impl GrpcApp {
@@ -210,6 +213,7 @@ impl GrpcApp {
         routes.add_service(health_service);
         routes.add_service(reflection);
         let router = tonic::transport::Server::builder()
+            .layer(RpcTraceLayer)
             .layer(AuthLayer::new(runtime.tokens.verifying_keys().clone()))
             .add_routes(routes.routes());
         Ok(Self { listener, port, router })

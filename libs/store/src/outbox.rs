@@ -19,8 +19,8 @@ pub async fn record(conn: &mut AnyConnection, event: &AuditEvent) -> Result<()> 
         .unwrap_or_else(estate_core::now_ms);
     sqlx::query::<Any>(
         "INSERT INTO outbox_events (event_id, tenant_id, source, action, object_type, object_id, \
-         estate_id, person_pseudonym, occurred_at, payload) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+         estate_id, person_pseudonym, occurred_at, payload, trace_parent) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
     )
     .bind(event.event_id.as_str())
     .bind(event.tenant_id.as_str())
@@ -32,6 +32,7 @@ pub async fn record(conn: &mut AnyConnection, event: &AuditEvent) -> Result<()> 
     .bind(event.person_pseudonym.as_str())
     .bind(occurred_at)
     .bind(event.encode_to_vec())
+    .bind(estate_telemetry::current_traceparent())
     .execute(conn)
     .await
     .map_err(db_error)?;
@@ -41,12 +42,13 @@ pub async fn record(conn: &mut AnyConnection, event: &AuditEvent) -> Result<()> 
 /// Writes `events` to the outbox on `conn` with multi-row INSERTs (50 rows
 /// per statement): what a group commit of many small changes uses, since one
 /// statement per row costs a round trip (or a worker hand-off on SQLite) each.
-pub async fn record_many(conn: &mut AnyConnection, events: &[&AuditEvent]) -> Result<()> {
-    const COLUMNS: usize = 10;
+/// Each event comes with the `traceparent` of the call that made it.
+pub async fn record_many(conn: &mut AnyConnection, events: &[(&AuditEvent, Option<String>)]) -> Result<()> {
+    const COLUMNS: usize = 11;
     for chunk in events.chunks(50) {
         let mut sql = String::from(
             "INSERT INTO outbox_events (event_id, tenant_id, source, action, object_type, object_id, \
-             estate_id, person_pseudonym, occurred_at, payload) VALUES ",
+             estate_id, person_pseudonym, occurred_at, payload, trace_parent) VALUES ",
         );
         for i in 0..chunk.len() {
             if i > 0 {
@@ -62,7 +64,7 @@ pub async fn record_many(conn: &mut AnyConnection, events: &[&AuditEvent]) -> Re
             sql.push(')');
         }
         let mut q = sqlx::query::<Any>(sqlx::AssertSqlSafe(sql));
-        for event in chunk {
+        for (event, trace_parent) in chunk {
             let occurred_at = event
                 .occurred_at
                 .as_ref()
@@ -78,7 +80,8 @@ pub async fn record_many(conn: &mut AnyConnection, events: &[&AuditEvent]) -> Re
                 .bind(event.estate_id.clone())
                 .bind(event.person_pseudonym.clone())
                 .bind(occurred_at)
-                .bind(event.encode_to_vec());
+                .bind(event.encode_to_vec())
+                .bind(trace_parent.clone());
         }
         q.execute(&mut *conn).await.map_err(db_error)?;
     }
@@ -95,13 +98,16 @@ pub struct OutboxRow {
     /// The event's bytes exactly as written: the audit log hashes these, not a
     /// re-encoding (map fields encode in no fixed order).
     pub payload: Vec<u8>,
+    /// W3C traceparent of the call that wrote it, when traced.
+    pub trace_parent: Option<String>,
 }
 
 fn decode_row(r: &sqlx::any::AnyRow) -> Result<OutboxRow> {
     let payload: Vec<u8> = r.try_get("payload").map_err(db_error)?;
     let event = AuditEvent::decode(payload.as_slice())
         .map_err(|e| estate_core::Error::Internal(format!("outbox payload: {e}")))?;
-    Ok(OutboxRow { seq: r.try_get("seq").map_err(db_error)?, event, payload })
+    let trace_parent: Option<String> = r.try_get("trace_parent").ok().flatten();
+    Ok(OutboxRow { seq: r.try_get("seq").map_err(db_error)?, event, payload, trace_parent })
 }
 
 /// Events with `action`, written after `after_seq`, oldest first: how other
@@ -128,7 +134,7 @@ pub async fn with_action_after(
 /// Reads up to `limit` undelivered events after `after_seq`, oldest first.
 pub async fn pending(pool: &sqlx::AnyPool, after_seq: i64, limit: i64) -> Result<Vec<OutboxRow>> {
     let rows = sqlx::query::<Any>(
-        "SELECT seq, payload FROM outbox_events WHERE delivered_at IS NULL AND seq > $1 ORDER BY seq LIMIT $2",
+        "SELECT seq, payload, trace_parent FROM outbox_events WHERE delivered_at IS NULL AND seq > $1 ORDER BY seq LIMIT $2",
     )
     .bind(after_seq)
     .bind(limit)

@@ -70,6 +70,37 @@ pub fn init(settings: &TelemetrySettings, service_name: &'static str) -> Result<
         None => None,
     };
 
+    set_propagator();
     let _already_set = tracing_subscriber::registry().with(filter).with(fmt_layer).with(otel_layer).try_init();
     Ok(guard)
+}
+
+/// Installs the W3C trace-context propagator (`traceparent`) process-wide.
+pub fn set_propagator() {
+    opentelemetry::global::set_text_map_propagator(opentelemetry_sdk::propagation::TraceContextPropagator::new());
+}
+
+/// The W3C `traceparent` of the current span, if it belongs to a sampled
+/// trace (what the outbox stores, so the audit relay's span joins the trace
+/// of the change it relays).
+pub fn current_traceparent() -> Option<String> {
+    use tracing_opentelemetry::OpenTelemetrySpanExt;
+    let cx = tracing::Span::current().context();
+    let mut carrier = std::collections::HashMap::new();
+    opentelemetry::global::get_text_map_propagator(|p| p.inject_context(&cx, &mut carrier));
+    carrier.remove("traceparent")
+}
+
+/// The context a `traceparent` names, to parent a span on (`set_parent`).
+pub fn context_of(traceparent: &str) -> opentelemetry::Context {
+    let carrier: std::collections::HashMap<String, String> =
+        [("traceparent".to_owned(), traceparent.to_owned())].into_iter().collect();
+    opentelemetry::global::get_text_map_propagator(|p| p.extract(&carrier))
+}
+
+/// Makes `span` a child of the trace named by `traceparent` (no-op when it
+/// does not parse or tracing to OpenTelemetry is off).
+pub fn set_parent(span: &tracing::Span, traceparent: &str) {
+    use tracing_opentelemetry::OpenTelemetrySpanExt;
+    let _ = span.set_parent(context_of(traceparent));
 }

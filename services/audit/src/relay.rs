@@ -15,9 +15,21 @@ pub async fn relay_once(db: &Db, log: &AuditLog, batch: i64) -> Result<usize> {
     }
     let events: Vec<(Vec<u8>, estate_proto::common::AuditEvent)> =
         rows.iter().map(|r| (r.payload.clone(), r.event.clone())).collect();
+    // One span per relayed event, in the trace of the call that made the
+    // change, lasting until the event is in the log.
+    let spans: Vec<tracing::Span> = rows
+        .iter()
+        .filter_map(|r| {
+            let parent = r.trace_parent.as_deref()?;
+            let span = tracing::info_span!("audit.append", otel.name = "audit.append", event_id = %r.event.event_id);
+            estate_telemetry::set_parent(&span, parent);
+            Some(span)
+        })
+        .collect();
     log.append(&events).await?;
     let seqs: Vec<i64> = rows.iter().map(|r| r.seq).collect();
     outbox::mark_delivered(db, &seqs).await?;
+    drop(spans);
     Ok(rows.len())
 }
 

@@ -404,12 +404,15 @@ impl GateDesk {
     /// cache that cannot be reached (Redis down) costs speed, not decisions:
     /// the database is the source of truth.
     async fn card_facts(&self, tenant: &str, hash: &str) -> Result<Option<CredentialFacts>> {
-        match self.cache.get(tenant, hash).await {
+        use tracing::Instrument;
+        let looked_up = self.cache.get(tenant, hash).instrument(tracing::info_span!("gate.cache.get")).await;
+        match looked_up {
             Ok(Some(hit)) => return Ok(hit),
             Ok(None) => {}
             Err(e) => tracing::warn!(error = %e, "gate cache unavailable; deciding from the database"),
         }
-        let facts = creds::by_lookup_hash(&self.db, tenant, hash).await?;
+        let facts =
+            creds::by_lookup_hash(&self.db, tenant, hash).instrument(tracing::info_span!("credentials.lookup")).await?;
         if let Err(e) = self.cache.fill(tenant, hash, facts.as_ref()).await {
             tracing::debug!(error = %e, "gate cache not filled");
         }
@@ -553,7 +556,8 @@ impl GateDesk {
         }
         let event = self.event(caller, &view, &decision_id, &outcome);
         let gate = Some((view.info.id.clone(), view.info.estate_id.clone()));
-        self.writer.write(Pending { event, gate }).await?;
+        let trace_parent = estate_telemetry::current_traceparent();
+        self.writer.write(Pending { event, gate, trace_parent }).await?;
         Ok(Self::decision(&view, decision_id, outcome, now))
     }
 
@@ -589,9 +593,8 @@ impl GateDesk {
         let event = self.event(caller, view, &decision_id, &outcome);
         if outcome.reason() == Reason::AntiPassback {
             tx.rollback().await.map_err(db_error)?;
-            self.writer
-                .write(Pending { event, gate: Some((view.info.id.clone(), view.info.estate_id.clone())) })
-                .await?;
+            let gate = Some((view.info.id.clone(), view.info.estate_id.clone()));
+            self.writer.write(Pending { event, gate, trace_parent: estate_telemetry::current_traceparent() }).await?;
         } else {
             outbox::record(&mut tx, &event).await?;
             touch(&mut tx, &view.tenant, &view.info.id, &view.info.estate_id, now).await?;

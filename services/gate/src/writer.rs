@@ -21,6 +21,8 @@ pub struct Pending {
     pub event: AuditEvent,
     /// (gate id, estate id) whose last-seen time to update.
     pub gate: Option<(String, String)>,
+    /// W3C traceparent of the decision's call.
+    pub trace_parent: Option<String>,
 }
 
 type Job = (Pending, oneshot::Sender<Result<()>>);
@@ -89,7 +91,8 @@ async fn run(db: Db, mut rx: mpsc::Receiver<Job>, batch: usize) {
 async fn commit(db: &Db, jobs: &[Job]) -> Result<()> {
     let mut tx = db.begin().await?;
     let mut seen: HashMap<(&str, &str), (&str, i64)> = HashMap::new();
-    let events: Vec<&AuditEvent> = jobs.iter().map(|(p, _)| &p.event).collect();
+    let events: Vec<(&AuditEvent, Option<String>)> =
+        jobs.iter().map(|(p, _)| (&p.event, p.trace_parent.clone())).collect();
     outbox::record_many(&mut tx, &events).await?;
     for (p, _) in jobs {
         if let Some((gate, estate)) = &p.gate {

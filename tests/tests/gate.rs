@@ -780,3 +780,46 @@ async fn oversized_decisions_are_refused_and_not_recorded() -> anyhow::Result<()
     mesh2.stop().await?;
     mesh.stop().await
 }
+
+/// Redis stopped under the gate: decisions continue from the database and a
+/// revocation made meanwhile is enforced. Needs a redis-server binary, so it
+/// runs where the Redis suite runs (ESTATE_TEST_REDIS_URL set, as in CI); it
+/// starts and kills its own Redis, never the shared one.
+#[tokio::test(flavor = "multi_thread")]
+async fn decisions_continue_from_the_database_when_redis_stops() -> anyhow::Result<()> {
+    if std::env::var(estate_test_support::REDIS_ENV).is_err() {
+        eprintln!("skipped: set {} to run the Redis outage test", estate_test_support::REDIS_ENV);
+        return Ok(());
+    }
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+        l.local_addr()?.port()
+    };
+    let mut redis = std::process::Command::new("redis-server")
+        .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+        .stdout(std::process::Stdio::null())
+        .spawn()?;
+    for _ in 0..50 {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let url = format!("redis://127.0.0.1:{port}");
+    let mesh = TestMesh::spawn_with(|s| s.redis.url = Some(url)).await?;
+    let w = world(&mesh, "NoRedis", "120101").await?;
+    let mut op = mesh.credentials(&w.operator_token)?;
+    let issued = op.issue_credential(card_request(&w.person.id, &[&w.estate.id], "0DDC0FFE")).await?.into_inner();
+    let mut g = mesh.gate(&gate(&mesh, &w)?)?;
+    assert_eq!(reason(&mut g, card("0DDC0FFE")).await?, Reason::Ok); // cached in Redis
+
+    redis.kill()?;
+    redis.wait()?;
+    let started = std::time::Instant::now();
+    assert_eq!(reason(&mut g, card("0DDC0FFE")).await?, Reason::Ok);
+    op.revoke_credential(ChangeCredentialRequest { id: id_of(&issued), reason: "stolen".into() }).await?;
+    assert_eq!(reason(&mut g, card("0DDC0FFE")).await?, Reason::Revoked);
+    assert_eq!(reason(&mut g, card("DEADBEEF")).await?, Reason::Unknown);
+    eprintln!("three decisions without Redis took {:?}", started.elapsed());
+    mesh.stop().await
+}

@@ -25,6 +25,19 @@ pub enum BusError {
     Redis(#[from] redis::RedisError),
 }
 
+/// A Redis connection that fails fast when Redis is down (one retry, 500 ms
+/// connect and response timeouts) instead of retrying for seconds: callers on
+/// a gate's hot path fall back to the database, and a publish after a commit
+/// must not hold the caller's answer. It reconnects by itself once Redis is back.
+pub async fn redis_connection(client: &redis::Client) -> Result<redis::aio::ConnectionManager, BusError> {
+    let config = redis::aio::ConnectionManagerConfig::new()
+        .set_number_of_retries(1)
+        .set_max_delay(Duration::from_millis(500))
+        .set_connection_timeout(Some(Duration::from_millis(500)))
+        .set_response_timeout(Some(Duration::from_millis(500)));
+    Ok(client.get_connection_manager_with_config(config).await?)
+}
+
 /// One event on the bus.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BusEvent {
@@ -58,7 +71,7 @@ impl EventBus {
     /// published afterwards by any process reach this one.
     pub async fn redis(url: &str) -> Result<Self, BusError> {
         let client = redis::Client::open(url)?;
-        let conn = client.get_connection_manager().await?;
+        let conn = redis_connection(&client).await?;
         let (local, _) = broadcast::channel(LOCAL_CAPACITY);
         let mut pubsub = client.get_async_pubsub().await?;
         pubsub.psubscribe(format!("{CHANNEL_PREFIX}*")).await?;

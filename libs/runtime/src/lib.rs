@@ -172,7 +172,7 @@ impl Runtime {
         let (bus, redis) = match &settings.redis.url {
             Some(url) => {
                 let client = redis::Client::open(url.as_str()).map_err(estate_bus::BusError::from)?;
-                let conn = client.get_connection_manager().await.map_err(estate_bus::BusError::from)?;
+                let conn = estate_bus::redis_connection(&client).await?;
                 (EventBus::redis(url).await?, Some(conn))
             }
             None => (EventBus::local(), None),

@@ -104,6 +104,36 @@ fn redis_error(e: redis::RedisError) -> Error {
     Error::Unavailable(format!("the gate cache (redis) is unreachable: {e}"))
 }
 
+/// After a Redis failure, the hot path leaves Redis alone this long and uses
+/// the database, so that an outage costs one timeout, not one per decision.
+const BACKOFF_MS: i64 = 2_000;
+
+/// Remembers a Redis failure for [`BACKOFF_MS`].
+#[derive(Debug, Default)]
+struct Breaker(std::sync::atomic::AtomicI64);
+
+impl Breaker {
+    fn open(&self) -> bool {
+        estate_core::now_ms() < self.0.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn trip(&self) {
+        self.0.store(estate_core::now_ms() + BACKOFF_MS, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Runs `op` unless Redis failed lately; a failure trips the breaker.
+    async fn call<T>(&self, op: impl std::future::Future<Output = Result<T>>) -> Result<T> {
+        if self.open() {
+            return Err(Error::Unavailable("redis failed recently; using the database".into()));
+        }
+        let r = op.await;
+        if r.is_err() {
+            self.trip();
+        }
+        r
+    }
+}
+
 enum Backend {
     Memory { entries: RwLock<HashMap<String, (Instant, CachedCredential)>>, capacity: usize },
     Redis(redis::aio::ConnectionManager),
@@ -114,6 +144,7 @@ enum Backend {
 pub struct CredentialCache {
     backend: Arc<Backend>,
     ttl: Duration,
+    breaker: Arc<Breaker>,
 }
 
 impl std::fmt::Debug for CredentialCache {
@@ -137,7 +168,7 @@ impl CredentialCache {
             Some(conn) => Backend::Redis(conn),
             None => Backend::Memory { entries: RwLock::new(HashMap::new()), capacity: capacity.max(1) },
         };
-        Self { backend: Arc::new(backend), ttl }
+        Self { backend: Arc::new(backend), ttl, breaker: Arc::default() }
     }
 
     /// `Some(facts)` on a hit (`facts` is `None` for a known-unknown hash),
@@ -151,8 +182,10 @@ impl CredentialCache {
             }
             Backend::Redis(conn) => {
                 let mut conn = conn.clone();
-                let text: Option<String> =
-                    redis::cmd("GET").arg(&k).query_async(&mut conn).await.map_err(redis_error)?;
+                let text: Option<String> = self
+                    .breaker
+                    .call(async { redis::cmd("GET").arg(&k).query_async(&mut conn).await.map_err(redis_error) })
+                    .await?;
                 Ok(text.as_deref().and_then(decode).map(CachedCredential::into_facts))
             }
         }
@@ -183,16 +216,21 @@ impl CredentialCache {
             }
             Backend::Redis(conn) => {
                 let mut conn = conn.clone();
-                let _: Option<String> = redis::cmd("SET")
-                    .arg(&k)
-                    .arg(encode(&value))
-                    .arg("NX")
-                    .arg("EX")
-                    .arg(self.ttl.as_secs().max(1))
-                    .query_async(&mut conn)
+                let ttl = self.ttl.as_secs().max(1);
+                self.breaker
+                    .call(async {
+                        let _: Option<String> = redis::cmd("SET")
+                            .arg(&k)
+                            .arg(encode(&value))
+                            .arg("NX")
+                            .arg("EX")
+                            .arg(ttl)
+                            .query_async(&mut conn)
+                            .await
+                            .map_err(redis_error)?;
+                        Ok(())
+                    })
                     .await
-                    .map_err(redis_error)?;
-                Ok(())
             }
         }
     }
@@ -232,6 +270,7 @@ impl CredentialCache {
 #[derive(Clone)]
 pub struct Presence {
     backend: Arc<PresenceBackend>,
+    breaker: Arc<Breaker>,
 }
 
 enum PresenceBackend {
@@ -256,7 +295,7 @@ impl Presence {
             Some(c) => PresenceBackend::Redis(c),
             None => PresenceBackend::Memory(std::sync::Mutex::new(HashMap::new())),
         };
-        Self { backend: Arc::new(backend) }
+        Self { backend: Arc::new(backend), breaker: Arc::default() }
     }
 
     /// Records that the person passes in `direction` ("in" / "out") and
@@ -277,15 +316,20 @@ impl Presence {
                 let mut conn = conn.clone();
                 // SET .. GET swaps atomically; re-setting the same direction
                 // changes nothing, so a refusal needs no undo.
-                let previous: Option<String> = redis::cmd("SET")
-                    .arg(&k)
-                    .arg(direction)
-                    .arg("GET")
-                    .arg("EX")
-                    .arg(PRESENCE_TTL_SECS)
-                    .query_async(&mut conn)
-                    .await
-                    .map_err(redis_error)?;
+                let previous: Option<String> = self
+                    .breaker
+                    .call(async {
+                        redis::cmd("SET")
+                            .arg(&k)
+                            .arg(direction)
+                            .arg("GET")
+                            .arg("EX")
+                            .arg(PRESENCE_TTL_SECS)
+                            .query_async(&mut conn)
+                            .await
+                            .map_err(redis_error)
+                    })
+                    .await?;
                 Ok(previous.as_deref() != Some(direction))
             }
         }

@@ -823,3 +823,48 @@ async fn decisions_continue_from_the_database_when_redis_stops() -> anyhow::Resu
     eprintln!("three decisions without Redis took {:?}", started.elapsed());
     mesh.stop().await
 }
+
+/// A visitor entry used at an offline gate is used up on the server once the
+/// gate uploads it (and a retried upload uses nothing more).
+#[tokio::test]
+async fn visitor_entries_used_offline_count_once_uploaded() -> anyhow::Result<()> {
+    let mesh = TestMesh::spawn().await?;
+    let w = world(&mesh, "Visitors", "120101").await?;
+    let (all, _) = new_gate(&mesh, &w, &w.estate.id, "Visitor gate", GateDirection::Both, &ALL_KINDS).await?;
+    let token = mesh
+        .token_for(Principal::Gate {
+            tenant_id: w.tenant.id.clone(),
+            estate_id: w.estate.id.clone(),
+            gate_id: all.id.clone(),
+        })?
+        .token;
+    let pass = mesh
+        .credentials(&resident(&mesh, &w, &w.person.id)?)?
+        .issue_credential(IssueCredentialRequest {
+            estate_ids: vec![w.estate.id.clone()],
+            valid_until: Some(prost_types::Timestamp { seconds: now_unix() as i64 + 3600, nanos: 0 }),
+            secret: Some(issue_credential_request::Secret::Visitor(VisitorPass { max_entries: 2 })),
+            ..Default::default()
+        })
+        .await?
+        .into_inner();
+    let proxy = LinkProxy::start(mesh.port).await?;
+    let state = tempfile::tempdir()?;
+    let options = Options { timeout: Duration::from_secs(2), ..Options::default() };
+    let controller = GateController::open(&proxy.endpoint(), &token, state.path(), options)?;
+    controller.refresh_bundle().await?;
+    proxy.go_offline().await;
+    let offline = controller.decide(&Presented::Visitor(pass.secret.clone())).await?;
+    assert_eq!((offline.mode, offline.verdict), (Mode::Offline, Verdict::Admit));
+    proxy.go_online();
+    assert_eq!(controller.upload().await?, (1, 0));
+    // The pass had two entries; one went offline, one is left online.
+    let visitor = || DecideRequest {
+        presented: Some(decide_request::Presented::Visitor(PresentedVisitor { code: pass.secret.clone() })),
+        gate_id: String::new(),
+    };
+    let mut g = mesh.gate(&token)?;
+    assert_eq!(reason(&mut g, visitor()).await?, Reason::Ok);
+    assert_eq!(reason(&mut g, visitor()).await?, Reason::Exhausted);
+    mesh.stop().await
+}

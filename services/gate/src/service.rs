@@ -878,6 +878,19 @@ impl GateDesk {
             }
             accepted += 1;
             let kind = CredentialKind::try_from(d.kind).unwrap_or(CredentialKind::Unspecified);
+            // An entry a visitor pass gave offline is used up here too, once
+            // (this row is new), so other gates and later bundles count it.
+            if kind == CredentialKind::Visitor && verdict == Verdict::Admit && !credential.is_empty() {
+                sqlx::query::<Any>(
+                    "UPDATE credentials SET entries_used = entries_used + 1 \
+                     WHERE tenant_id = $1 AND id = $2 AND kind = 'visitor' AND entries_used < max_entries",
+                )
+                .bind(tenant)
+                .bind(&credential)
+                .execute(&mut *tx)
+                .await
+                .map_err(db_error)?;
+            }
             let pseudonym = holders.get(&credential).cloned().unwrap_or_default();
             let audit = Change::new(tenant, "gate.decide.offline", "gate", gate)
                 .estate(estate)

@@ -1,5 +1,5 @@
 # The few commands a newcomer needs. Each is one cargo command; see README.md.
-.PHONY: run test test-postgres lint ci
+.PHONY: run test test-postgres lint ci bench
 
 run:            ## start the whole mesh on the embedded default (./data)
 	cargo run --release -p estate-mesh -- --data-dir ./data
@@ -17,3 +17,6 @@ lint:           ## formatting and clippy as CI runs them
 
 ci:             ## exactly what CI runs
 	bash .ci/run
+
+bench:          ## every benchmark (release build, ~10 min); raw output in bench-results/
+	bash tools/bench.sh

@@ -105,6 +105,27 @@ impl EventBus {
     }
 }
 
+/// Waits until `interval` has passed or an event on `topic` arrives, whichever
+/// is first: how a sweep that reads a durable source (the outbox) sleeps
+/// between passes yet reacts at once to the bus. A lagging receiver wakes too
+/// (the sweep re-reads the source); a closed bus leaves only the interval.
+pub async fn wake_on(events: &mut broadcast::Receiver<BusEvent>, topic: &str, interval: Duration) {
+    let heard = async {
+        loop {
+            match events.recv().await {
+                Ok(ev) if ev.topic == topic => return,
+                Ok(_) => {}
+                Err(broadcast::error::RecvError::Lagged(_)) => return,
+                Err(broadcast::error::RecvError::Closed) => std::future::pending::<()>().await,
+            }
+        }
+    };
+    tokio::select! {
+        () = tokio::time::sleep(interval) => {},
+        () = heard => {},
+    }
+}
+
 /// Forwards Redis messages into the local broadcast for the life of the
 /// process; resubscribes with backoff after a lost connection.
 async fn forward(client: redis::Client, pubsub: redis::aio::PubSub, local: broadcast::Sender<BusEvent>) {

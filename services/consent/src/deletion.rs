@@ -211,20 +211,7 @@ pub fn spawn_sweep(
             {
                 tracing::warn!(error = %e, "deletion hand-off failed; will retry");
             }
-            let residency_ended = async {
-                loop {
-                    match events.recv().await {
-                        Ok(ev) if ev.topic == estate_identity::RESIDENCY_ENDED_TOPIC => return,
-                        Ok(_) => {}
-                        Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => return,
-                        Err(tokio::sync::broadcast::error::RecvError::Closed) => std::future::pending::<()>().await,
-                    }
-                }
-            };
-            tokio::select! {
-                () = tokio::time::sleep(interval) => {},
-                () = residency_ended => {},
-            }
+            estate_bus::wake_on(&mut events, estate_identity::RESIDENCY_ENDED_TOPIC, interval).await;
         }
     })
 }

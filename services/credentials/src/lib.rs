@@ -13,6 +13,7 @@ pub mod sweep;
 pub mod totp;
 
 pub use limiter::PinLimiter;
+pub use model::{kind_from_name, kind_name};
 pub use service::{CREDENTIAL_CHANGED_TOPIC, CredentialBook, CredentialOptions};
 
 use estate_attestation::KeySet;

@@ -18,7 +18,8 @@ pub(crate) fn ms_of(t: &Timestamp) -> i64 {
     t.seconds.saturating_mul(1000).saturating_add(i64::from(t.nanos.clamp(0, 999_999_999) / 1_000_000))
 }
 
-pub(crate) fn kind_name(kind: CredentialKind) -> Option<&'static str> {
+/// The stored name of a credential kind ("card", "pin", …).
+pub fn kind_name(kind: CredentialKind) -> Option<&'static str> {
     match kind {
         CredentialKind::Card => Some("card"),
         CredentialKind::Pin => Some("pin"),
@@ -29,7 +30,8 @@ pub(crate) fn kind_name(kind: CredentialKind) -> Option<&'static str> {
     }
 }
 
-pub(crate) fn kind_from_name(name: &str) -> Option<CredentialKind> {
+/// The kind a stored name names.
+pub fn kind_from_name(name: &str) -> Option<CredentialKind> {
     match name {
         "card" => Some(CredentialKind::Card),
         "pin" => Some(CredentialKind::Pin),

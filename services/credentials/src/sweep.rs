@@ -34,18 +34,37 @@ fn sweep_actor() -> Actor {
 
 type Row = (String, String, String, i64, Option<String>);
 
+/// The last outbox sequence the sweep named `name` has applied.
+async fn cursor(db: &Db, name: &str) -> Result<i64> {
+    let row: Option<(i64,)> =
+        sqlx::query_as::<Any, (i64,)>("SELECT last_seq FROM credentials_sweep_cursor WHERE name = $1")
+            .bind(name)
+            .fetch_optional(db.pool())
+            .await
+            .map_err(db_error)?;
+    Ok(row.map_or(0, |(s,)| s))
+}
+
+/// Moves the cursor `name` to `last`, in the transaction that applied the events.
+async fn advance(tx: &mut sqlx::AnyConnection, name: &str, last: i64) -> Result<()> {
+    sqlx::query::<Any>(
+        "INSERT INTO credentials_sweep_cursor (name, last_seq) VALUES ($1, $2) \
+         ON CONFLICT (name) DO UPDATE SET last_seq = excluded.last_seq",
+    )
+    .bind(name)
+    .bind(last)
+    .execute(tx)
+    .await
+    .map_err(db_error)?;
+    Ok(())
+}
+
 /// Applies `residency.end` events after the cursor; returns the credentials
 /// changed.
 pub async fn sweep_residency_ends(db: &Db, bus: &EventBus) -> Result<usize> {
     let mut changed = 0;
     loop {
-        let cursor: Option<(i64,)> =
-            sqlx::query_as::<Any, (i64,)>("SELECT last_seq FROM credentials_sweep_cursor WHERE name = $1")
-                .bind(CURSOR)
-                .fetch_optional(db.pool())
-                .await
-                .map_err(db_error)?;
-        let after = cursor.map_or(0, |(s,)| s);
+        let after = cursor(db, CURSOR).await?;
         let events = outbox::with_action_after(db.pool(), "residency.end", after, BATCH).await?;
         let Some(last) = events.last().map(|e| e.seq) else { return Ok(changed) };
         let mut announce = Vec::new();
@@ -137,15 +156,7 @@ pub async fn sweep_residency_ends(db: &Db, bus: &EventBus) -> Result<usize> {
                 changed += 1;
             }
         }
-        sqlx::query::<Any>(
-            "INSERT INTO credentials_sweep_cursor (name, last_seq) VALUES ($1, $2) \
-             ON CONFLICT (name) DO UPDATE SET last_seq = excluded.last_seq",
-        )
-        .bind(CURSOR)
-        .bind(last)
-        .execute(&mut *tx)
-        .await
-        .map_err(db_error)?;
+        advance(&mut tx, CURSOR, last).await?;
         tx.commit().await.map_err(db_error)?;
         for ev in announce {
             if let Err(e) = bus.publish(CREDENTIAL_CHANGED_TOPIC, ev.encode_to_vec()).await {
@@ -164,13 +175,7 @@ pub async fn sweep_face_consent_ends(db: &Db, bus: &EventBus) -> Result<usize> {
     let mut changed = 0;
     for action in FACE_CONSENT_ENDS {
         loop {
-            let cursor: Option<(i64,)> =
-                sqlx::query_as::<Any, (i64,)>("SELECT last_seq FROM credentials_sweep_cursor WHERE name = $1")
-                    .bind(action)
-                    .fetch_optional(db.pool())
-                    .await
-                    .map_err(db_error)?;
-            let after = cursor.map_or(0, |(s,)| s);
+            let after = cursor(db, action).await?;
             let events = outbox::with_action_after(db.pool(), action, after, BATCH).await?;
             let Some(last) = events.last().map(|e| e.seq) else { break };
             let mut announce = Vec::new();
@@ -226,15 +231,7 @@ pub async fn sweep_face_consent_ends(db: &Db, bus: &EventBus) -> Result<usize> {
                     changed += 1;
                 }
             }
-            sqlx::query::<Any>(
-                "INSERT INTO credentials_sweep_cursor (name, last_seq) VALUES ($1, $2) \
-                 ON CONFLICT (name) DO UPDATE SET last_seq = excluded.last_seq",
-            )
-            .bind(action)
-            .bind(last)
-            .execute(&mut *tx)
-            .await
-            .map_err(db_error)?;
+            advance(&mut tx, action, last).await?;
             tx.commit().await.map_err(db_error)?;
             for ev in announce {
                 if let Err(e) = bus.publish(CREDENTIAL_CHANGED_TOPIC, ev.encode_to_vec()).await {
@@ -261,20 +258,7 @@ pub fn spawn_sweep(db: Db, bus: EventBus, interval: Duration) -> tokio::task::Jo
             if let Err(e) = sweep_face_consent_ends(&db, &bus).await {
                 tracing::warn!(error = %e, "face consent sweep failed; will retry");
             }
-            let residency_ended = async {
-                loop {
-                    match events.recv().await {
-                        Ok(ev) if ev.topic == estate_identity::RESIDENCY_ENDED_TOPIC => return,
-                        Ok(_) => {}
-                        Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => return,
-                        Err(tokio::sync::broadcast::error::RecvError::Closed) => std::future::pending::<()>().await,
-                    }
-                }
-            };
-            tokio::select! {
-                () = tokio::time::sleep(interval) => {},
-                () = residency_ended => {},
-            }
+            estate_bus::wake_on(&mut events, estate_identity::RESIDENCY_ENDED_TOPIC, interval).await;
         }
     })
 }

@@ -92,26 +92,9 @@ struct GateView {
     loaded: Instant,
 }
 
+/// The stored name of a kind, "unknown" for none.
 fn kind_label(kind: CredentialKind) -> &'static str {
-    match kind {
-        CredentialKind::Card => "card",
-        CredentialKind::Pin => "pin",
-        CredentialKind::Qr => "qr",
-        CredentialKind::Visitor => "visitor",
-        CredentialKind::Face => "face",
-        CredentialKind::Unspecified => "unknown",
-    }
-}
-
-fn kind_of_label(label: &str) -> Option<CredentialKind> {
-    match label {
-        "card" => Some(CredentialKind::Card),
-        "pin" => Some(CredentialKind::Pin),
-        "qr" => Some(CredentialKind::Qr),
-        "visitor" => Some(CredentialKind::Visitor),
-        "face" => Some(CredentialKind::Face),
-        _ => None,
-    }
+    estate_credentials::kind_name(kind).unwrap_or("unknown")
 }
 
 fn encode_windows(windows: &[(CredentialKind, i32, i32)]) -> String {
@@ -123,7 +106,7 @@ fn decode_windows(text: &str) -> Vec<(CredentialKind, i32, i32)> {
         .filter_map(|w| {
             let (k, range) = w.split_once(':')?;
             let (s, e) = range.split_once('-')?;
-            Some((kind_of_label(k)?, s.parse().ok()?, e.parse().ok()?))
+            Some((estate_credentials::kind_from_name(k)?, s.parse().ok()?, e.parse().ok()?))
         })
         .collect()
 }

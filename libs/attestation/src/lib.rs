@@ -90,6 +90,16 @@ impl KeySet {
         )
     }
 
+    /// The public key with id `key_id`, if trusted.
+    pub fn get(&self, key_id: &str) -> Option<&[u8; 32]> {
+        self.keys.get(key_id)
+    }
+
+    /// Whether no key is trusted.
+    pub fn is_empty(&self) -> bool {
+        self.keys.is_empty()
+    }
+
     /// The published form of one signing key.
     pub fn published_key(key: &SigningKeyPair) -> VerifyingKey {
         VerifyingKey {

@@ -46,6 +46,52 @@ pub struct Settings {
     pub audit: AuditSettings,
     /// Gate service.
     pub gate: GateSettings,
+    /// Facematch (R8, R9).
+    pub facematch: FacematchSettings,
+}
+
+/// Facematch settings. In the embedded default facematch runs in-process,
+/// one engine per tenant under `data_dir/facematch/<tenant>`; distributed,
+/// `estate-facematch` runs one process per tenant (`tenant_id`) and the gate
+/// and consent services reach it through `endpoints`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FacematchSettings {
+    /// Whether the all-in-one process runs facematch in-process.
+    pub embedded: bool,
+    /// The one tenant an `estate-facematch` process serves.
+    pub tenant_id: Option<String>,
+    /// Facematch's own directory (its SQLite file, key vault and keys).
+    /// Default: `data_dir/facematch`.
+    pub dir: Option<PathBuf>,
+    /// Tenant key that wraps the per-person data keys (a mounted secret in
+    /// production). Default: `<dir>/<tenant>/tenant.key`, generated on first
+    /// start when `keys.generate_missing`.
+    pub tenant_key_file: Option<PathBuf>,
+    /// Template dimension of this deployment (fixed per tenant).
+    pub dimension: usize,
+    /// Default cosine threshold for a match; estates may set their own.
+    pub threshold: f32,
+    /// ONNX face-embedding model for image enrolment and probes; unset:
+    /// templates only.
+    pub model_path: Option<PathBuf>,
+    /// Input side of the model, in pixels.
+    pub model_input_side: usize,
+    /// Most templates one person may have at one estate.
+    pub max_templates_per_person: u32,
+    /// Consent attestation verifying keys (lines of `key_id hex-public-key`),
+    /// for a separate facematch process; in-process it uses the consent key.
+    pub consent_keys_file: Option<PathBuf>,
+    /// Token verifying keys (lines of `key_id hex-public-key`), for a separate
+    /// facematch process.
+    pub token_keys_file: Option<PathBuf>,
+    /// Facematch endpoints by tenant id, for the gate and consent services
+    /// in distributed mode (`tenant = "http://facematch-tenant:50060"`).
+    pub endpoints: std::collections::BTreeMap<String, String>,
+    /// Service token the gate and consent services present to facematch.
+    pub token_file: Option<PathBuf>,
+    /// Deadline of a call to facematch, in milliseconds.
+    pub call_timeout_ms: u64,
 }
 
 /// Gate service settings (R15 hot path, offline bundles).
@@ -277,6 +323,16 @@ facts_ttl_secs = 5
 decision_batch = 256
 max_bundle_ttl_secs = 604800
 watch_buffer = 1024
+
+[facematch]
+embedded = true
+dimension = 512
+threshold = 0.45
+model_input_side = 112
+max_templates_per_person = 5
+call_timeout_ms = 2000
+
+[facematch.endpoints]
 
 [consent]
 attestation_ttl_secs = 300

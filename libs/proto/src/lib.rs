@@ -44,11 +44,17 @@ pub mod estate {
             include!(concat!(env!("OUT_DIR"), "/estate.gate.v1.rs"));
         }
     }
+    pub mod facematch {
+        pub mod v1 {
+            include!(concat!(env!("OUT_DIR"), "/estate.facematch.v1.rs"));
+        }
+    }
 }
 
 pub use estate::audit::v1 as audit;
 pub use estate::common::v1 as common;
 pub use estate::consent::v1 as consent;
 pub use estate::credentials::v1 as credentials;
+pub use estate::facematch::v1 as facematch;
 pub use estate::gate::v1 as gate;
 pub use estate::identity::v1 as identity;

@@ -393,16 +393,17 @@ async fn moving_out_ends_consent_and_requests_deletion_exactly_once() -> anyhow:
         .end_residency(EndResidencyRequest { id: w.residency.id.clone(), reason: "moved out".into() })
         .await?;
 
-    // The bus wakes the sweep; wait for its request.
+    // The bus wakes the sweep; wait for its request, which the embedded
+    // facematch fulfils at once (with nothing enrolled, the certificate says 0).
     let mut op = s.op.clone();
     let mut requests = Vec::new();
     for _ in 0..100 {
         requests = op
-            .list_deletion_requests(ListDeletionRequestsRequest { estate_id: w.estate.id.clone(), pending_only: true })
+            .list_deletion_requests(ListDeletionRequestsRequest { estate_id: w.estate.id.clone(), pending_only: false })
             .await?
             .into_inner()
             .requests;
-        if !requests.is_empty() {
+        if requests.iter().any(|r| r.fulfilled) {
             break;
         }
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
@@ -524,24 +525,33 @@ async fn the_filing_count_warns_before_the_threshold() -> anyhow::Result<()> {
     mesh.stop().await
 }
 
-/// Stands in for facematch: counts erasures and returns a certificate id.
+/// Stands in for facematch: counts erasures and returns a certificate.
 struct CountingEraser(std::sync::atomic::AtomicUsize);
 
 impl estate_consent::FaceDataEraser for CountingEraser {
     fn erase<'a>(
         &'a self,
         request: &'a DeletionRequest,
-    ) -> futures_util::future::BoxFuture<'a, estate_core::Result<String>> {
+    ) -> futures_util::future::BoxFuture<'a, estate_core::Result<estate_proto::facematch::DeletionCertificate>> {
         Box::pin(async move {
             self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            Ok(format!("cert-{}", request.id))
+            let body = estate_proto::facematch::CertificateBody {
+                format: estate_facematch::certificate::FORMAT,
+                certificate_id: format!("cert-{}", request.id),
+                tenant_id: request.tenant_id.clone(),
+                person_pseudonym: request.person_pseudonym.clone(),
+                request_id: request.id.clone(),
+                ..Default::default()
+            };
+            Ok(estate_facematch::certificate::sign(&estate_crypto::SigningKeyPair::from_seed([5; 32]), &body))
         })
     }
 }
 
 #[tokio::test]
 async fn deletion_requests_are_handed_over_once() -> anyhow::Result<()> {
-    let mesh = TestMesh::spawn().await?;
+    // Without the embedded facematch, so that only this test's eraser runs.
+    let mesh = TestMesh::spawn_with(|s| s.facematch.embedded = false).await?;
     let s = setup(&mesh, "Wuqing").await?;
     let w = &s.w;
     let mut me = mesh.consent(&resident_token(&mesh, w, &w.person.id)?)?;

@@ -264,13 +264,14 @@ async fn every_reason_code_is_reachable_and_every_decision_is_audited() -> anyho
     assert_eq!(reason(&mut at_all, visitor.clone()).await?, Reason::Ok);
     assert_eq!(reason(&mut at_all, visitor).await?, Reason::Exhausted);
 
-    // Face: no matcher in this mesh yet; denied with a hint to use another way (R1).
+    // Face: nobody is enrolled at this estate; denied with a hint to use
+    // another way (R1). tests/tests/facematch.rs covers the other face reasons.
     let face = DecideRequest {
         presented: Some(decide_request::Presented::Face(FaceProbe { template: vec![0.1; 512], image: Vec::new() })),
         gate_id: String::new(),
     };
     let d = at_all.decide(face).await?.into_inner();
-    assert_eq!(Reason::try_from(d.reason)?, Reason::FaceUnavailable);
+    assert_eq!(Reason::try_from(d.reason)?, Reason::FaceNoMatch);
     assert!(d.message.contains("card"), "{}", d.message);
 
     // A deactivated gate denies everything.

@@ -7,9 +7,11 @@
 //!   the authentication layer (R14), tonic-health, tonic-reflection, a maximum
 //!   message size, and graceful shutdown on SIGTERM / Ctrl-C.
 
+mod face;
 pub mod relay;
 mod rpc_trace;
 
+pub use face::{RemoteFaceMatcher, remote_face_matcher};
 pub use rpc_trace::{RpcTrace, RpcTraceLayer};
 
 use estate_auth::{AuthLayer, TokenAuthority};

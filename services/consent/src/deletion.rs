@@ -9,13 +9,17 @@
 //! [`FaceDataEraser`] and returns a deletion certificate id (R6).
 
 use crate::model::{ACTIVE, DELETION_COLS, DeletionRow, ENDED, reason_name};
+use base64::Engine;
 use estate_bus::EventBus;
 use estate_core::{Result, new_id, now_ms};
+use estate_facematch::FaceMatcher;
 use estate_proto::common::{Actor, ActorKind};
 use estate_proto::consent::{DeletionReason, DeletionRequest};
+use estate_proto::facematch::{CertificateBody, DeleteRequest, DeletionCertificate, DeletionReason as FmReason};
 use estate_store::outbox::{self, Change};
 use estate_store::{Db, db_error};
 use futures_util::future::BoxFuture;
+use prost::Message;
 use sqlx::{Any, AnyConnection};
 use std::sync::Arc;
 use std::time::Duration;
@@ -25,11 +29,45 @@ const CURSOR: &str = "residency_end";
 const BATCH: i64 = 500;
 
 /// Whoever holds face data and can delete it (facematch). Implementations
-/// must be idempotent: erasing what is already gone succeeds.
+/// must be idempotent per request id: erasing what is already gone succeeds
+/// and returns the same certificate.
 pub trait FaceDataEraser: Send + Sync {
     /// Deletes every face datum of the request's person at its estate and
-    /// returns the id of the deletion certificate.
-    fn erase<'a>(&'a self, request: &'a DeletionRequest) -> BoxFuture<'a, Result<String>>;
+    /// returns the signed deletion certificate (R6).
+    fn erase<'a>(&'a self, request: &'a DeletionRequest) -> BoxFuture<'a, Result<DeletionCertificate>>;
+}
+
+/// The eraser that is the tenant's facematch (in-process or remote).
+#[derive(Debug, Clone)]
+pub struct FacematchEraser(pub Arc<dyn FaceMatcher>);
+
+fn facematch_reason(r: DeletionReason) -> FmReason {
+    match r {
+        DeletionReason::ConsentWithdrawn => FmReason::Withdrawal,
+        DeletionReason::ResidencyEnded => FmReason::MoveOut,
+        DeletionReason::PersonRequest => FmReason::Request,
+        DeletionReason::RetentionExpired => FmReason::Retention,
+        DeletionReason::Unspecified => FmReason::Request,
+    }
+}
+
+impl FaceDataEraser for FacematchEraser {
+    fn erase<'a>(&'a self, request: &'a DeletionRequest) -> BoxFuture<'a, Result<DeletionCertificate>> {
+        Box::pin(async move {
+            let reason = DeletionReason::try_from(request.reason).unwrap_or(DeletionReason::Unspecified);
+            self.0
+                .delete(
+                    &request.tenant_id,
+                    DeleteRequest {
+                        person_pseudonym: request.person_pseudonym.clone(),
+                        estate_id: request.estate_id.clone(),
+                        reason: facematch_reason(reason) as i32,
+                        request_id: request.id.clone(),
+                    },
+                )
+                .await
+        })
+    }
 }
 
 /// Records a deletion request unless one exists for `source_id`; returns its
@@ -163,13 +201,20 @@ pub async fn fulfil_pending(db: &Db, eraser: &dyn FaceDataEraser) -> Result<usiz
     for row in rows {
         let request: DeletionRequest = row.into();
         let certificate = eraser.erase(&request).await?;
+        let body = certificate
+            .decoded
+            .clone()
+            .or_else(|| CertificateBody::decode(certificate.body.as_slice()).ok())
+            .ok_or_else(|| estate_core::Error::Internal("facematch returned an undecodable certificate".into()))?;
+        let encoded = base64::engine::general_purpose::STANDARD.encode(certificate.encode_to_vec());
         let mut tx = db.begin().await?;
         let updated = sqlx::query::<Any>(
-            "UPDATE face_deletion_requests SET fulfilled_at = $1, certificate_id = $2 \
-             WHERE tenant_id = $3 AND id = $4 AND fulfilled_at IS NULL",
+            "UPDATE face_deletion_requests SET fulfilled_at = $1, certificate_id = $2, certificate = $3 \
+             WHERE tenant_id = $4 AND id = $5 AND fulfilled_at IS NULL",
         )
         .bind(now_ms())
-        .bind(&certificate)
+        .bind(&body.certificate_id)
+        .bind(&encoded)
         .bind(&request.tenant_id)
         .bind(&request.id)
         .execute(&mut *tx)
@@ -177,10 +222,14 @@ pub async fn fulfil_pending(db: &Db, eraser: &dyn FaceDataEraser) -> Result<usiz
         .map_err(db_error)?
         .rows_affected();
         if updated == 1 {
+            // The tombstone (R17): counts and key ids, never face data.
             let change = Change::new(&request.tenant_id, "face_deletion.fulfil", "face_deletion_request", &request.id)
                 .estate(&request.estate_id)
                 .person(&request.person_pseudonym, false)
-                .attr("certificate_id", certificate.clone());
+                .attr("certificate_id", body.certificate_id.clone())
+                .attr("templates_deleted", body.templates_deleted.to_string())
+                .attr("keys_destroyed", body.key_ids_destroyed.join(","))
+                .attr("certificate_sha256", estate_crypto::sha256_hex(&certificate.body));
             outbox::record(&mut tx, &change.into_event(sweep_actor(), "", SOURCE)).await?;
             done += 1;
         }
@@ -189,14 +238,78 @@ pub async fn fulfil_pending(db: &Db, eraser: &dyn FaceDataEraser) -> Result<usiz
     Ok(done)
 }
 
+/// The retention sweep (R5): every person facematch holds templates for at
+/// an estate whose enrolment consent is no longer active there (withdrawn,
+/// ended, or unknown to consent) gets a deletion request, which is then
+/// fulfilled like any other. Catches whatever an earlier hand-off missed.
+pub async fn sweep_retention(db: &Db, matcher: &dyn FaceMatcher) -> Result<usize> {
+    let scopes: Vec<(String, String)> = sqlx::query_as::<Any, (String, String)>(
+        "SELECT DISTINCT tenant_id, estate_id FROM consents ORDER BY tenant_id, estate_id",
+    )
+    .fetch_all(db.pool())
+    .await
+    .map_err(db_error)?;
+    let mut created = 0;
+    for (tenant, estate) in scopes {
+        let enrolled = match matcher.list_enrolled(&tenant, &estate).await {
+            Ok(e) => e,
+            Err(e) => {
+                tracing::warn!(error = %e, "retention sweep: facematch unavailable for a tenant; will retry");
+                continue;
+            }
+        };
+        for person in enrolled {
+            let (active,): (i64,) = sqlx::query_as::<Any, (i64,)>(
+                "SELECT COUNT(*) FROM consents WHERE tenant_id = $1 AND estate_id = $2 AND person_pseudonym = $3 \
+                 AND id = $4 AND status = $5",
+            )
+            .bind(&tenant)
+            .bind(&estate)
+            .bind(&person.person_pseudonym)
+            .bind(&person.consent_id)
+            .bind(ACTIVE)
+            .fetch_one(db.pool())
+            .await
+            .map_err(db_error)?;
+            if active > 0 {
+                continue;
+            }
+            let enrolled_at = person.enrolled_at.map_or(0, |t| t.seconds);
+            let source = format!("retention:{estate}:{}:{}:{enrolled_at}", person.person_pseudonym, person.consent_id);
+            let mut tx = db.begin().await?;
+            let Some(request_id) = request_deletion(
+                &mut tx,
+                &tenant,
+                &estate,
+                &person.person_pseudonym,
+                DeletionReason::RetentionExpired,
+                &source,
+            )
+            .await?
+            else {
+                continue;
+            };
+            let change = Change::new(&tenant, "face_deletion.request", "face_deletion_request", &request_id)
+                .estate(&estate)
+                .person(&person.person_pseudonym, false)
+                .attr("reason", reason_name(DeletionReason::RetentionExpired));
+            outbox::record(&mut tx, &change.into_event(sweep_actor(), "", SOURCE)).await?;
+            tx.commit().await.map_err(db_error)?;
+            created += 1;
+        }
+    }
+    Ok(created)
+}
+
 /// Runs the sweep every `interval`, and at once when identity announces a
 /// residency end on the bus. Stops when the database pool is closed.
 pub fn spawn_sweep(
     db: Db,
     bus: EventBus,
     interval: Duration,
-    eraser: Option<Arc<dyn FaceDataEraser>>,
+    face: Option<Arc<dyn FaceMatcher>>,
 ) -> tokio::task::JoinHandle<()> {
+    let eraser = face.clone().map(FacematchEraser);
     let mut events = bus.subscribe();
     tokio::spawn(async move {
         loop {
@@ -206,8 +319,13 @@ pub fn spawn_sweep(
             if let Err(e) = sweep_residency_ends(&db).await {
                 tracing::warn!(error = %e, "deletion sweep failed; will retry");
             }
+            if let Some(face) = &face
+                && let Err(e) = sweep_retention(&db, face.as_ref()).await
+            {
+                tracing::warn!(error = %e, "retention sweep failed; will retry");
+            }
             if let Some(eraser) = &eraser
-                && let Err(e) = fulfil_pending(&db, eraser.as_ref()).await
+                && let Err(e) = fulfil_pending(&db, eraser).await
             {
                 tracing::warn!(error = %e, "deletion hand-off failed; will retry");
             }

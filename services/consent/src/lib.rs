@@ -9,12 +9,16 @@ pub mod deletion;
 mod model;
 mod service;
 
-pub use deletion::{FaceDataEraser, fulfil_pending, spawn_sweep, sweep_residency_ends};
+pub use deletion::{
+    FaceDataEraser, FacematchEraser, fulfil_pending, spawn_sweep, sweep_residency_ends, sweep_retention,
+};
 pub use service::{ConsentBook, ConsentOptions};
 
+use estate_facematch::FaceMatcher;
 use estate_proto::consent::consent_service_server::ConsentServiceServer;
 use estate_runtime::{Runtime, ServiceApp, StartError};
 use estate_store::Db;
+use std::sync::Arc;
 use std::time::Duration;
 
 /// Name of the service for health checks.
@@ -47,14 +51,16 @@ pub fn server(runtime: &Runtime) -> ConsentServiceServer<ConsentBook> {
     ConsentServiceServer::new(service(runtime)).max_decoding_message_size(max).max_encoding_message_size(max)
 }
 
-/// Starts the deletion sweep of this process (R5). No eraser yet: requests
-/// wait for the facematch service, which will fulfil them.
-pub fn start_sweep(runtime: &Runtime) -> tokio::task::JoinHandle<()> {
+/// Starts the deletion sweep of this process (R5): residency ends become
+/// requests, facematch (when there is one) fulfils them and returns
+/// certificates, and the retention sweep catches templates whose consent
+/// has ended. Without facematch, requests wait.
+pub fn start_sweep(runtime: &Runtime, face: Option<Arc<dyn FaceMatcher>>) -> tokio::task::JoinHandle<()> {
     spawn_sweep(
         runtime.db.clone(),
         runtime.bus.clone(),
         Duration::from_secs(runtime.settings.consent.sweep_interval_secs.max(1)),
-        None,
+        face,
     )
 }
 
@@ -67,6 +73,7 @@ pub async fn application(runtime: Runtime) -> Result<ServiceApp, StartError> {
     }
     let mut routes = tonic::service::RoutesBuilder::default();
     routes.add_service(server(&runtime));
-    let sweep = start_sweep(&runtime);
+    let face = estate_runtime::remote_face_matcher(&runtime, "consent")?;
+    let sweep = start_sweep(&runtime, face);
     Ok(ServiceApp::build(runtime, routes, &[SERVICE_NAME]).await?.with_background(sweep))
 }

@@ -12,6 +12,7 @@
 
 use crate::deletion::{self, request_deletion};
 use crate::model::*;
+use base64::Engine;
 use estate_attestation::{FORMAT, KeySet};
 use estate_auth::{Caller, Principal};
 use estate_core::{BirthDate, Error, Result, new_id, now_ms, parse_id, required_text};
@@ -866,6 +867,61 @@ impl ConsentBook {
         let rows = deletion::list(&self.db, &tenant, &estate_id, r.pending_only).await?;
         Ok(ListDeletionRequestsResponse { requests: rows.into_iter().map(Into::into).collect() })
     }
+
+    async fn get_deletion_certificate(
+        &self,
+        caller: &Caller,
+        r: GetDeletionCertificateRequest,
+    ) -> Result<StoredCertificate> {
+        let id = parse_id("deletion_request_id", &r.deletion_request_id)?;
+        let tenant = match &caller.principal {
+            Principal::Resident { tenant_id, .. } => tenant_id.clone(),
+            _ => caller.operator_tenant()?.to_owned(),
+        };
+        let row: Option<(String, String, Option<String>, Option<String>)> =
+            sqlx::query_as::<Any, (String, String, Option<String>, Option<String>)>(
+                "SELECT estate_id, person_pseudonym, certificate_id, certificate FROM face_deletion_requests \
+                 WHERE tenant_id = $1 AND id = $2",
+            )
+            .bind(&tenant)
+            .bind(&id)
+            .fetch_optional(self.db.pool())
+            .await
+            .map_err(db_error)?;
+        let (estate_id, pseudonym, certificate_id, certificate) = row.ok_or(Error::NotFound("deletion request"))?;
+        match &caller.principal {
+            Principal::Resident { tenant_id, person_id } => {
+                if self.hasher.pseudonym(tenant_id, person_id) != pseudonym {
+                    // A guardian sees their ward's, through the ward's consent.
+                    let consent: Option<(String,)> = sqlx::query_as::<Any, (String,)>(
+                        "SELECT id FROM consents WHERE tenant_id = $1 AND deletion_request_id = $2",
+                    )
+                    .bind(&tenant)
+                    .bind(&id)
+                    .fetch_optional(self.db.pool())
+                    .await
+                    .map_err(db_error)?;
+                    let (consent_id,) = consent.ok_or(Error::NotFound("deletion request"))?;
+                    let mut conn = self.db.pool().acquire().await.map_err(db_error)?;
+                    self.visible_consent(&mut conn, caller, &consent_id)
+                        .await
+                        .map_err(|_| Error::NotFound("deletion request"))?;
+                }
+            }
+            _ => {
+                caller.operator_for_estate(&estate_id)?;
+            }
+        }
+        let (Some(certificate_id), Some(encoded)) = (certificate_id, certificate) else {
+            return Err(Error::precondition(
+                "the deletion is still pending; the certificate exists once facematch has deleted the data (within seconds when it is reachable)",
+            ));
+        };
+        let certificate = base64::engine::general_purpose::STANDARD
+            .decode(encoded)
+            .map_err(|_| Error::Internal("a stored certificate is not base64".into()))?;
+        Ok(StoredCertificate { deletion_request_id: id, certificate_id, certificate })
+    }
 }
 
 #[tonic::async_trait]
@@ -885,6 +941,7 @@ impl ConsentService for ConsentBook {
         get_face_verification(GetFaceVerificationRequest) -> FaceVerificationStatus;
         get_filing_status(GetFilingStatusRequest) -> FilingStatus;
         list_deletion_requests(ListDeletionRequestsRequest) -> ListDeletionRequestsResponse;
+        get_deletion_certificate(GetDeletionCertificateRequest) -> StoredCertificate;
     }
 
     async fn get_verifying_keys(

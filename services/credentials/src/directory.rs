@@ -75,6 +75,33 @@ pub async fn by_lookup_hash(db: &Db, tenant_id: &str, hash: &str) -> Result<Opti
     }
 }
 
+/// The face reference of a person valid at an estate: the live one if any,
+/// else the most recently changed one (so that a revoked or suspended face
+/// reference gives its precise reason).
+pub async fn face_of(
+    db: &Db,
+    tenant_id: &str,
+    person_pseudonym: &str,
+    estate_id: &str,
+) -> Result<Option<CredentialFacts>> {
+    let mut conn = db.pool().acquire().await.map_err(db_error)?;
+    let row = sqlx::query_as::<Any, CredentialRow>(sqlx::AssertSqlSafe(format!(
+        "SELECT {CREDENTIAL_COLS} FROM credentials c WHERE c.tenant_id = $1 AND c.person_pseudonym = $2 AND c.kind = 'face' \
+         AND EXISTS (SELECT 1 FROM credential_estates x WHERE x.tenant_id = c.tenant_id AND x.credential_id = c.id AND x.estate_id = $3) \
+         ORDER BY CASE WHEN c.status = 'active' THEN 0 WHEN c.status = 'suspended' THEN 1 ELSE 2 END, c.updated_at DESC LIMIT 1"
+    )))
+    .bind(tenant_id)
+    .bind(person_pseudonym)
+    .bind(estate_id)
+    .fetch_optional(&mut *conn)
+    .await
+    .map_err(db_error)?;
+    match row {
+        Some(r) => Ok(Some(facts_of(&mut conn, r).await?)),
+        None => Ok(None),
+    }
+}
+
 /// One line of an offline bundle: a live card or visitor pass of the estate.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OfflineEntry {

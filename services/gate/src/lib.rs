@@ -11,9 +11,11 @@ pub mod writer;
 pub use service::{GateDesk, GateOptions, RULES_CHANGED_TOPIC, evaluate};
 
 use cache::{CredentialCache, Presence};
+use estate_facematch::FaceMatcher;
 use estate_proto::gate::gate_service_server::GateServiceServer;
 use estate_runtime::{Runtime, ServiceApp, StartError};
 use estate_store::Db;
+use std::sync::Arc;
 use std::time::Duration;
 use writer::DecisionWriter;
 
@@ -28,7 +30,7 @@ pub async fn migrate(db: &Db) -> Result<(), estate_store::StoreError> {
 /// The gate service and the background tasks it needs (the decision writer
 /// and the bus follower), built from a runtime: hot-path cache and
 /// anti-passback presence in Redis when configured, in memory otherwise.
-pub fn service(runtime: &Runtime) -> (GateDesk, Vec<tokio::task::JoinHandle<()>>) {
+pub fn service(runtime: &Runtime, face: Option<Arc<dyn FaceMatcher>>) -> (GateDesk, Vec<tokio::task::JoinHandle<()>>) {
     let s = &runtime.settings.gate;
     let cache =
         CredentialCache::new(runtime.redis.clone(), Duration::from_secs(s.cache_ttl_secs.max(1)), s.cache_capacity);
@@ -48,7 +50,8 @@ pub fn service(runtime: &Runtime) -> (GateDesk, Vec<tokio::task::JoinHandle<()>>
             facts_ttl: Duration::from_secs(s.facts_ttl_secs),
             watch_buffer: s.watch_buffer,
         },
-    );
+    )
+    .with_face(face);
     let follower = desk.start_follower();
     (desk, vec![writer_task, follower])
 }
@@ -67,7 +70,8 @@ pub async fn application(runtime: Runtime) -> Result<ServiceApp, StartError> {
         estate_credentials::migrate(&runtime.db).await?;
         migrate(&runtime.db).await?;
     }
-    let (desk, tasks) = service(&runtime);
+    let face = estate_runtime::remote_face_matcher(&runtime, "gate")?;
+    let (desk, tasks) = service(&runtime, face);
     let mut routes = tonic::service::RoutesBuilder::default();
     routes.add_service(server(&runtime, desk.clone()));
     let mut app = ServiceApp::build(runtime, routes, &[SERVICE_NAME]).await?.on_shutdown(move || desk.close_streams());

@@ -20,9 +20,11 @@ use estate_core::{Error, Result, new_id, now_ms, parse_id};
 use estate_credentials::CredentialBook;
 use estate_credentials::directory::{self as creds, CredentialFacts};
 use estate_crypto::{KeyedHasher, SigningKeyPair};
+use estate_facematch::FaceMatcher;
 use estate_identity::directory::{self as ident, GateInfo};
 use estate_proto::common::CredentialKind;
 use estate_proto::credentials::{CredentialChanged, VerifyOutcome, verify_credential_request};
+use estate_proto::facematch::{FaceSample, IdentifyRequest};
 use estate_proto::gate::gate_service_server::GateService;
 use estate_proto::gate::*;
 use estate_store::outbox::{self, Change};
@@ -227,6 +229,7 @@ pub struct GateDesk {
     watchers: Arc<Mutex<HashMap<TenantKey, broadcast::Sender<GateChange>>>>,
     stop: Arc<watch::Sender<bool>>,
     options: GateOptions,
+    face: Option<Arc<dyn FaceMatcher>>,
 }
 
 impl std::fmt::Debug for GateDesk {
@@ -263,7 +266,16 @@ impl GateDesk {
             watchers: Arc::default(),
             stop: Arc::new(stop),
             options,
+            face: None,
         }
+    }
+
+    /// Decides face probes with `face` (the tenant's facematch, in-process or
+    /// remote). Without it a probe is denied FACE_UNAVAILABLE (R1: face is
+    /// never required).
+    pub fn with_face(mut self, face: Option<Arc<dyn FaceMatcher>>) -> Self {
+        self.face = face;
+        self
     }
 
     /// Ends every open WatchChanges stream (called when the server stops, so
@@ -402,6 +414,54 @@ impl GateDesk {
         Ok(facts)
     }
 
+    /// A face probe: 1:N in the estate's gallery (the probe goes to
+    /// facematch and is never stored here, R8), then the matched person's
+    /// consent and face reference are checked like any credential.
+    async fn face_outcome(&self, view: &GateView, probe: FaceProbe, outcome: &mut Outcome, now: i64) -> Result<()> {
+        use tracing::Instrument;
+        let Some(face) = &self.face else {
+            outcome.reason = Reason::FaceUnavailable as i32;
+            return Ok(());
+        };
+        let request = IdentifyRequest {
+            estate_id: view.info.estate_id.clone(),
+            probe: Some(FaceSample { template: probe.template, image: probe.image }),
+        };
+        let matched = face.identify(&view.tenant, request).instrument(tracing::info_span!("facematch.identify")).await;
+        let matched = match matched {
+            Ok(m) => m,
+            Err(e) if e.code() == tonic::Code::InvalidArgument => return Err(e),
+            Err(e) => {
+                tracing::warn!(code = ?e.code(), error = %e, "facematch unavailable; face probe denied");
+                outcome.reason = Reason::FaceUnavailable as i32;
+                return Ok(());
+            }
+        };
+        if !matched.matched {
+            outcome.reason = Reason::FaceNoMatch as i32;
+            return Ok(());
+        }
+        outcome.pseudonym = matched.person_pseudonym.clone();
+        let consent: Option<(String, String)> = sqlx::query_as::<Any, (String, String)>(
+            "SELECT status, estate_id FROM consents WHERE tenant_id = $1 AND id = $2",
+        )
+        .bind(&view.tenant)
+        .bind(&matched.consent_id)
+        .fetch_optional(self.db.pool())
+        .await
+        .map_err(db_error)?;
+        if !consent.is_some_and(|(status, estate)| status == "active" && estate == view.info.estate_id) {
+            outcome.reason = Reason::FaceNotConsented as i32;
+            return Ok(());
+        }
+        let facts = creds::face_of(&self.db, &view.tenant, &matched.person_pseudonym, &view.info.estate_id).await?;
+        outcome.reason = evaluate(facts.as_ref(), &view.info.estate_id, now) as i32;
+        if let Some(f) = facts {
+            outcome.credential_id = f.id;
+        }
+        Ok(())
+    }
+
     /// Anti-passback, last: only an otherwise admitted passage is recorded.
     async fn passback(&self, view: &GateView, outcome: &mut Outcome) -> Result<()> {
         if outcome.reason() != Reason::Ok || !view.rules.anti_passback || outcome.pseudonym.is_empty() {
@@ -519,7 +579,10 @@ impl GateDesk {
                     }
                     self.passback(&view, &mut outcome).await?;
                 }
-                Presented::Face(_) => outcome.reason = Reason::FaceUnavailable as i32,
+                Presented::Face(probe) => {
+                    self.face_outcome(&view, probe, &mut outcome, now).await?;
+                    self.passback(&view, &mut outcome).await?;
+                }
                 Presented::Pin(p) => {
                     return self
                         .decide_in_db(caller, &view, decision_id, verify_credential_request::Presented::Pin(p))

@@ -7,9 +7,11 @@
 
 use estate_auth::Principal;
 use estate_config::Settings;
+use estate_facematch::{FaceMatcher, FaceRegistry};
 use estate_runtime::{GrpcApp, Runtime, StartError};
 use std::future::Future;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 /// File in the data directory holding the bootstrap platform-admin token.
 pub const ADMIN_TOKEN_FILE: &str = "admin.token";
@@ -26,6 +28,9 @@ pub enum MeshError {
     /// The data directory could not be created.
     #[error("cannot create the data directory {0}")]
     DataDir(String),
+    /// Facematch could not be set up.
+    #[error("facematch: {0}")]
+    Face(String),
     /// The admin token could not be written.
     #[error("cannot write the admin token: {0}")]
     AdminToken(String),
@@ -51,6 +56,39 @@ pub struct Application {
     audit_log: estate_audit::AuditLog,
     gate: estate_gate::GateDesk,
     gate_tasks: Vec<tokio::task::JoinHandle<()>>,
+    face: Option<Arc<dyn FaceMatcher>>,
+    face_registry: Option<Arc<FaceRegistry>>,
+}
+
+/// Facematch for the embedded default: one engine per tenant under
+/// `facematch.dir` (default `data_dir/facematch`), each with its own SQLite
+/// file, key vault and tenant key, verifying consent attestations with this
+/// process's consent key. A remote facematch (`facematch.endpoints`) wins
+/// when configured; `facematch.embedded = false` runs without face.
+pub fn embedded_face_registry(runtime: &Runtime) -> Result<Option<Arc<FaceRegistry>>, MeshError> {
+    let s = &runtime.settings;
+    if !s.facematch.embedded || !s.facematch.endpoints.is_empty() {
+        return Ok(None);
+    }
+    let consent_key = &runtime.keys.consent_signing;
+    let consent_keys =
+        estate_attestation::KeySet::new([(consent_key.key_id().to_owned(), consent_key.public_key_bytes())]);
+    let tenant_key = match &s.facematch.tenant_key_file {
+        Some(p) => estate_facematch::TenantKey::File(p.clone()),
+        None => estate_facematch::TenantKey::PerTenantDir,
+    };
+    let embedder = estate_facematch::load_model(s).map_err(|e| MeshError::Face(e.to_string()))?;
+    Ok(Some(Arc::new(FaceRegistry::new(
+        estate_facematch::RegistryOptions {
+            base: s.facematch.dir.clone().unwrap_or_else(|| s.data_dir.join("facematch")),
+            only_tenant: None,
+            tenant_key,
+            generate_keys: s.keys.generate_missing,
+            engine: estate_facematch::engine_options(s),
+        },
+        consent_keys,
+        embedder,
+    ))))
 }
 
 impl Application {
@@ -72,17 +110,26 @@ impl Application {
         routes.add_service(estate_credentials::server(&runtime));
         let audit_log = estate_audit::log(&runtime);
         routes.add_service(estate_audit::server(&runtime, audit_log.clone()));
-        let (gate, gate_tasks) = estate_gate::service(&runtime);
+        let face_registry = embedded_face_registry(&runtime)?;
+        let face: Option<Arc<dyn FaceMatcher>> = match &face_registry {
+            Some(r) => Some(r.clone()),
+            None => estate_runtime::remote_face_matcher(&runtime, "gate")?,
+        };
+        let (gate, gate_tasks) = estate_gate::service(&runtime, face.clone());
         routes.add_service(estate_gate::server(&runtime, gate.clone()));
-        let names = [
+        let mut names = vec![
             estate_identity::SERVICE_NAME,
             estate_consent::SERVICE_NAME,
             estate_credentials::SERVICE_NAME,
             estate_audit::SERVICE_NAME,
             estate_gate::SERVICE_NAME,
         ];
+        if let Some(registry) = &face_registry {
+            routes.add_service(estate_facematch::server(&runtime.settings, registry.clone()));
+            names.push(estate_facematch::SERVICE_NAME);
+        }
         let app = GrpcApp::build(&runtime, routes, &names).await?;
-        Ok(Self { app, runtime, admin_token_path, audit_log, gate, gate_tasks })
+        Ok(Self { app, runtime, admin_token_path, audit_log, gate, gate_tasks, face, face_registry })
     }
 
     /// The bound port.
@@ -100,9 +147,14 @@ impl Application {
         &self.runtime
     }
 
+    /// The in-process facematch engines (embedded default), for tests.
+    pub fn face_registry(&self) -> Option<&Arc<FaceRegistry>> {
+        self.face_registry.as_ref()
+    }
+
     /// Serves until `shutdown` resolves.
     pub async fn run_until(self, shutdown: impl Future<Output = ()>) -> Result<(), MeshError> {
-        let sweep = estate_consent::start_sweep(&self.runtime);
+        let sweep = estate_consent::start_sweep(&self.runtime, self.face.clone());
         let move_out = estate_credentials::start_sweep(&self.runtime);
         let relay = estate_audit::start_relay(&self.runtime, self.audit_log.clone());
         let gate = self.gate.clone();
@@ -118,6 +170,9 @@ impl Application {
         relay.abort();
         for task in self.gate_tasks {
             task.abort();
+        }
+        if let Some(registry) = &self.face_registry {
+            registry.close().await;
         }
         self.runtime.db.close().await;
         Ok(served?)

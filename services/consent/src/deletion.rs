@@ -222,10 +222,19 @@ pub async fn fulfil_pending(db: &Db, eraser: &dyn FaceDataEraser) -> Result<usiz
         .map_err(db_error)?
         .rows_affected();
         if updated == 1 {
+            // Minors stay flagged in audit (R7).
+            let (minor,): (i64,) = sqlx::query_as::<Any, (i64,)>(
+                "SELECT COUNT(*) FROM consents WHERE tenant_id = $1 AND person_pseudonym = $2 AND concerns_minor <> 0",
+            )
+            .bind(&request.tenant_id)
+            .bind(&request.person_pseudonym)
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(db_error)?;
             // The tombstone (R17): counts and key ids, never face data.
             let change = Change::new(&request.tenant_id, "face_deletion.fulfil", "face_deletion_request", &request.id)
                 .estate(&request.estate_id)
-                .person(&request.person_pseudonym, false)
+                .person(&request.person_pseudonym, minor > 0)
                 .attr("certificate_id", body.certificate_id.clone())
                 .attr("templates_deleted", body.templates_deleted.to_string())
                 .attr("keys_destroyed", body.key_ids_destroyed.join(","))
@@ -329,7 +338,12 @@ pub fn spawn_sweep(
             {
                 tracing::warn!(error = %e, "deletion hand-off failed; will retry");
             }
-            estate_bus::wake_on(&mut events, estate_identity::RESIDENCY_ENDED_TOPIC, interval).await;
+            estate_bus::wake_on_any(
+                &mut events,
+                &[estate_identity::RESIDENCY_ENDED_TOPIC, crate::service::CONSENT_WITHDRAWN_TOPIC],
+                interval,
+            )
+            .await;
         }
     })
 }

@@ -12,7 +12,7 @@ mod service;
 pub use deletion::{
     FaceDataEraser, FacematchEraser, fulfil_pending, spawn_sweep, sweep_residency_ends, sweep_retention,
 };
-pub use service::{ConsentBook, ConsentOptions};
+pub use service::{CONSENT_WITHDRAWN_TOPIC, ConsentBook, ConsentOptions};
 
 use estate_facematch::FaceMatcher;
 use estate_proto::consent::consent_service_server::ConsentServiceServer;
@@ -43,6 +43,7 @@ pub fn service(runtime: &Runtime) -> ConsentBook {
             max_page_size: s.limits.max_page_size,
         },
     )
+    .with_bus(runtime.bus.clone())
 }
 
 /// The tonic server wrapper with the configured message size limit.

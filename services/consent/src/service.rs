@@ -51,7 +51,12 @@ pub struct ConsentBook {
     hasher: KeyedHasher,
     signing: SigningKeyPair,
     options: ConsentOptions,
+    bus: Option<estate_bus::EventBus>,
 }
+
+/// Announced after a withdrawal commits, so that the deletion sweep hands the
+/// request to facematch at once rather than at its next interval.
+pub const CONSENT_WITHDRAWN_TOPIC: &str = "consent.face.withdrawn";
 
 fn sha256_field(field: &'static str, value: &str) -> Result<String> {
     let v = value.trim().to_ascii_lowercase();
@@ -82,8 +87,14 @@ fn not_yours() -> Error {
 
 impl ConsentBook {
     /// A service over `db` (shared with identity), signing attestations with `signing`.
+    /// Announces withdrawals on `bus` (wakes the deletion sweep).
+    pub fn with_bus(mut self, bus: estate_bus::EventBus) -> Self {
+        self.bus = Some(bus);
+        self
+    }
+
     pub fn new(db: Db, hasher: KeyedHasher, signing: SigningKeyPair, options: ConsentOptions) -> Self {
-        Self { db, hasher, signing, options }
+        Self { db, hasher, signing, options, bus: None }
     }
 
     async fn record(&self, conn: &mut AnyConnection, caller: &Caller, change: Change<'_>) -> Result<()> {
@@ -582,6 +593,11 @@ impl ConsentBook {
             .attr("deletion_request_id", request_id);
         self.record(&mut tx, caller, change).await?;
         tx.commit().await.map_err(db_error)?;
+        if let Some(bus) = &self.bus
+            && let Err(e) = bus.publish(CONSENT_WITHDRAWN_TOPIC, Vec::new()).await
+        {
+            tracing::debug!(error = %e, "withdrawal not announced; the sweep's interval bounds the delay");
+        }
         Ok(row.into())
     }
 

@@ -62,7 +62,13 @@ impl FacematchDesk {
     }
 
     async fn enrol(&self, caller: &Caller, req: EnrolRequest) -> Result<EnrolResponse> {
-        let tenant = self.tenant_for_estate(caller, &req.estate_id, true, &[CONSENT_SERVICE])?;
+        // A resident enrols through their app with the attestation consent
+        // issued to them (or their guardian); the attestation names the
+        // person and estate, and the engine checks both.
+        let tenant = match &caller.principal {
+            Principal::Resident { tenant_id, .. } => tenant_id.clone(),
+            _ => self.tenant_for_estate(caller, &req.estate_id, true, &[CONSENT_SERVICE])?,
+        };
         self.registry.engine(&tenant).await?.enrol(req, now_ms() / 1000).await
     }
 

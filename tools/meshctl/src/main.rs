@@ -74,9 +74,13 @@ enum Command {
     /// Impact assessments (needed before face is enabled).
     #[command(subcommand)]
     Assessment(AssessmentCmd),
-    /// Face verification at an estate: enable, disable, status.
+    /// Face verification at an estate: enable, disable, status; enrol and
+    /// identify against the tenant's facematch.
     #[command(subcommand)]
     Face(FaceCmd),
+    /// Deletion certificates of face data (R6): fetch, and verify offline.
+    #[command(subcommand)]
+    Deletion(DeletionCmd),
     /// Cards, PINs, QR passes, visitor passes.
     #[command(subcommand)]
     Credential(CredentialCmd),
@@ -436,6 +440,52 @@ enum FaceCmd {
         #[arg(long)]
         estate: String,
     },
+    /// Enrols a face under a granted consent (an attestation is issued for
+    /// it): an aligned face image (PNG / JPEG) or a template file (one number
+    /// per line).
+    Enrol {
+        #[arg(long)]
+        consent: String,
+        #[arg(long, conflicts_with = "template")]
+        image: Option<PathBuf>,
+        #[arg(long)]
+        template: Option<PathBuf>,
+    },
+    /// 1:N search of an estate's gallery with an aligned face image (test).
+    Identify {
+        #[arg(long)]
+        estate: String,
+        #[arg(long)]
+        image: PathBuf,
+    },
+    /// Persons with templates in the tenant (R16).
+    Count,
+}
+
+#[derive(Debug, Subcommand)]
+enum DeletionCmd {
+    /// Fetches the certificate of a fulfilled deletion request (the person or
+    /// an operator) and saves it for offline verification.
+    Show {
+        /// The deletion request id (shown on the withdrawn consent).
+        #[arg(long, required_unless_present = "consent", conflicts_with = "consent")]
+        request: Option<String>,
+        /// Or the withdrawn consent whose deletion it is.
+        #[arg(long)]
+        consent: Option<String>,
+        /// Where to save the certificate (default: deletion-<request>.cert).
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// Prints the facematch certificate verifying keys as a key file.
+    Keys,
+    /// Verifies a saved certificate offline against a key file.
+    Verify {
+        certificate: PathBuf,
+        /// Key file as printed by `meshctl deletion keys`.
+        #[arg(long)]
+        keys: PathBuf,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -704,7 +754,8 @@ fn unreachable_verify() -> String {
 type Audits = AuditServiceClient<InterceptedService<Channel, Bearer>>;
 type Gates = GateServiceClient<InterceptedService<Channel, Bearer>>;
 
-async fn connect(cli: &Cli) -> anyhow::Result<(Client, Consents, Credentials, Audits, Gates)> {
+/// The caller's token from `--token` or `--token-file`.
+fn bearer_of(cli: &Cli) -> anyhow::Result<Bearer> {
     let token = match (&cli.token, &cli.token_file) {
         (Some(t), _) => Some(t.trim().to_owned()),
         (None, Some(path)) => Some(
@@ -712,16 +763,19 @@ async fn connect(cli: &Cli) -> anyhow::Result<(Client, Consents, Credentials, Au
         ),
         (None, None) => None,
     };
-    let bearer = match token {
+    Ok(Bearer(match token {
         Some(t) => Some(AsciiMetadataValue::try_from(format!("Bearer {t}")).context("the token is not valid text")?),
         None => None,
-    };
+    }))
+}
+
+async fn connect(cli: &Cli) -> anyhow::Result<(Client, Consents, Credentials, Audits, Gates)> {
+    let bearer = bearer_of(cli)?;
     let channel = Channel::from_shared(cli.endpoint.clone())
         .with_context(|| format!("{} is not a valid endpoint", cli.endpoint))?
         .connect()
         .await
         .with_context(|| format!("cannot reach the mesh at {}", cli.endpoint))?;
-    let bearer = Bearer(bearer);
     Ok((
         IdentityServiceClient::with_interceptor(channel.clone(), bearer.clone()),
         ConsentServiceClient::with_interceptor(channel.clone(), bearer.clone()),
@@ -807,11 +861,57 @@ async fn gate_bundle(g: &mut Gates, out: Option<&std::path::Path>, ack: bool, o:
     Ok(one(&render::BundleSummary { contents, key_id: bundle.key_id, acknowledged: ack }, o))
 }
 
+/// A facematch client on the mesh endpoint (the embedded facematch shares
+/// the mesh's port).
+async fn facematch(
+    endpoint: &str,
+    bearer: &Bearer,
+) -> anyhow::Result<
+    estate_proto::facematch::facematch_service_client::FacematchServiceClient<InterceptedService<Channel, Bearer>>,
+> {
+    let channel = Channel::from_shared(endpoint.to_owned())?
+        .connect()
+        .await
+        .with_context(|| format!("cannot reach facematch at {endpoint}"))?;
+    Ok(estate_proto::facematch::facematch_service_client::FacematchServiceClient::with_interceptor(
+        channel,
+        bearer.clone(),
+    ))
+}
+
+fn read_bytes(p: &std::path::Path) -> anyhow::Result<Vec<u8>> {
+    std::fs::read(p).with_context(|| format!("cannot read {}", p.display()))
+}
+
+/// A template file: numbers separated by whitespace or commas.
+fn read_template(p: &std::path::Path) -> anyhow::Result<Vec<f32>> {
+    read_text(p)?
+        .split(|c: char| c.is_whitespace() || c == ',')
+        .filter(|t| !t.is_empty())
+        .map(|t| t.parse::<f32>().with_context(|| format!("{} holds {t:?}, not a number", p.display())))
+        .collect()
+}
+
+/// `deletion verify`: offline, against a key file.
+fn verify_certificate(certificate: &std::path::Path, keys: &std::path::Path, o: Output) -> anyhow::Result<String> {
+    let bytes = read_bytes(certificate)?;
+    let cert = <estate_proto::facematch::DeletionCertificate as prost::Message>::decode(bytes.as_slice())
+        .with_context(|| format!("{} is not a deletion certificate", certificate.display()))?;
+    let keys = estate_facematch::parse_key_list(&read_text(keys)?).map_err(anyhow::Error::msg)?;
+    let body = estate_facematch::certificate::verify(&cert, &estate_attestation::KeySet::new(keys))?;
+    Ok(format!("OK: signature verified by key {}\n{}", cert.key_id, one(&render::Certificate(body), o)))
+}
+
 async fn run(cli: Cli) -> anyhow::Result<String> {
     if let Command::Audit(AuditCmd::Verify { bundle, keys, previous }) = &cli.command {
         return verify_bundle(bundle, keys, previous.as_deref());
     }
+    if let Command::Deletion(DeletionCmd::Verify { certificate, keys }) = &cli.command {
+        return verify_certificate(certificate, keys, cli.output);
+    }
     let (mut c, mut k, mut cr, mut a, mut g) = connect(&cli).await?;
+    let cli_endpoint = cli.endpoint.clone();
+    let cli_bearer = bearer_of(&cli)?;
     let o = cli.output;
     Ok(match cli.command {
         Command::Tenant(cmd) => match cmd {
@@ -1205,6 +1305,108 @@ async fn run(cli: Cli) -> anyhow::Result<String> {
             FaceCmd::Status { estate } => {
                 one(&k.get_face_verification(GetFaceVerificationRequest { estate_id: estate }).await?.into_inner(), o)
             }
+            FaceCmd::Enrol { consent, image, template } => {
+                use estate_proto::facematch::{EnrolRequest, FaceSample};
+                let face = match (image, template) {
+                    (Some(p), None) => FaceSample { template: Vec::new(), image: read_bytes(&p)? },
+                    (None, Some(p)) => FaceSample { template: read_template(&p)?, image: Vec::new() },
+                    _ => anyhow::bail!("give --image or --template"),
+                };
+                let att = k
+                    .issue_attestation(IssueAttestationRequest { consent_id: consent, ttl_seconds: 0 })
+                    .await?
+                    .into_inner();
+                let claims = att.decoded.clone().context("the attestation carries no decoded claims")?;
+                let done = facematch(&cli_endpoint, &cli_bearer)
+                    .await?
+                    .enrol(EnrolRequest {
+                        estate_id: claims.estate_id,
+                        person_pseudonym: claims.person_pseudonym,
+                        attestation: Some(att),
+                        face: Some(face),
+                        request_id: String::new(),
+                    })
+                    .await?
+                    .into_inner();
+                format!(
+                    "enrolled template {} (data key {}); {} template(s) for this person here",
+                    done.template_id, done.key_id, done.templates
+                )
+            }
+            FaceCmd::Identify { estate, image } => {
+                use estate_proto::facematch::{FaceSample, IdentifyRequest};
+                let m = facematch(&cli_endpoint, &cli_bearer)
+                    .await?
+                    .identify(IdentifyRequest {
+                        estate_id: estate,
+                        probe: Some(FaceSample { template: Vec::new(), image: read_bytes(&image)? }),
+                    })
+                    .await?
+                    .into_inner();
+                if m.matched {
+                    format!("match: {} (score {:.3}, threshold {:.2})", m.person_pseudonym, m.score, m.threshold)
+                } else {
+                    format!("no match (best score {:.3}, threshold {:.2})", m.score, m.threshold)
+                }
+            }
+            FaceCmd::Count => {
+                let c = facematch(&cli_endpoint, &cli_bearer)
+                    .await?
+                    .count_persons(estate_proto::facematch::CountPersonsRequest {})
+                    .await?
+                    .into_inner();
+                format!("tenant {}: {} person(s) with {} template(s)", c.tenant_id, c.persons, c.templates)
+            }
+        },
+        Command::Deletion(cmd) => match cmd {
+            DeletionCmd::Show { request, consent, out } => {
+                let request = match (request, consent) {
+                    (Some(r), _) => r,
+                    (None, Some(c)) => {
+                        let consent = k.get_consent(GetConsentRequest { id: c }).await?.into_inner();
+                        anyhow::ensure!(
+                            !consent.deletion_request_id.is_empty(),
+                            "that consent has no deletion request (it is still active)"
+                        );
+                        consent.deletion_request_id
+                    }
+                    (None, None) => anyhow::bail!("give --request or --consent"),
+                };
+                // A deletion is handed to facematch within seconds; wait for it.
+                let mut attempt = 0;
+                let stored = loop {
+                    let req = GetDeletionCertificateRequest { deletion_request_id: request.clone() };
+                    match k.get_deletion_certificate(req).await {
+                        Ok(s) => break s.into_inner(),
+                        Err(s) if s.code() == tonic::Code::FailedPrecondition && attempt < 40 => {
+                            attempt += 1;
+                            tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+                        }
+                        Err(s) => return Err(s.into()),
+                    }
+                };
+                let path = out.unwrap_or_else(|| PathBuf::from(format!("deletion-{request}.cert")));
+                std::fs::write(&path, &stored.certificate)
+                    .with_context(|| format!("cannot write {}", path.display()))?;
+                let cert = <estate_proto::facematch::DeletionCertificate as prost::Message>::decode(
+                    stored.certificate.as_slice(),
+                )?;
+                let body = <estate_proto::facematch::CertificateBody as prost::Message>::decode(cert.body.as_slice())?;
+                format!(
+                    "{}\nsaved to {} (verify with `meshctl deletion verify`)",
+                    one(&render::Certificate(body), o),
+                    path.display()
+                )
+            }
+            DeletionCmd::Keys => {
+                let keys = facematch(&cli_endpoint, &cli_bearer)
+                    .await?
+                    .get_certificate_keys(estate_proto::facematch::GetCertificateKeysRequest {})
+                    .await?
+                    .into_inner();
+                estate_facematch::format_key_list(&keys).trim_end().to_owned()
+            }
+            DeletionCmd::Verify { .. } => unreachable_verify(),
         },
     })
 }

@@ -581,3 +581,27 @@ mod gate_fields {
 }
 
 pub use gate_fields::BundleSummary;
+
+/// A verified (or fetched) deletion certificate's signed contents.
+#[derive(Debug)]
+pub struct Certificate(pub estate_proto::facematch::CertificateBody);
+
+impl Fields for Certificate {
+    fn fields(&self) -> Vec<(&'static str, String)> {
+        let b = &self.0;
+        let reason = estate_proto::facematch::DeletionReason::try_from(b.reason)
+            .map(|r| r.as_str_name().trim_start_matches("DELETION_REASON_").to_lowercase())
+            .unwrap_or_default();
+        vec![
+            ("id", b.certificate_id.clone()),
+            ("tenant", b.tenant_id.clone()),
+            ("estates", b.estate_ids.join(",")),
+            ("person", b.person_pseudonym.clone()),
+            ("templates_deleted", b.templates_deleted.to_string()),
+            ("keys_destroyed", b.key_ids_destroyed.join(",")),
+            ("deleted_at", time(&Some(prost_types::Timestamp { seconds: b.deleted_at_unix, nanos: 0 }))),
+            ("reason", reason),
+            ("request", b.request_id.clone()),
+        ]
+    }
+}

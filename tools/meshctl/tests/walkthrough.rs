@@ -150,8 +150,31 @@ async fn readme_walkthrough_works_as_written() -> anyhow::Result<()> {
     ])?;
     let attestation = sh.ok(&["consent", "attest", &consent])?;
     assert!(attestation.contains("signature_b64"), "{attestation}");
+    let dir = tempfile::tempdir()?;
+    let template: String = (1..=512).map(|i| format!("{:.5}\n", (i as f64).sin())).collect();
+    let template_file = dir.path().join("template.txt");
+    std::fs::write(&template_file, template)?;
+    let enrolled = sh.ok(&["face", "enrol", "--consent", &consent, "--template", &template_file.to_string_lossy()])?;
+    assert!(enrolled.contains("1 template(s)"), "{enrolled}");
     let withdrawn = sh.ok(&["consent", "withdraw", &consent])?;
     assert!(withdrawn.contains("withdrawn"), "{withdrawn}");
+    let cert_file = dir.path().join("deletion.cert");
+    let shown = sh.ok(&["deletion", "show", "--consent", &consent, "--out", &cert_file.to_string_lossy()])?;
+    assert!(shown.contains("templates_deleted  1") && shown.contains("withdrawal"), "{shown}");
+    let keys = sh.ok(&["deletion", "keys"])?;
+    let keys_file = dir.path().join("deletion.keys");
+    std::fs::write(&keys_file, format!("{keys}\n"))?;
+    let verified =
+        sh.ok(&["deletion", "verify", &cert_file.to_string_lossy(), "--keys", &keys_file.to_string_lossy()])?;
+    assert!(verified.starts_with("OK: signature verified"), "{verified}");
+    // A tampered certificate is refused.
+    let mut bytes = std::fs::read(&cert_file)?;
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 1;
+    std::fs::write(&cert_file, bytes)?;
+    let (ok, _, err) =
+        sh.run(&["deletion", "verify", &cert_file.to_string_lossy(), "--keys", &keys_file.to_string_lossy()])?;
+    assert!(!ok, "a tampered certificate verified: {err}");
     sh.token = operator_token;
     let deletions = sh.ok(&["consent", "deletions", "--estate", &estate])?;
     assert!(deletions.contains("consent withdrawn"), "{deletions}");

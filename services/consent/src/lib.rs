@@ -46,10 +46,13 @@ pub fn service(runtime: &Runtime) -> ConsentBook {
     .with_bus(runtime.bus.clone())
 }
 
-/// The tonic server wrapper with the configured message size limit.
-pub fn server(runtime: &Runtime) -> ConsentServiceServer<ConsentBook> {
+/// The tonic server wrapper with the configured message size limit; `face`
+/// (the tenant's facematch) feeds the filing count.
+pub fn server(runtime: &Runtime, face: Option<Arc<dyn FaceMatcher>>) -> ConsentServiceServer<ConsentBook> {
     let max = runtime.settings.limits.max_message_bytes;
-    ConsentServiceServer::new(service(runtime)).max_decoding_message_size(max).max_encoding_message_size(max)
+    ConsentServiceServer::new(service(runtime).with_face(face))
+        .max_decoding_message_size(max)
+        .max_encoding_message_size(max)
 }
 
 /// Starts the deletion sweep of this process (R5): residency ends become
@@ -72,9 +75,9 @@ pub async fn application(runtime: Runtime) -> Result<ServiceApp, StartError> {
     if runtime.settings.database.migrate_on_start {
         migrate(&runtime.db).await?;
     }
-    let mut routes = tonic::service::RoutesBuilder::default();
-    routes.add_service(server(&runtime));
     let face = estate_runtime::remote_face_matcher(&runtime, "consent")?;
+    let mut routes = tonic::service::RoutesBuilder::default();
+    routes.add_service(server(&runtime, face.clone()));
     let sweep = start_sweep(&runtime, face);
     Ok(ServiceApp::build(runtime, routes, &[SERVICE_NAME]).await?.with_background(sweep))
 }

@@ -52,6 +52,7 @@ pub struct ConsentBook {
     signing: SigningKeyPair,
     options: ConsentOptions,
     bus: Option<estate_bus::EventBus>,
+    face: Option<std::sync::Arc<dyn estate_facematch::FaceMatcher>>,
 }
 
 /// Announced after a withdrawal commits, so that the deletion sweep hands the
@@ -87,6 +88,12 @@ fn not_yours() -> Error {
 
 impl ConsentBook {
     /// A service over `db` (shared with identity), signing attestations with `signing`.
+    /// Counts persons with templates through `face` for the filing status.
+    pub fn with_face(mut self, face: Option<std::sync::Arc<dyn estate_facematch::FaceMatcher>>) -> Self {
+        self.face = face;
+        self
+    }
+
     /// Announces withdrawals on `bus` (wakes the deletion sweep).
     pub fn with_bus(mut self, bus: estate_bus::EventBus) -> Self {
         self.bus = Some(bus);
@@ -94,7 +101,7 @@ impl ConsentBook {
     }
 
     pub fn new(db: Db, hasher: KeyedHasher, signing: SigningKeyPair, options: ConsentOptions) -> Self {
-        Self { db, hasher, signing, options, bus: None }
+        Self { db, hasher, signing, options, bus: None, face: None }
     }
 
     async fn record(&self, conn: &mut AnyConnection, caller: &Caller, change: Change<'_>) -> Result<()> {
@@ -834,6 +841,19 @@ impl ConsentBook {
         .fetch_one(self.db.pool())
         .await
         .map_err(db_error)?;
+        let templates = match &self.face {
+            Some(face) => match face.count(tenant).await {
+                Ok(c) => i64::try_from(c.persons).unwrap_or(i64::MAX),
+                Err(e) => {
+                    tracing::warn!(error = %e, "facematch did not count; the filing status uses consents only");
+                    -1
+                }
+            },
+            None => -1,
+        };
+        let held = if templates >= 0 { format!("; facematch holds face data of {templates}") } else { String::new() };
+        let consented = n;
+        let n = n.max(templates);
         let (warn, threshold) = (self.options.filing_warning_at, self.options.filing_threshold);
         let (level, message) = if n >= threshold {
             (
@@ -851,11 +871,12 @@ impl ConsentBook {
             (FilingLevel::Ok, format!("{n} persons have face consent; the filing is due at {threshold}"))
         };
         Ok(FilingStatus {
-            persons_with_face_consent: n,
+            persons_with_face_consent: consented,
             warning_at: warn,
             filing_threshold: threshold,
             level: level as i32,
-            message,
+            message: format!("{message}{held}"),
+            persons_with_templates: templates,
         })
     }
 
@@ -882,6 +903,65 @@ impl ConsentBook {
         };
         let rows = deletion::list(&self.db, &tenant, &estate_id, r.pending_only).await?;
         Ok(ListDeletionRequestsResponse { requests: rows.into_iter().map(Into::into).collect() })
+    }
+
+    async fn request_face_deletion(&self, caller: &Caller, r: RequestFaceDeletionRequest) -> Result<DeletionRequest> {
+        let Principal::Resident { tenant_id, person_id: me } = &caller.principal else {
+            return Err(Error::denied("only the person (or their guardian) asks for their face data to be deleted"));
+        };
+        let estate_id = parse_id("estate_id", &r.estate_id)?;
+        let target = if r.person_id.is_empty() { me.clone() } else { parse_id("person_id", &r.person_id)? };
+        let facts = directory::person(&self.db, tenant_id, &target).await?.ok_or_else(not_yours)?;
+        if target != *me && facts.guardian_person_id.as_deref() != Some(me.as_str()) {
+            return Err(not_yours());
+        }
+        let mut tx = self.db.begin().await?;
+        let request_id = request_deletion(
+            &mut tx,
+            tenant_id,
+            &estate_id,
+            &facts.pseudonym,
+            DeletionReason::PersonRequest,
+            &format!("request:{}", new_id()),
+        )
+        .await?
+        .ok_or_else(|| Error::Internal("a fresh deletion request collided".into()))?;
+        let ended = sqlx::query::<Any>(
+            "UPDATE consents SET status = $1, withdrawn_at = $2, deletion_request_id = $3 \
+             WHERE tenant_id = $4 AND person_pseudonym = $5 AND estate_id = $6 AND status = $7",
+        )
+        .bind(WITHDRAWN)
+        .bind(now_ms())
+        .bind(&request_id)
+        .bind(tenant_id)
+        .bind(&facts.pseudonym)
+        .bind(&estate_id)
+        .bind(ACTIVE)
+        .execute(&mut *tx)
+        .await
+        .map_err(db_error)?
+        .rows_affected();
+        let change = Change::new(tenant_id, "face_deletion.request", "face_deletion_request", &request_id)
+            .estate(&estate_id)
+            .person(&facts.pseudonym, facts.is_minor)
+            .attr("reason", reason_name(DeletionReason::PersonRequest))
+            .attr("consents_ended", ended.to_string());
+        self.record(&mut tx, caller, change).await?;
+        let row = sqlx::query_as::<Any, DeletionRow>(sqlx::AssertSqlSafe(format!(
+            "SELECT {DELETION_COLS} FROM face_deletion_requests WHERE tenant_id = $1 AND id = $2"
+        )))
+        .bind(tenant_id)
+        .bind(&request_id)
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(db_error)?;
+        tx.commit().await.map_err(db_error)?;
+        if let Some(bus) = &self.bus
+            && let Err(e) = bus.publish(CONSENT_WITHDRAWN_TOPIC, Vec::new()).await
+        {
+            tracing::debug!(error = %e, "deletion request not announced; the sweep's interval bounds the delay");
+        }
+        Ok(row.into())
     }
 
     async fn get_deletion_certificate(
@@ -958,6 +1038,7 @@ impl ConsentService for ConsentBook {
         get_filing_status(GetFilingStatusRequest) -> FilingStatus;
         list_deletion_requests(ListDeletionRequestsRequest) -> ListDeletionRequestsResponse;
         get_deletion_certificate(GetDeletionCertificateRequest) -> StoredCertificate;
+        request_face_deletion(RequestFaceDeletionRequest) -> DeletionRequest;
     }
 
     async fn get_verifying_keys(

@@ -169,7 +169,12 @@ impl FaceMatcher for FaceRegistry {
     }
 
     fn count<'a>(&'a self, tenant_id: &'a str) -> BoxFuture<'a, Result<PersonCount>> {
-        Box::pin(async move { self.engine(tenant_id).await?.count().await })
+        Box::pin(async move {
+            if !self.tenants_with_data().iter().any(|t| t == tenant_id) && self.options.only_tenant.is_none() {
+                return Ok(PersonCount { tenant_id: tenant_id.to_owned(), persons: 0, templates: 0 });
+            }
+            self.engine(tenant_id).await?.count().await
+        })
     }
 
     fn certificate_keys<'a>(&'a self, tenant_id: &'a str) -> BoxFuture<'a, Result<VerifyingKeys>> {

@@ -106,15 +106,15 @@ impl Application {
 
         let mut routes = tonic::service::RoutesBuilder::default();
         routes.add_service(estate_identity::server(&runtime));
-        routes.add_service(estate_consent::server(&runtime));
-        routes.add_service(estate_credentials::server(&runtime));
-        let audit_log = estate_audit::log(&runtime);
-        routes.add_service(estate_audit::server(&runtime, audit_log.clone()));
         let face_registry = embedded_face_registry(&runtime)?;
         let face: Option<Arc<dyn FaceMatcher>> = match &face_registry {
             Some(r) => Some(r.clone()),
             None => estate_runtime::remote_face_matcher(&runtime, "gate")?,
         };
+        routes.add_service(estate_consent::server(&runtime, face.clone()));
+        routes.add_service(estate_credentials::server(&runtime));
+        let audit_log = estate_audit::log(&runtime);
+        routes.add_service(estate_audit::server(&runtime, audit_log.clone()));
         let (gate, gate_tasks) = estate_gate::service(&runtime, face.clone());
         routes.add_service(estate_gate::server(&runtime, gate.clone()));
         let mut names = vec![

@@ -477,6 +477,14 @@ enum DeletionCmd {
         #[arg(long)]
         out: Option<PathBuf>,
     },
+    /// Asks for your face data at an estate to be deleted now (resident
+    /// token; a guardian may name their ward with --person).
+    Request {
+        #[arg(long)]
+        estate: String,
+        #[arg(long, default_value = "")]
+        person: String,
+    },
     /// Prints the facematch certificate verifying keys as a key file.
     Keys,
     /// Verifies a saved certificate offline against a key file.
@@ -1396,6 +1404,16 @@ async fn run(cli: Cli) -> anyhow::Result<String> {
                     "{}\nsaved to {} (verify with `meshctl deletion verify`)",
                     one(&render::Certificate(body), o),
                     path.display()
+                )
+            }
+            DeletionCmd::Request { estate, person } => {
+                let r = k
+                    .request_face_deletion(RequestFaceDeletionRequest { estate_id: estate, person_id: person })
+                    .await?
+                    .into_inner();
+                format!(
+                    "deletion requested: {} (fetch the certificate with `meshctl deletion show --request {}`)",
+                    r.id, r.id
                 )
             }
             DeletionCmd::Keys => {

@@ -4,7 +4,9 @@
 //! it never called connect() or sent a datagram to any address, even with an
 //! OTLP endpoint configured.
 //!
-//! Needs CAP_SYS_ADMIN (root, as CI runs) for the namespace, and strace.
+//! As root (CI) the test thread enters a new network namespace itself; as
+//! another user it re-runs itself under `unshare --user --map-root-user
+//! --net` (unprivileged user namespaces). Needs `strace` and `ip`.
 
 use estate_auth::{Principal, TokenAuthority};
 use estate_crypto::SigningKeyPair;
@@ -95,8 +97,20 @@ async fn round_of_calls(token: &str, consent_key: &SigningKeyPair, tenant: &str)
     Ok(())
 }
 
+const TEST_NAME: &str = "facematch_serves_in_a_loopback_only_namespace_and_never_connects_out";
+
 #[test]
 fn facematch_serves_in_a_loopback_only_namespace_and_never_connects_out() -> anyhow::Result<()> {
+    if !nix::unistd::geteuid().is_root() && std::env::var_os("ESTATE_NETNS_INNER").is_none() {
+        let status = Command::new("unshare")
+            .args(["--user", "--map-root-user", "--net", "--"])
+            .arg(std::env::current_exe()?)
+            .args(["--exact", TEST_NAME, "--nocapture", "--test-threads=1"])
+            .env("ESTATE_NETNS_INNER", "1")
+            .status()?;
+        anyhow::ensure!(status.success(), "the test failed inside `unshare --user --map-root-user --net`");
+        return Ok(());
+    }
     let dir = tempfile::tempdir()?;
     let tenant = uuid::Uuid::now_v7().to_string();
     let token_key = SigningKeyPair::generate()?;

@@ -1,0 +1,488 @@
+//! The distributed mode end to end: identity, consent, credentials, audit and
+//! facematch as separate processes, and TWO gate processes, on loopback ports,
+//! sharing one database (PostgreSQL when ESTATE_TEST_DATABASE_URL is set,
+//! else a SQLite file) and Redis (ESTATE_TEST_REDIS_URL, or a private
+//! redis-server started here). A resident's story runs across them; then one
+//! gate replica is killed with SIGKILL under load, the other keeps serving,
+//! and every decision a gate acknowledged is in the audit log exactly once.
+
+mod support;
+
+use estate_auth::{Principal, TokenAuthority};
+use estate_crypto::SigningKeyPair;
+use estate_proto::audit::audit_service_client::AuditServiceClient;
+use estate_proto::audit::{ExportRequest, GetAuditKeysRequest};
+use estate_proto::common::{AuditEvent, CredentialKind};
+use estate_proto::consent::consent_service_client::ConsentServiceClient;
+use estate_proto::consent::*;
+use estate_proto::credentials::credential_service_client::CredentialServiceClient;
+use estate_proto::credentials::*;
+use estate_proto::facematch::facematch_service_client::FacematchServiceClient;
+use estate_proto::facematch::{DeletionCertificate, EnrolRequest, FaceSample, GetCertificateKeysRequest};
+use estate_proto::gate::gate_service_client::GateServiceClient;
+use estate_proto::gate::*;
+use estate_proto::identity::identity_service_client::IdentityServiceClient;
+use estate_proto::identity::*;
+use estate_test_support::{Bearer, REDIS_ENV, ServiceProcess, TestDatabase, face_assets};
+use prost::Message;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+use tonic::transport::Channel;
+
+const BINS: [&str; 6] =
+    ["estate-identity", "estate-consent", "estate-credentials", "estate-audit", "estate-gate", "estate-facematch"];
+
+/// The service binaries, built beside this test (`cargo test --workspace`
+/// builds them; otherwise they are built here).
+fn binaries() -> anyhow::Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    let dir = exe.parent().and_then(Path::parent).ok_or_else(|| anyhow::anyhow!("no target directory"))?.to_owned();
+    if BINS.iter().any(|b| !dir.join(b).exists()) {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let mut cmd = std::process::Command::new(cargo);
+        cmd.args(["build", "--bins"]);
+        for b in BINS {
+            cmd.args(["-p", b]);
+        }
+        anyhow::ensure!(cmd.status()?.success(), "building the service binaries failed");
+    }
+    Ok(dir)
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// A Redis for this test: the shared one, or a private server.
+struct Redis {
+    url: String,
+    _child: Option<KillOnDrop>,
+}
+
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+async fn redis() -> anyhow::Result<Redis> {
+    if let Ok(url) = std::env::var(REDIS_ENV) {
+        return Ok(Redis { url, _child: None });
+    }
+    let port = free_port()?;
+    let child = std::process::Command::new("redis-server")
+        .args(["--bind", "127.0.0.1", "--port", &port.to_string(), "--save", "", "--appendonly", "no"])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .map_err(|e| anyhow::anyhow!("redis-server is needed for this test: {e}"))?;
+    for _ in 0..100 {
+        if tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Ok(Redis { url: format!("redis://127.0.0.1:{port}"), _child: Some(KillOnDrop(child)) })
+}
+
+fn key_line(k: &SigningKeyPair) -> String {
+    format!("{} {}\n", k.key_id(), hex::encode(k.public_key_bytes()))
+}
+
+async fn channel(p: &ServiceProcess) -> anyhow::Result<Channel> {
+    p.channel().await
+}
+
+fn reason(d: &Decision) -> Reason {
+    Reason::try_from(d.reason).unwrap_or(Reason::Unspecified)
+}
+
+fn card(uid: &str) -> DecideRequest {
+    DecideRequest {
+        presented: Some(decide_request::Presented::Card(PresentedCard {
+            uid: uid.into(),
+            facility_code: String::new(),
+        })),
+        gate_id: String::new(),
+    }
+}
+
+fn issue_card(person: &str, estate: &str, uid: &str) -> IssueCredentialRequest {
+    IssueCredentialRequest {
+        person_id: person.into(),
+        estate_ids: vec![estate.into()],
+        secret: Some(issue_credential_request::Secret::Card(CardSecret {
+            uid: uid.into(),
+            facility_code: String::new(),
+        })),
+        ..Default::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_resident_story_across_separate_processes_survives_a_killed_gate() -> anyhow::Result<()> {
+    let bins = binaries()?;
+    let bin = |name: &str| bins.join(name).display().to_string();
+    let assets = face_assets()?;
+    let dir = tempfile::tempdir()?;
+    let db = TestDatabase::create(dir.path()).await?;
+    let redis = redis().await?;
+    let keys = dir.path().join("keys");
+    let base: Vec<(&str, String)> = vec![
+        ("ESTATE__DATABASE__URL", db.url().to_owned()),
+        ("ESTATE__KEYS__DIR", keys.display().to_string()),
+        ("ESTATE__LISTEN", "127.0.0.1:0".into()),
+        ("ESTATE__TELEMETRY__LOG_FILTER", "warn".into()),
+        ("ESTATE__DATA_DIR", dir.path().join("data").display().to_string()),
+        ("ESTATE__REDIS__URL", redis.url.clone()),
+        ("ESTATE__DATABASE__MAX_CONNECTIONS", "4".into()),
+    ];
+    let with = |extra: &[(&'static str, String)]| {
+        let mut env = base.clone();
+        env.extend(extra.iter().cloned());
+        env
+    };
+
+    // Identity bootstraps the keys, its tables and the admin token.
+    let admin_file = dir.path().join("admin.token");
+    let status = std::process::Command::new(bin("estate-identity"))
+        .arg("--write-admin-token")
+        .arg(&admin_file)
+        .envs(base.iter().map(|(k, v)| (*k, v.as_str())))
+        .stdout(std::process::Stdio::null())
+        .status()?;
+    anyhow::ensure!(status.success(), "estate-identity --write-admin-token failed");
+    let no_keygen = ("ESTATE__KEYS__GENERATE_MISSING", "false".to_owned());
+    let identity = ServiceProcess::start(&bin("estate-identity"), &with(std::slice::from_ref(&no_keygen)))?;
+    let admin = std::fs::read_to_string(&admin_file)?.trim().to_owned();
+    let mut adm = IdentityServiceClient::with_interceptor(channel(&identity).await?, Bearer::new(&admin)?);
+
+    let tenant = adm
+        .create_tenant(CreateTenantRequest { name: "Haihe Property".into(), jurisdiction_code: "120101".into() })
+        .await?
+        .into_inner();
+    let op_token = adm
+        .issue_token(IssueTokenRequest {
+            principal: Some(issue_token_request::Principal::Operator(OperatorGrant {
+                tenant_id: tenant.id.clone(),
+                estate_ids: vec![],
+            })),
+            subject: "ops@haihe".into(),
+            ttl_seconds: 3600,
+        })
+        .await?
+        .into_inner()
+        .token;
+    let mut ops = IdentityServiceClient::with_interceptor(channel(&identity).await?, Bearer::new(&op_token)?);
+    let estate = ops
+        .create_estate(CreateEstateRequest {
+            name: "Riverside Garden".into(),
+            address: "1 Haihe Road".into(),
+            jurisdiction_code: "120101".into(),
+        })
+        .await?
+        .into_inner();
+    let gate_rec = ops
+        .create_gate(CreateGateRequest {
+            estate_id: estate.id.clone(),
+            name: "North gate".into(),
+            direction: GateDirection::In as i32,
+            supported_kinds: vec![CredentialKind::Card as i32, CredentialKind::Face as i32],
+        })
+        .await?
+        .into_inner();
+    let unit = ops
+        .create_unit(CreateUnitRequest {
+            estate_id: estate.id.clone(),
+            building: "3".into(),
+            unit: "2".into(),
+            room: "1201".into(),
+        })
+        .await?
+        .into_inner();
+    let person = ops
+        .create_person(CreatePersonRequest {
+            display_name: "Gu Wei".into(),
+            phone: String::new(),
+            birth_date: "1980-05-01".into(),
+            guardian_person_id: String::new(),
+        })
+        .await?
+        .into_inner();
+    ops.create_residency(CreateResidencyRequest {
+        person_id: person.id.clone(),
+        unit_id: unit.id.clone(),
+        role: ResidencyRole::Owner as i32,
+        valid_from: None,
+        valid_until: None,
+    })
+    .await?;
+
+    // Facematch for this tenant: public keys only, service tokens for its
+    // two callers.
+    let token_key = SigningKeyPair::load_or_generate(&keys.join("token-signing.ed25519"), false)?;
+    let consent_key = SigningKeyPair::load_or_generate(&keys.join("consent-attestation.ed25519"), false)?;
+    std::fs::write(dir.path().join("token.keys"), key_line(&token_key))?;
+    std::fs::write(dir.path().join("consent.keys"), key_line(&consent_key))?;
+    let authority = TokenAuthority::new("estate-mesh", &token_key)?;
+    for name in ["gate", "consent"] {
+        let t = authority.issue(Principal::Service { name: name.into() }, name, 3600)?.token;
+        std::fs::write(dir.path().join(format!("{name}.token")), t)?;
+    }
+    let facematch = ServiceProcess::start(
+        &bin("estate-facematch"),
+        &with(&[
+            ("ESTATE__FACEMATCH__TENANT_ID", tenant.id.clone()),
+            ("ESTATE__FACEMATCH__DIR", dir.path().join("facematch").display().to_string()),
+            ("ESTATE__FACEMATCH__CONSENT_KEYS_FILE", dir.path().join("consent.keys").display().to_string()),
+            ("ESTATE__FACEMATCH__TOKEN_KEYS_FILE", dir.path().join("token.keys").display().to_string()),
+            ("ESTATE__FACEMATCH__MODEL_PATH", assets.join("model/fr_feature.onnx").display().to_string()),
+        ]),
+    )?;
+    let endpoint_var: &'static str = Box::leak(format!("ESTATE__FACEMATCH__ENDPOINTS__{}", tenant.id).into_boxed_str());
+    let fm_url = format!("http://{}", facematch.addr);
+    let client_of = |service: &str| {
+        with(&[
+            no_keygen.clone(),
+            (endpoint_var, fm_url.clone()),
+            ("ESTATE__FACEMATCH__TOKEN_FILE", dir.path().join(format!("{service}.token")).display().to_string()),
+        ])
+    };
+    let consent = ServiceProcess::start(&bin("estate-consent"), &client_of("consent"))?;
+    let credentials = ServiceProcess::start(&bin("estate-credentials"), &with(std::slice::from_ref(&no_keygen)))?;
+    let audit = ServiceProcess::start(&bin("estate-audit"), &with(std::slice::from_ref(&no_keygen)))?;
+    let gate_a = ServiceProcess::start(&bin("estate-gate"), &client_of("gate"))?;
+    let gate_b = ServiceProcess::start(&bin("estate-gate"), &client_of("gate"))?;
+
+    // Consent: notice, assessment, face enabled; the resident consents.
+    let mut k_op = ConsentServiceClient::with_interceptor(channel(&consent).await?, Bearer::new(&op_token)?);
+    let text = "本小区门禁可使用人脸识别，您可随时撤回并改用其他方式通行。";
+    let notice = k_op
+        .publish_notice(PublishNoticeRequest {
+            estate_id: estate.id.clone(),
+            text_zh_cn: text.into(),
+            ..Default::default()
+        })
+        .await?
+        .into_inner();
+    k_op.record_impact_assessment(RecordImpactAssessmentRequest {
+        estate_id: estate.id.clone(),
+        author: "DPO".into(),
+        assessed_on: "2026-10-01".into(),
+        document_sha256: "ab".repeat(32),
+    })
+    .await?;
+    k_op.set_face_verification(SetFaceVerificationRequest { estate_id: estate.id.clone(), enabled: true }).await?;
+    let resident = authority
+        .issue(Principal::Resident { tenant_id: tenant.id.clone(), person_id: person.id.clone() }, "app", 3600)?
+        .token;
+    let mut k_me = ConsentServiceClient::with_interceptor(channel(&consent).await?, Bearer::new(&resident)?);
+    let granted = k_me
+        .grant_consent(GrantConsentRequest {
+            estate_id: estate.id.clone(),
+            person_id: String::new(),
+            purposes: vec![Purpose::FaceVerificationAtGates as i32],
+            notice_version: notice.version,
+            notice_text_sha256: estate_crypto::sha256_hex(text.as_bytes()),
+            affirmative_act: true,
+            bundled_agreement_ids: vec![],
+            method: ConsentMethod::AppTap as i32,
+            paper_form_scan_sha256: String::new(),
+        })
+        .await?
+        .into_inner();
+
+    // Enrol the face (resident's app, real photo), then a card and a face
+    // reference from credentials.
+    let detector = estate_facematch::prep::Detector::load(&assets.join("model/fr_detect.onnx"))?;
+    let crop = |name: &str| -> anyhow::Result<Vec<u8>> {
+        let frame = estate_facematch::prep::decode(&std::fs::read(assets.join(format!("images/{name}.jpg")))?)?;
+        let face = detector.detect(&frame)?.ok_or_else(|| anyhow::anyhow!("no face in {name}"))?;
+        Ok(estate_facematch::prep::crop(&frame, &face, 112)?)
+    };
+    let att = k_me
+        .issue_attestation(IssueAttestationRequest { consent_id: granted.id.clone(), ttl_seconds: 0 })
+        .await?
+        .into_inner();
+    let mut fm_me = FacematchServiceClient::with_interceptor(channel(&facematch).await?, Bearer::new(&resident)?);
+    fm_me
+        .enrol(EnrolRequest {
+            estate_id: estate.id.clone(),
+            person_pseudonym: person.pseudonym.clone(),
+            attestation: Some(att.clone()),
+            face: Some(FaceSample { template: Vec::new(), image: crop("obama")? }),
+            request_id: String::new(),
+        })
+        .await?;
+    let mut fm_op = FacematchServiceClient::with_interceptor(channel(&facematch).await?, Bearer::new(&op_token)?);
+    fm_op
+        .set_threshold(estate_proto::facematch::SetThresholdRequest { estate_id: estate.id.clone(), threshold: 0.28 })
+        .await?;
+    let mut cr = CredentialServiceClient::with_interceptor(channel(&credentials).await?, Bearer::new(&op_token)?);
+    let first_card = cr.issue_credential(issue_card(&person.id, &estate.id, "5EED0001")).await?.into_inner();
+    cr.issue_credential(issue_card(&person.id, &estate.id, "5EED0002")).await?;
+    cr.issue_credential(IssueCredentialRequest {
+        person_id: person.id.clone(),
+        estate_ids: vec![estate.id.clone()],
+        secret: Some(issue_credential_request::Secret::Face(FaceReference {
+            enrolment_ref: "facematch".into(),
+            attestation: Some(att),
+        })),
+        ..Default::default()
+    })
+    .await?;
+
+    // Decide by face at replica A (gate -> facematch process) and by card at B.
+    let gate_token = authority
+        .issue(
+            Principal::Gate {
+                tenant_id: tenant.id.clone(),
+                estate_id: estate.id.clone(),
+                gate_id: gate_rec.id.clone(),
+            },
+            "north",
+            3600,
+        )?
+        .token;
+    let mut at_a = GateServiceClient::with_interceptor(channel(&gate_a).await?, Bearer::new(&gate_token)?);
+    let mut at_b = GateServiceClient::with_interceptor(channel(&gate_b).await?, Bearer::new(&gate_token)?);
+    let face = |png: Vec<u8>| DecideRequest {
+        presented: Some(decide_request::Presented::Face(FaceProbe { template: Vec::new(), image: png })),
+        gate_id: String::new(),
+    };
+    let d = at_a.decide(face(crop("obama2")?)).await?.into_inner();
+    assert_eq!(reason(&d), Reason::Ok, "{}", d.message);
+    assert_eq!(d.person_pseudonym, person.pseudonym);
+    assert_eq!(reason(&at_b.decide(card("5EED0001")).await?.into_inner()), Reason::Ok);
+
+    // Revoke: heard on the stream of replica A, denied at replica B at once.
+    let mut stream = at_a.watch_changes(WatchChangesRequest {}).await?.into_inner();
+    assert_eq!(stream.message().await?.map(|c| c.change), Some("subscribed".to_owned()));
+    let first_id = first_card.credential.map(|c| c.id).unwrap_or_default();
+    cr.revoke_credential(ChangeCredentialRequest { id: first_id.clone(), reason: "lost".into() }).await?;
+    let change = tokio::time::timeout(Duration::from_secs(5), stream.message()).await??;
+    assert_eq!(change.map(|c| (c.change, c.credential_id)), Some(("revoke".to_owned(), first_id)));
+    assert_eq!(reason(&at_b.decide(card("5EED0001")).await?.into_inner()), Reason::Revoked);
+    drop(stream);
+
+    // Load on both replicas; replica A is killed with SIGKILL mid-load.
+    let load = |mut client: GateServiceClient<_>, millis: u64| {
+        tokio::spawn(async move {
+            let mut acked = Vec::new();
+            let mut errors = 0usize;
+            let until = std::time::Instant::now() + Duration::from_millis(millis);
+            while std::time::Instant::now() < until {
+                match client.decide(card("5EED0002")).await {
+                    Ok(d) => acked.push(d.into_inner().decision_id),
+                    Err(_) => {
+                        errors += 1;
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                    }
+                }
+            }
+            (acked, errors)
+        })
+    };
+    let on_a = load(at_a.clone(), 1500);
+    let on_b = load(at_b.clone(), 1500);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    gate_a.kill()?;
+    let (acked_a, _) = on_a.await?;
+    let (acked_b, errors_b) = on_b.await?;
+    assert_eq!(errors_b, 0, "replica B failed while A was killed");
+    assert!(!acked_a.is_empty() && !acked_b.is_empty(), "{} / {}", acked_a.len(), acked_b.len());
+    // B still serves after A is gone.
+    assert_eq!(reason(&at_b.decide(card("5EED0002")).await?.into_inner()), Reason::Ok);
+
+    // Withdraw: consent hands the deletion to the facematch process; the
+    // certificate verifies with facematch's published key.
+    let withdrawn =
+        k_me.withdraw_consent(WithdrawConsentRequest { consent_id: granted.id.clone() }).await?.into_inner();
+    let mut stored = None;
+    for _ in 0..200 {
+        let req = GetDeletionCertificateRequest { deletion_request_id: withdrawn.deletion_request_id.clone() };
+        match k_me.get_deletion_certificate(req).await {
+            Ok(s) => {
+                stored = Some(s.into_inner());
+                break;
+            }
+            Err(s) if s.code() == tonic::Code::FailedPrecondition => {
+                tokio::time::sleep(Duration::from_millis(50)).await
+            }
+            Err(s) => return Err(s.into()),
+        }
+    }
+    let stored = stored.ok_or_else(|| anyhow::anyhow!("no deletion certificate within 10 s"))?;
+    let cert = DeletionCertificate::decode(stored.certificate.as_slice())?;
+    let fm_keys = fm_op.get_certificate_keys(GetCertificateKeysRequest {}).await?.into_inner();
+    let body = estate_facematch::certificate::verify(&cert, &estate_attestation::KeySet::from_published(&fm_keys))?;
+    assert_eq!((body.templates_deleted, body.person_pseudonym.as_str()), (1, person.pseudonym.as_str()));
+    let d = at_b.decide(face(crop("obama2")?)).await?.into_inner();
+    assert_ne!(reason(&d), Reason::Ok);
+
+    // Every acknowledged decision is in the audit log exactly once.
+    let acked: std::collections::HashSet<String> = acked_a.iter().chain(&acked_b).cloned().collect();
+    let pool = estate_store::Db::connect(&estate_store::DbOptions {
+        url: db.url().to_owned(),
+        max_connections: 2,
+        acquire_timeout: Duration::from_secs(5),
+        statement_timeout_ms: 0,
+    })
+    .await?;
+    let mut logged: Vec<String> = Vec::new();
+    for _ in 0..200 {
+        let rows: Vec<(String,)> = estate_store::sqlx::query_as(
+            "SELECT event_hex FROM audit_entries WHERE tenant_id = $1 AND action = 'gate.decide'",
+        )
+        .bind(&tenant.id)
+        .fetch_all(pool.pool())
+        .await?;
+        logged = rows
+            .iter()
+            .filter_map(|(h,)| hex::decode(h).ok())
+            .filter_map(|b| AuditEvent::decode(b.as_slice()).ok())
+            .filter_map(|e| e.attributes.get("decision_id").cloned())
+            .collect();
+        if acked.iter().all(|id| logged.contains(id)) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let unique: std::collections::HashSet<&String> = logged.iter().collect();
+    assert_eq!(unique.len(), logged.len(), "a decision is in the audit log twice");
+    let missing = acked.iter().filter(|id| !unique.contains(id)).count();
+    assert_eq!(missing, 0, "{missing} of {} acknowledged decisions are not in the audit log", acked.len());
+    eprintln!(
+        "load: {} decisions acknowledged by A before its SIGKILL, {} by B; {} decisions in the audit log, none twice",
+        acked_a.len(),
+        acked_b.len(),
+        logged.len()
+    );
+    pool.close().await;
+
+    // A regulator's export of the tenant verifies offline.
+    let regulator = authority
+        .issue(Principal::Regulator { jurisdiction_codes: vec!["120000".into()] }, "tj-regulator", 3600)?
+        .token;
+    let mut au = AuditServiceClient::with_interceptor(channel(&audit).await?, Bearer::new(&regulator)?);
+    let published = au.get_verifying_keys(GetAuditKeysRequest {}).await?.into_inner();
+    let mut audit_keys = std::collections::HashMap::new();
+    for k in published.keys {
+        audit_keys.insert(k.key_id, <[u8; 32]>::try_from(k.public_key.as_slice())?);
+    }
+    let mut export =
+        au.export(ExportRequest { tenant_id: tenant.id.clone(), ..Default::default() }).await?.into_inner();
+    let mut buf = Vec::new();
+    while let Some(rec) = export.message().await? {
+        estate_audit_bundle::write_record(&mut buf, &rec)?;
+    }
+    let verified = estate_audit_bundle::Bundle::read(buf.as_slice())?.verify(&audit_keys, None)?;
+    assert!(verified.entries >= acked.len(), "{} entries", verified.entries);
+
+    for p in [gate_b, consent, credentials, audit, facematch, identity] {
+        p.stop_gracefully().await?;
+    }
+    db.drop().await
+}

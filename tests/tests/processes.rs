@@ -2,9 +2,12 @@
 //! facematch as separate processes, and TWO gate processes, on loopback ports,
 //! sharing one database (PostgreSQL when ESTATE_TEST_DATABASE_URL is set,
 //! else a SQLite file) and Redis (ESTATE_TEST_REDIS_URL, or a private
-//! redis-server started here). A resident's story runs across them; then one
-//! gate replica is killed with SIGKILL under load, the other keeps serving,
-//! and every decision a gate acknowledged is in the audit log exactly once.
+//! redis-server started here). Every listener is mutual TLS: services call
+//! each other (gate and consent -> facematch) with client certificates, and a
+//! caller without one is refused. A resident's story runs across them; then
+//! one gate replica is killed with SIGKILL under load, the other keeps
+//! serving, and every decision a gate acknowledged is in the audit log
+//! exactly once.
 
 mod support;
 
@@ -91,8 +94,51 @@ fn key_line(k: &SigningKeyPair) -> String {
     format!("{} {}\n", k.key_id(), hex::encode(k.public_key_bytes()))
 }
 
-async fn channel(p: &ServiceProcess) -> anyhow::Result<Channel> {
-    p.channel().await
+/// A test CA with one certificate for every service (server and client
+/// use) and one for the test's own client, as PEM files in `dir`.
+struct Pki {
+    ca: PathBuf,
+    cert: PathBuf,
+    key: PathBuf,
+    client: tonic::transport::ClientTlsConfig,
+}
+
+fn pki(dir: &Path) -> anyhow::Result<Pki> {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, SanType};
+    let ca_key = KeyPair::generate()?;
+    let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params.distinguished_name.push(DnType::CommonName, "estate-mesh test CA");
+    let ca_cert = ca_params.self_signed(&ca_key)?;
+    let issuer = Issuer::new(ca_params, ca_key);
+    let leaf = |name: &str, server: bool| -> anyhow::Result<(String, String)> {
+        let key = KeyPair::generate()?;
+        let mut p = CertificateParams::new(vec![name.to_owned()])?;
+        p.distinguished_name.push(DnType::CommonName, name);
+        if server {
+            p.subject_alt_names.push(SanType::IpAddress("127.0.0.1".parse()?));
+            p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
+        } else {
+            p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        }
+        Ok((p.signed_by(&key, &issuer)?.pem(), key.serialize_pem()))
+    };
+    let (cert, key) = leaf("estate-services", true)?;
+    let (client_cert, client_key) = leaf("test-operator-console", false)?;
+    let pki =
+        Pki { ca: dir.join("ca.pem"), cert: dir.join("svc.pem"), key: dir.join("svc.key"), client: Default::default() };
+    std::fs::write(&pki.ca, ca_cert.pem())?;
+    std::fs::write(&pki.cert, cert)?;
+    std::fs::write(&pki.key, key)?;
+    let client = tonic::transport::ClientTlsConfig::new()
+        .ca_certificate(tonic::transport::Certificate::from_pem(ca_cert.pem()))
+        .identity(tonic::transport::Identity::from_pem(client_cert, client_key));
+    Ok(Pki { client, ..pki })
+}
+
+/// A mutual-TLS channel to a process.
+async fn channel_with(addr: String, tls: tonic::transport::ClientTlsConfig) -> anyhow::Result<Channel> {
+    Ok(tonic::transport::Endpoint::from_shared(format!("https://{addr}"))?.tls_config(tls)?.connect().await?)
 }
 
 fn reason(d: &Decision) -> Reason {
@@ -130,7 +176,16 @@ async fn a_resident_story_across_separate_processes_survives_a_killed_gate() -> 
     let db = TestDatabase::create(dir.path()).await?;
     let redis = redis().await?;
     let keys = dir.path().join("keys");
+    let pki = pki(dir.path())?;
+    let tls_client = pki.client.clone();
+    let channel = move |p: &ServiceProcess| channel_with(p.addr.clone(), tls_client.clone());
     let base: Vec<(&str, String)> = vec![
+        ("ESTATE__TLS__CERT_FILE", pki.cert.display().to_string()),
+        ("ESTATE__TLS__KEY_FILE", pki.key.display().to_string()),
+        ("ESTATE__TLS__CLIENT_CA_FILE", pki.ca.display().to_string()),
+        ("ESTATE__TLS__CA_FILE", pki.ca.display().to_string()),
+        ("ESTATE__TLS__CLIENT_CERT_FILE", pki.cert.display().to_string()),
+        ("ESTATE__TLS__CLIENT_KEY_FILE", pki.key.display().to_string()),
         ("ESTATE__DATABASE__URL", db.url().to_owned()),
         ("ESTATE__KEYS__DIR", keys.display().to_string()),
         ("ESTATE__LISTEN", "127.0.0.1:0".into()),
@@ -242,7 +297,7 @@ async fn a_resident_story_across_separate_processes_survives_a_killed_gate() -> 
         ]),
     )?;
     let endpoint_var: &'static str = Box::leak(format!("ESTATE__FACEMATCH__ENDPOINTS__{}", tenant.id).into_boxed_str());
-    let fm_url = format!("http://{}", facematch.addr);
+    let fm_url = format!("https://{}", facematch.addr);
     let client_of = |service: &str| {
         with(&[
             no_keygen.clone(),
@@ -250,11 +305,34 @@ async fn a_resident_story_across_separate_processes_survives_a_killed_gate() -> 
             ("ESTATE__FACEMATCH__TOKEN_FILE", dir.path().join(format!("{service}.token")).display().to_string()),
         ])
     };
+    // mTLS: without a client certificate, or in plaintext, nothing answers.
+    let no_cert = tonic::transport::ClientTlsConfig::new()
+        .ca_certificate(tonic::transport::Certificate::from_pem(std::fs::read(&pki.ca)?));
+    let refused = async |p: &ServiceProcess| -> bool {
+        let anonymous = tonic_health::pb::HealthCheckRequest { service: String::new() };
+        let Ok(ep) = tonic::transport::Endpoint::from_shared(format!("https://{}", p.addr)) else { return false };
+        let Ok(ep) = ep.tls_config(no_cert.clone()) else { return false };
+        let tls_refused = match ep.connect().await {
+            Err(_) => true,
+            Ok(ch) => tonic_health::pb::health_client::HealthClient::new(ch).check(anonymous.clone()).await.is_err(),
+        };
+        let plain_refused = match tonic::transport::Endpoint::from_shared(format!("http://{}", p.addr)) {
+            Ok(ep) => match ep.connect().await {
+                Err(_) => true,
+                Ok(ch) => tonic_health::pb::health_client::HealthClient::new(ch).check(anonymous).await.is_err(),
+            },
+            Err(_) => false,
+        };
+        tls_refused && plain_refused
+    };
+    assert!(refused(&facematch).await, "facematch answered a caller without a client certificate");
+    assert!(refused(&identity).await, "identity answered a caller without a client certificate");
     let consent = ServiceProcess::start(&bin("estate-consent"), &client_of("consent"))?;
     let credentials = ServiceProcess::start(&bin("estate-credentials"), &with(std::slice::from_ref(&no_keygen)))?;
     let audit = ServiceProcess::start(&bin("estate-audit"), &with(std::slice::from_ref(&no_keygen)))?;
     let gate_a = ServiceProcess::start(&bin("estate-gate"), &client_of("gate"))?;
     let gate_b = ServiceProcess::start(&bin("estate-gate"), &client_of("gate"))?;
+    assert!(refused(&gate_b).await, "a gate replica answered a caller without a client certificate");
 
     // Consent: notice, assessment, face enabled; the resident consents.
     let mut k_op = ConsentServiceClient::with_interceptor(channel(&consent).await?, Bearer::new(&op_token)?);

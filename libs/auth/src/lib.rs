@@ -8,6 +8,7 @@
 
 mod layer;
 mod principal;
+pub mod tls;
 mod token;
 
 pub use layer::{AuthLayer, AuthService, REQUEST_ID_HEADER, caller};

@@ -48,6 +48,36 @@ pub struct Settings {
     pub gate: GateSettings,
     /// Facematch (R8, R9).
     pub facematch: FacematchSettings,
+    /// TLS for the gRPC listener and for calls to other services.
+    pub tls: TlsSettings,
+}
+
+/// TLS / mTLS (PEM files). Without `cert_file` the listener is plaintext
+/// (loopback, the embedded default, tests); with `client_ca_file` it is
+/// mutual TLS: callers must present a certificate signed by that CA (unless
+/// `client_auth_optional`, for gates that may or may not have one). Outbound
+/// calls to `https://` endpoints (audit relay, remote facematch) trust
+/// `ca_file` and present `client_cert_file` / `client_key_file`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsSettings {
+    /// Server certificate chain.
+    pub cert_file: Option<PathBuf>,
+    /// Server private key.
+    pub key_file: Option<PathBuf>,
+    /// CA whose certificates callers must present (mTLS).
+    pub client_ca_file: Option<PathBuf>,
+    /// Accept callers without a certificate (the token still decides).
+    pub client_auth_optional: bool,
+    /// CA trusted for outbound calls.
+    pub ca_file: Option<PathBuf>,
+    /// Certificate this process presents on outbound calls.
+    pub client_cert_file: Option<PathBuf>,
+    /// Its private key.
+    pub client_key_file: Option<PathBuf>,
+    /// Server name expected in the certificates of outbound calls, when it is
+    /// not the endpoint's host (e.g. calling 127.0.0.1 of a "facematch" cert).
+    pub server_name: Option<String>,
 }
 
 /// Facematch settings. In the embedded default facematch runs in-process,
@@ -333,6 +363,9 @@ max_templates_per_person = 5
 call_timeout_ms = 2000
 
 [facematch.endpoints]
+
+[tls]
+client_auth_optional = false
 
 [consent]
 attestation_ttl_secs = 300

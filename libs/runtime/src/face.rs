@@ -127,10 +127,13 @@ pub fn remote_face_matcher(
         .map_err(|_| StartError::Tokens("facematch.token_file does not hold a valid token".into()))?;
     let mut channels = HashMap::new();
     for (tenant, url) in &f.endpoints {
-        let channel = Endpoint::from_shared(url.clone())
+        let mut ep = Endpoint::from_shared(url.clone())
             .map_err(|e| StartError::Tokens(format!("facematch.endpoints.{tenant}: {e}")))?
-            .connect_timeout(Duration::from_millis(f.call_timeout_ms.max(100)))
-            .connect_lazy();
+            .connect_timeout(Duration::from_millis(f.call_timeout_ms.max(100)));
+        if let Some(tls) = estate_auth::tls::client_config(&runtime.settings.tls, url).map_err(StartError::Tls)? {
+            ep = ep.tls_config(tls).map_err(|e| StartError::Tls(format!("facematch.endpoints.{tenant}: {e}")))?;
+        }
+        let channel = ep.connect_lazy();
         channels.insert(tenant.clone(), channel);
     }
     Ok(Some(Arc::new(RemoteFaceMatcher {

@@ -65,6 +65,9 @@ pub enum StartError {
     /// The gRPC server failed.
     #[error("grpc server: {0}")]
     Serve(#[from] tonic::transport::Error),
+    /// TLS files are missing or invalid.
+    #[error("tls: {0}")]
+    Tls(String),
     /// Reflection could not be built from the descriptor sets.
     #[error("reflection: {0}")]
     Reflection(String),
@@ -144,9 +147,11 @@ impl Runtime {
             .ok_or_else(|| StartError::Tokens("audit.relay_to is set but audit.relay_token_file is not".into()))?;
         let token = std::fs::read_to_string(path)
             .map_err(|e| StartError::Tokens(format!("cannot read {}: {e}", path.display())))?;
+        let tls = estate_auth::tls::client_config(&self.settings.tls, endpoint).map_err(StartError::Tls)?;
         let handle = relay::spawn_remote_relay(
             self.db.clone(),
             endpoint,
+            tls,
             &token,
             a.relay_batch.max(1),
             Duration::from_millis(a.relay_interval_ms.max(10)),
@@ -214,7 +219,11 @@ impl GrpcApp {
         let mut routes = services;
         routes.add_service(health_service);
         routes.add_service(reflection);
-        let router = tonic::transport::Server::builder()
+        let mut builder = tonic::transport::Server::builder();
+        if let Some(tls) = estate_auth::tls::server_config(&runtime.settings.tls).map_err(StartError::Tls)? {
+            builder = builder.tls_config(tls).map_err(|e| StartError::Tls(e.to_string()))?;
+        }
+        let router = builder
             .layer(RpcTraceLayer)
             .layer(AuthLayer::new(runtime.tokens.verifying_keys().clone()))
             .add_routes(routes.routes());

@@ -43,12 +43,16 @@ pub async fn ship_once(db: &Db, client: &mut Client, batch: i64) -> Result<usize
 pub fn spawn_remote_relay(
     db: Db,
     endpoint: &str,
+    tls: Option<tonic::transport::ClientTlsConfig>,
     token: &str,
     batch: i64,
     interval: Duration,
 ) -> Result<tokio::task::JoinHandle<()>, String> {
-    let channel =
-        Endpoint::from_shared(endpoint.to_owned()).map_err(|e| format!("audit.relay_to: {e}"))?.connect_lazy();
+    let mut ep = Endpoint::from_shared(endpoint.to_owned()).map_err(|e| format!("audit.relay_to: {e}"))?;
+    if let Some(tls) = tls {
+        ep = ep.tls_config(tls).map_err(|e| format!("audit.relay_to tls: {e}"))?;
+    }
+    let channel = ep.connect_lazy();
     let bearer = AsciiMetadataValue::try_from(format!("Bearer {}", token.trim()))
         .map_err(|_| "audit.relay_token_file does not hold a valid token".to_owned())?;
     let mut client = AuditServiceClient::with_interceptor(channel, ServiceBearer(bearer));

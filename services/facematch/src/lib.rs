@@ -170,7 +170,11 @@ pub async fn serve(
     let bound = listener.local_addr().map_err(|source| StartError::Bind { addr, source })?;
     on_bound(bound);
     tracing::info!(%bound, "facematch serving one tenant");
-    let result = tonic::transport::Server::builder()
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = estate_auth::tls::server_config(&settings.tls).map_err(StartError::Settings)? {
+        builder = builder.tls_config(tls).map_err(|e| StartError::Settings(format!("tls: {e}")))?;
+    }
+    let result = builder
         .layer(estate_auth::AuthLayer::new(token_keys))
         .add_service(health)
         .add_service(server(&settings, registry.clone()))

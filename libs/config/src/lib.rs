@@ -50,6 +50,16 @@ pub struct Settings {
     pub facematch: FacematchSettings,
     /// TLS for the gRPC listener and for calls to other services.
     pub tls: TlsSettings,
+    /// RED metrics endpoint.
+    pub metrics: MetricsSettings,
+}
+
+/// Prometheus endpoint of RED metrics per RPC.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsSettings {
+    /// Address serving `GET /metrics` (plain HTTP); unset: no endpoint.
+    pub listen: Option<SocketAddr>,
 }
 
 /// TLS / mTLS (PEM files). Without `cert_file` the listener is plaintext
@@ -366,6 +376,8 @@ call_timeout_ms = 2000
 
 [tls]
 client_auth_optional = false
+
+[metrics]
 
 [consent]
 attestation_ttl_secs = 300

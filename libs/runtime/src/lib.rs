@@ -8,6 +8,7 @@
 //!   message size, and graceful shutdown on SIGTERM / Ctrl-C.
 
 mod face;
+pub mod metrics;
 pub mod relay;
 mod rpc_trace;
 
@@ -193,6 +194,7 @@ impl Runtime {
 pub struct GrpcApp {
     listener: TcpListener,
     port: u16,
+    metrics: Option<(u16, tokio::task::JoinHandle<()>)>,
     router: Router<Stack<AuthLayer, Stack<RpcTraceLayer, Identity>>>,
 }
 
@@ -204,6 +206,14 @@ impl GrpcApp {
         let addr = runtime.settings.listen;
         let listener = TcpListener::bind(addr).await.map_err(|source| StartError::Bind { addr, source })?;
         let port = listener.local_addr().map_err(|source| StartError::Bind { addr, source })?.port();
+        let metrics = match runtime.settings.metrics.listen {
+            Some(maddr) => {
+                let l = TcpListener::bind(maddr).await.map_err(|source| StartError::Bind { addr: maddr, source })?;
+                let mport = l.local_addr().map_err(|source| StartError::Bind { addr: maddr, source })?.port();
+                Some((mport, metrics::serve(l)))
+            }
+            None => None,
+        };
 
         let (health_reporter, health_service) = tonic_health::server::health_reporter();
         for name in service_names {
@@ -227,7 +237,7 @@ impl GrpcApp {
             .layer(RpcTraceLayer)
             .layer(AuthLayer::new(runtime.tokens.verifying_keys().clone()))
             .add_routes(routes.routes());
-        Ok(Self { listener, port, router })
+        Ok(Self { listener, port, metrics, router })
     }
 
     /// The bound port (useful with port 0).
@@ -235,10 +245,19 @@ impl GrpcApp {
         self.port
     }
 
+    /// The bound port of the metrics endpoint, when configured.
+    pub fn metrics_port(&self) -> Option<u16> {
+        self.metrics.as_ref().map(|(p, _)| *p)
+    }
+
     /// Serves until `shutdown` resolves, then drains in-flight calls.
     pub async fn run_until(self, shutdown: impl Future<Output = ()>) -> Result<(), StartError> {
         let incoming = tokio_stream::wrappers::TcpListenerStream::new(self.listener);
-        self.router.serve_with_incoming_shutdown(incoming, shutdown).await?;
+        let served = self.router.serve_with_incoming_shutdown(incoming, shutdown).await;
+        if let Some((_, task)) = self.metrics {
+            task.abort();
+        }
+        served?;
         Ok(())
     }
 

@@ -1,6 +1,7 @@
 //! One span per RPC, joined to the caller's trace when the request carries a
 //! W3C `traceparent`: the server side of trace propagation across gRPC hops.
-//! The span records the method and the gRPC status of unary answers.
+//! The span records the method and the gRPC status of unary answers; the
+//! same layer feeds the RED metrics (`crate::metrics`).
 
 use futures_util::future::BoxFuture;
 use std::task::{Context, Poll};
@@ -55,9 +56,16 @@ where
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
         let recorder = span.clone();
+        let call = crate::metrics::global().start(&method);
         Box::pin(
             async move {
-                let response = inner.call(req).await?;
+                let response = match inner.call(req).await {
+                    Ok(r) => r,
+                    Err(e) => {
+                        call.done(2);
+                        return Err(e);
+                    }
+                };
                 // Unary answers carry the status in the headers; streams in
                 // trailers, which are not seen here (0 until proven otherwise).
                 let code = response
@@ -67,6 +75,7 @@ where
                     .and_then(|v| v.parse::<i64>().ok())
                     .unwrap_or(0);
                 recorder.record("rpc.grpc.status_code", code);
+                call.done(code);
                 Ok(response)
             }
             .instrument(span),

@@ -98,6 +98,8 @@ pub fn face_assets() -> anyhow::Result<std::path::PathBuf> {
 pub struct TestMesh {
     /// Bound port on 127.0.0.1.
     pub port: u16,
+    /// Port of the metrics endpoint, when `metrics.listen` was set.
+    pub metrics_port: Option<u16>,
     /// The platform-admin token the mesh wrote on first start.
     pub admin_token: String,
     /// Data directory (deleted on drop).
@@ -206,6 +208,7 @@ impl TestMesh {
 
         let app = estate_mesh::Application::build(settings).await?;
         let port = app.port();
+        let metrics_port = app.metrics_port();
         let admin_token = std::fs::read_to_string(app.admin_token_path())?.trim().to_owned();
         let tokens = app.runtime().tokens.clone();
         let db = app.runtime().db.clone();
@@ -229,6 +232,7 @@ impl TestMesh {
             .await?;
         Ok(Self {
             port,
+            metrics_port,
             admin_token,
             data_dir,
             db_url,

@@ -137,6 +137,11 @@ impl Application {
         self.app.port()
     }
 
+    /// The bound port of the metrics endpoint, when `metrics.listen` is set.
+    pub fn metrics_port(&self) -> Option<u16> {
+        self.app.metrics_port()
+    }
+
     /// Where the platform-admin token is.
     pub fn admin_token_path(&self) -> &Path {
         &self.admin_token_path

@@ -7,6 +7,8 @@
 //! encoded bytes carried in the attestation; verifiers decode those bytes,
 //! never a re-encoding, so what was signed is what is checked.
 
+pub mod certificate;
+
 use estate_crypto::{SigningKeyPair, verify_signature};
 use estate_proto::consent::{AttestationClaims, Purpose, SignedAttestation, VerifyingKey, VerifyingKeys};
 use prost::Message;
@@ -57,6 +59,13 @@ pub fn sign(key: &SigningKeyPair, claims: &AttestationClaims) -> SignedAttestati
     let bytes = claims.encode_to_vec();
     let signature = key.sign(&signed_message(&bytes)).to_vec();
     SignedAttestation { claims: bytes, key_id: key.key_id().to_owned(), signature, decoded: Some(claims.clone()) }
+}
+
+/// Signs claims that are already encoded (a verifier decodes exactly these
+/// bytes); `decoded` is left empty.
+pub fn sign_encoded(key: &SigningKeyPair, claims: &[u8]) -> SignedAttestation {
+    let signature = key.sign(&signed_message(claims)).to_vec();
+    SignedAttestation { claims: claims.to_vec(), key_id: key.key_id().to_owned(), signature, decoded: None }
 }
 
 fn signed_message(claims: &[u8]) -> Vec<u8> {

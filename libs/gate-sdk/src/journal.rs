@@ -40,6 +40,29 @@ pub fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     fs::rename(&tmp, path)
 }
 
+/// Decodes journal records (length, body, checksum) from the start of
+/// `bytes`, stopping at the first torn or corrupt one; returns them and the
+/// length of the valid prefix. Never panics on any input (fuzzed).
+pub fn parse_records(bytes: &[u8]) -> (Vec<OfflineDecision>, usize) {
+    let mut records = Vec::new();
+    let mut rest = bytes;
+    while rest.len() >= 4 {
+        let len = u32::from_be_bytes([rest[0], rest[1], rest[2], rest[3]]) as usize;
+        let Some(end) = len.checked_add(8) else { break };
+        let Some(body) = rest.get(4..4 + len) else { break };
+        let Some(sum) = rest.get(4 + len..end) else { break };
+        if checksum(body) != sum {
+            break;
+        }
+        match OfflineDecision::decode(body) {
+            Ok(d) => records.push(d),
+            Err(_) => break,
+        }
+        rest = &rest[end..];
+    }
+    (records, bytes.len() - rest.len())
+}
+
 impl Journal {
     /// Opens (or starts) the journal in `dir`.
     pub fn open(dir: &Path) -> std::io::Result<Self> {
@@ -54,24 +77,10 @@ impl Journal {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
             Err(e) => return Err(e),
         };
-        let mut records = Vec::new();
-        let mut rest = bytes.as_slice();
-        while rest.len() >= 4 {
-            let len = u32::from_be_bytes([rest[0], rest[1], rest[2], rest[3]]) as usize;
-            let Some(body) = rest.get(4..4 + len) else { break };
-            let Some(sum) = rest.get(4 + len..8 + len) else { break };
-            if checksum(body) != sum {
-                break;
-            }
-            match OfflineDecision::decode(body) {
-                Ok(d) => records.push(d),
-                Err(_) => break,
-            }
-            rest = &rest[8 + len..];
-        }
+        let (records, valid) = parse_records(&bytes);
+        let rest = &bytes[valid..];
         if !rest.is_empty() {
             // Drop the torn tail, so that later appends stay readable.
-            let valid = bytes.len() - rest.len();
             OpenOptions::new().write(true).open(dir.join(JOURNAL))?.set_len(valid as u64)?;
         }
         Ok(Self { dir: dir.to_path_buf(), records, uploaded })

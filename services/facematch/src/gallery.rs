@@ -41,29 +41,7 @@ pub struct Gallery {
     exact: Vec<f32>,
 }
 
-/// Normalises `v` to unit length; `None` for NaN, infinity or a zero vector.
-pub fn normalised(v: &[f32]) -> Option<Vec<f32>> {
-    if v.iter().any(|x| !x.is_finite()) {
-        return None;
-    }
-    let norm = v.iter().map(|x| f64::from(*x) * f64::from(*x)).sum::<f64>().sqrt();
-    if norm.is_nan() || norm <= 1e-12 || !norm.is_finite() {
-        return None;
-    }
-    Some(v.iter().map(|x| (f64::from(*x) / norm) as f32).collect())
-}
-
-/// Int8 quantisation of a unit vector with its own scale: `q[i] ≈ v[i] / scale`.
-pub fn quantise(v: &[f32], padded: usize) -> (Vec<i8>, f32) {
-    let max = v.iter().fold(0f32, |m, x| m.max(x.abs()));
-    let scale = if max > 0.0 { max / 127.0 } else { 1.0 };
-    let mut q = vec![0i8; padded];
-    for (o, x) in q.iter_mut().zip(v) {
-        // |x / scale| <= 127 by construction; the clamp guards rounding.
-        *o = (x / scale).round().clamp(-127.0, 127.0) as i8;
-    }
-    (q, scale)
-}
+pub use estate_face_input::{normalised, quantise};
 
 fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
     // Eight lanes of partial sums let the compiler vectorise.

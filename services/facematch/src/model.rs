@@ -11,10 +11,7 @@
 use std::path::Path;
 use tract_onnx::prelude::*;
 
-/// Largest accepted encoded image.
-pub const MAX_IMAGE_BYTES: usize = 2 * 1024 * 1024;
-/// Largest accepted decoded side, in pixels.
-const MAX_SIDE: u32 = 4096;
+pub use estate_face_input::MAX_IMAGE_BYTES;
 
 /// Why an image could not be embedded.
 #[derive(Debug, thiserror::Error)]
@@ -90,39 +87,11 @@ impl Embedder {
     /// The embedding of an aligned face image (PNG or JPEG; resized to the
     /// model's input side when it is not already that size).
     pub fn embed(&self, encoded: &[u8]) -> Result<Vec<f32>, ModelError> {
-        self.run(pixels(encoded, self.side)?)
+        self.run(estate_face_input::pixels(encoded, self.side).map_err(ModelError::Image)?)
     }
 }
 
 /// Decodes `encoded` and returns its RGB pixels as normalised NCHW floats.
 pub fn pixels(encoded: &[u8], side: usize) -> Result<Vec<f32>, ModelError> {
-    if encoded.len() > MAX_IMAGE_BYTES {
-        return Err(ModelError::Image(format!("the image must be at most {MAX_IMAGE_BYTES} bytes")));
-    }
-    let format =
-        image::guess_format(encoded).map_err(|_| ModelError::Image("the image must be a PNG or JPEG file".into()))?;
-    if !matches!(format, image::ImageFormat::Png | image::ImageFormat::Jpeg) {
-        return Err(ModelError::Image("the image must be a PNG or JPEG file".into()));
-    }
-    let mut reader = image::ImageReader::with_format(std::io::Cursor::new(encoded), format);
-    let mut limits = image::Limits::default();
-    limits.max_image_width = Some(MAX_SIDE);
-    limits.max_image_height = Some(MAX_SIDE);
-    limits.max_alloc = Some(256 * 1024 * 1024);
-    reader.limits(limits);
-    let img = reader.decode().map_err(|e| ModelError::Image(format!("the image does not decode: {e}")))?.to_rgb8();
-    let side32 = u32::try_from(side).map_err(|_| ModelError::Image("bad model side".into()))?;
-    let img = if img.width() == side32 && img.height() == side32 {
-        img
-    } else {
-        image::imageops::resize(&img, side32, side32, image::imageops::FilterType::Triangle)
-    };
-    let plane = side * side;
-    let mut chw = vec![0f32; 3 * plane];
-    for (i, p) in img.pixels().enumerate() {
-        for c in 0..3 {
-            chw[c * plane + i] = (f32::from(p[c]) - 127.5) / 128.0;
-        }
-    }
-    Ok(chw)
+    estate_face_input::pixels(encoded, side).map_err(ModelError::Image)
 }

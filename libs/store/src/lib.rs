@@ -253,6 +253,17 @@ pub fn db_error(err: sqlx::Error) -> Error {
         sqlx::Error::Database(db) if db.code().as_deref() == Some("57014") => {
             Error::Unavailable("the database timed out, retry shortly".into())
         }
+        // Connection exceptions (08…), operator intervention such as a
+        // shutdown or a restart in progress (57…), insufficient resources
+        // (53…): the server, not the request, is the problem.
+        sqlx::Error::Database(db)
+            if db.code().is_some_and(|c| c.starts_with("08") || c.starts_with("57") || c.starts_with("53")) =>
+        {
+            Error::Unavailable("the database is unavailable, retry shortly".into())
+        }
+        sqlx::Error::WorkerCrashed | sqlx::Error::Protocol(_) => {
+            Error::Unavailable("the database connection failed, retry shortly".into())
+        }
         _ => Error::Internal(format!("database: {err}")),
     }
 }

@@ -1,5 +1,5 @@
 # The few commands a newcomer needs. Each is one cargo command; see README.md.
-.PHONY: run test test-postgres lint ci bench
+.PHONY: run test test-postgres lint ci bench fuzz
 
 run:            ## start the whole mesh on the embedded default (./data)
 	cargo run --release -p estate-mesh -- --data-dir ./data
@@ -20,3 +20,6 @@ ci:             ## exactly what CI runs
 
 bench:          ## every benchmark (release build, ~10 min); raw output in bench-results/
 	bash tools/bench.sh
+
+fuzz:           ## every fuzz target for 10 minutes each (cargo fuzz, stable); FUZZ_SECONDS=… to change
+	bash tools/fuzz.sh $${FUZZ_SECONDS:-600}

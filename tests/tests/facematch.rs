@@ -439,6 +439,21 @@ async fn faces_are_matched_within_one_estate_deleted_with_proof_and_unreadable_a
     let filing = mesh.consent(&w.operator_token)?.get_filing_status(GetFilingStatusRequest {}).await?.into_inner();
     assert_eq!(filing.persons_with_templates, 2);
     assert!(filing.message.contains("facematch holds face data of 2"), "{}", filing.message);
+
+    // An operator deletes a person at every estate at once; a retry with the
+    // same request id returns the same certificate and deletes nothing more.
+    let all = estate_proto::facematch::DeleteRequest {
+        person_pseudonym: twin.pseudonym.clone(),
+        estate_id: String::new(),
+        reason: estate_proto::facematch::DeletionReason::Request as i32,
+        request_id: "erase-everywhere-1".into(),
+    };
+    let first = ops.delete(all.clone()).await?.into_inner();
+    let again = ops.delete(all).await?.into_inner();
+    assert_eq!(first.body, again.body);
+    let body = first.decoded.unwrap_or_default();
+    assert_eq!((body.estate_ids, body.templates_deleted), (vec![estate_b.id.clone()], 1));
+    assert_eq!(engine.count().await?.persons, 1);
     mesh.stop().await
 }
 

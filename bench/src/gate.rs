@@ -87,11 +87,15 @@ fn bearer(token: &str) -> anyhow::Result<Bearer> {
 }
 
 type Gates = GateServiceClient<InterceptedService<Channel, Bearer>>;
+type Credentials = CredentialServiceClient<InterceptedService<Channel, Bearer>>;
 
 #[derive(Debug, Clone, Copy)]
 enum Call {
     Noop,
     Decide,
+    /// Nine card decisions, then one operator call issuing a card (a write
+    /// with its audit event and change announcement), in turn.
+    Mixed,
 }
 
 struct Summary {
@@ -124,6 +128,8 @@ fn summarise(mut lat_us: Vec<u64>, elapsed: Duration, errors: u64) -> Summary {
 struct Load {
     health: Vec<HealthClient<Channel>>,
     gates: Vec<Gates>,
+    operators: Vec<Credentials>,
+    holder: (String, String),
     cards: Arc<Vec<String>>,
     next: Arc<AtomicU64>,
 }
@@ -134,6 +140,24 @@ impl Load {
             Call::Noop => {
                 let mut h = self.health[lane % self.health.len()].clone();
                 h.check(HealthCheckRequest { service: String::new() }).await.is_ok()
+            }
+            Call::Mixed => {
+                let n = self.next.fetch_add(1, Ordering::Relaxed);
+                if n % 10 == 9 {
+                    let mut op = self.operators[lane % self.operators.len()].clone();
+                    let req = IssueCredentialRequest {
+                        person_id: self.holder.0.clone(),
+                        estate_ids: vec![self.holder.1.clone()],
+                        secret: Some(issue_credential_request::Secret::Card(CardSecret {
+                            uid: format!("{:012X}", 0xA000_0000_0000u64 + n),
+                            facility_code: String::new(),
+                        })),
+                        ..Default::default()
+                    };
+                    op.issue_credential(req).await.is_ok()
+                } else {
+                    Box::pin(self.one(Call::Decide, lane)).await
+                }
             }
             Call::Decide => {
                 let mut g = self.gates[lane % self.gates.len()].clone();
@@ -281,6 +305,7 @@ async fn main() -> anyhow::Result<()> {
         })
         .await?
         .into_inner();
+    let mut holder = String::new();
     let mut cards = Vec::with_capacity(args.cards);
     let mut card_ids = Vec::with_capacity(args.cards);
     let per_person = 10;
@@ -303,6 +328,7 @@ async fn main() -> anyhow::Result<()> {
             })
             .await?
             .into_inner();
+        holder = person.id.clone();
         op.create_residency(CreateResidencyRequest {
             person_id: person.id.clone(),
             unit_id: unit.id,
@@ -350,6 +376,11 @@ async fn main() -> anyhow::Result<()> {
             .iter()
             .map(|c| Ok(GateServiceClient::with_interceptor(c.clone(), bearer(&gate_token)?)))
             .collect::<anyhow::Result<Vec<_>>>()?,
+        operators: channels
+            .iter()
+            .map(|c| Ok(CredentialServiceClient::with_interceptor(c.clone(), bearer(&op_token)?)))
+            .collect::<anyhow::Result<Vec<_>>>()?,
+        holder: (holder.clone(), estate.id.clone()),
         cards: Arc::new(cards),
         next: Arc::new(AtomicU64::new(0)),
     });
@@ -381,6 +412,8 @@ async fn main() -> anyhow::Result<()> {
     line("card decision (GateService/Decide)", &decide);
     line("no-op unary (Health/Check), after", &noop_b);
     println!("ratio decide / no-op (closed loop): {:.2}", decide.rate / noop_rate);
+    let mixed = load.closed(Call::Mixed, args.concurrency, args.seconds).await;
+    line("mixed: 90% decisions, 10% credential issues", &mixed);
 
     let target = decide.rate * 0.7;
     let paced = load.open(Call::Decide, target, args.seconds).await;

@@ -403,6 +403,16 @@ async fn a_resident_story_across_separate_processes_survives_a_killed_gate() -> 
         })
         .await?;
     let mut fm_op = FacematchServiceClient::with_interceptor(channel(&facematch).await?, Bearer::new(&op_token)?);
+    // One instance per tenant: another tenant's operator is refused outright.
+    let stranger = authority
+        .issue(Principal::Operator { tenant_id: uuid::Uuid::now_v7().to_string(), estate_ids: vec![] }, "x", 600)?
+        .token;
+    let refused_tenant = FacematchServiceClient::with_interceptor(channel(&facematch).await?, Bearer::new(&stranger)?)
+        .count_persons(estate_proto::facematch::CountPersonsRequest {})
+        .await
+        .err()
+        .map(|s| s.code());
+    assert_eq!(refused_tenant, Some(tonic::Code::PermissionDenied));
     fm_op
         .set_threshold(estate_proto::facematch::SetThresholdRequest { estate_id: estate.id.clone(), threshold: 0.28 })
         .await?;

@@ -96,7 +96,7 @@ async fn redis() -> anyhow::Result<Redis> {
 }
 
 fn key_line(k: &SigningKeyPair) -> String {
-    format!("{} {}\n", k.key_id(), hex::encode(k.public_key_bytes()))
+    estate_crypto::key_list::line(k.key_id(), &k.public_key_bytes()) + "\n"
 }
 
 /// A test CA with one certificate for every service (server and client

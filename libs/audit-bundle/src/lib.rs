@@ -303,20 +303,7 @@ fn hex_hash(s: &str) -> Option<Hash> {
 
 /// Parses a key file: lines of "key_id hex_public_key" (as `meshctl audit keys` prints).
 pub fn parse_keys(text: &str) -> Result<HashMap<String, [u8; 32]>, String> {
-    let mut keys = HashMap::new();
-    for (i, line) in text.lines().enumerate() {
-        let line = line.trim();
-        if line.is_empty() || line.starts_with('#') {
-            continue;
-        }
-        let mut parts = line.split_whitespace();
-        let (Some(id), Some(hexkey)) = (parts.next(), parts.next()) else {
-            return Err(format!("line {}: expected \"key_id public_key_hex\"", i + 1));
-        };
-        let key =
-            hex_hash(hexkey).ok_or_else(|| format!("line {}: the public key must be 64 hex characters", i + 1))?;
-        keys.insert(id.to_owned(), key);
-    }
+    let keys: HashMap<String, [u8; 32]> = estate_crypto::key_list::parse(text)?.into_iter().collect();
     if keys.is_empty() {
         return Err("the key file holds no key".into());
     }

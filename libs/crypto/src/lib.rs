@@ -9,6 +9,8 @@
 //! Keys live in files of mode 0600 in a keys directory; the embedded default
 //! generates them on first start, the distributed mode mounts them as secrets.
 
+pub mod key_list;
+
 use ed25519_dalek::pkcs8::EncodePrivateKey;
 use ed25519_dalek::{Signature, Signer, SigningKey, Verifier, VerifyingKey};
 use hmac::{Hmac, Mac};

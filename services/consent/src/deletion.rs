@@ -27,6 +27,8 @@ use std::time::Duration;
 const SOURCE: &str = "consent";
 const CURSOR: &str = "residency_end";
 const BATCH: i64 = 500;
+/// How often the retention sweep runs.
+const RETENTION_EVERY: Duration = Duration::from_secs(60);
 
 /// Whoever holds face data and can delete it (facematch). Implementations
 /// must be idempotent per request id: erasing what is already gone succeeds
@@ -96,6 +98,20 @@ pub(crate) async fn request_deletion(
     .await
     .map_err(db_error)?;
     Ok((done.rows_affected() == 1).then_some(id))
+}
+
+/// Whether a person's consents were given for a minor, so that their
+/// deletion events stay flagged in audit too (R7).
+async fn concerns_minor(conn: &mut AnyConnection, tenant_id: &str, pseudonym: &str) -> Result<bool> {
+    let (n,): (i64,) = sqlx::query_as::<Any, (i64,)>(
+        "SELECT COUNT(*) FROM consents WHERE tenant_id = $1 AND person_pseudonym = $2 AND concerns_minor <> 0",
+    )
+    .bind(tenant_id)
+    .bind(pseudonym)
+    .fetch_one(conn)
+    .await
+    .map_err(db_error)?;
+    Ok(n > 0)
 }
 
 fn sweep_actor() -> Actor {
@@ -222,19 +238,11 @@ pub async fn fulfil_pending(db: &Db, eraser: &dyn FaceDataEraser) -> Result<usiz
         .map_err(db_error)?
         .rows_affected();
         if updated == 1 {
-            // Minors stay flagged in audit (R7).
-            let (minor,): (i64,) = sqlx::query_as::<Any, (i64,)>(
-                "SELECT COUNT(*) FROM consents WHERE tenant_id = $1 AND person_pseudonym = $2 AND concerns_minor <> 0",
-            )
-            .bind(&request.tenant_id)
-            .bind(&request.person_pseudonym)
-            .fetch_one(&mut *tx)
-            .await
-            .map_err(db_error)?;
+            let minor = concerns_minor(&mut tx, &request.tenant_id, &request.person_pseudonym).await?;
             // The tombstone (R17): counts and key ids, never face data.
             let change = Change::new(&request.tenant_id, "face_deletion.fulfil", "face_deletion_request", &request.id)
                 .estate(&request.estate_id)
-                .person(&request.person_pseudonym, minor > 0)
+                .person(&request.person_pseudonym, minor)
                 .attr("certificate_id", body.certificate_id.clone())
                 .attr("templates_deleted", body.templates_deleted.to_string())
                 .attr("keys_destroyed", body.key_ids_destroyed.join(","))
@@ -267,20 +275,20 @@ pub async fn sweep_retention(db: &Db, matcher: &dyn FaceMatcher) -> Result<usize
                 continue;
             }
         };
+        // One query per estate for the active consents, not one per person.
+        let active: std::collections::HashSet<(String, String)> = sqlx::query_as::<Any, (String, String)>(
+            "SELECT id, person_pseudonym FROM consents WHERE tenant_id = $1 AND estate_id = $2 AND status = $3",
+        )
+        .bind(&tenant)
+        .bind(&estate)
+        .bind(ACTIVE)
+        .fetch_all(db.pool())
+        .await
+        .map_err(db_error)?
+        .into_iter()
+        .collect();
         for person in enrolled {
-            let (active,): (i64,) = sqlx::query_as::<Any, (i64,)>(
-                "SELECT COUNT(*) FROM consents WHERE tenant_id = $1 AND estate_id = $2 AND person_pseudonym = $3 \
-                 AND id = $4 AND status = $5",
-            )
-            .bind(&tenant)
-            .bind(&estate)
-            .bind(&person.person_pseudonym)
-            .bind(&person.consent_id)
-            .bind(ACTIVE)
-            .fetch_one(db.pool())
-            .await
-            .map_err(db_error)?;
-            if active > 0 {
+            if active.contains(&(person.consent_id.clone(), person.person_pseudonym.clone())) {
                 continue;
             }
             let enrolled_at = person.enrolled_at.map_or(0, |t| t.seconds);
@@ -298,9 +306,10 @@ pub async fn sweep_retention(db: &Db, matcher: &dyn FaceMatcher) -> Result<usize
             else {
                 continue;
             };
+            let minor = concerns_minor(&mut tx, &tenant, &person.person_pseudonym).await?;
             let change = Change::new(&tenant, "face_deletion.request", "face_deletion_request", &request_id)
                 .estate(&estate)
-                .person(&person.person_pseudonym, false)
+                .person(&person.person_pseudonym, minor)
                 .attr("reason", reason_name(DeletionReason::RetentionExpired));
             outbox::record(&mut tx, &change.into_event(sweep_actor(), "", SOURCE)).await?;
             tx.commit().await.map_err(db_error)?;
@@ -319,6 +328,9 @@ pub fn spawn_sweep(
     face: Option<Arc<dyn FaceMatcher>>,
 ) -> tokio::task::JoinHandle<()> {
     let eraser = face.clone().map(FacematchEraser);
+    // The retention sweep asks facematch about every enrolled person; it is a
+    // safety net, so it runs once a minute, not on every wake-up.
+    let mut last_retention: Option<std::time::Instant> = None;
     let mut events = bus.subscribe();
     tokio::spawn(async move {
         loop {
@@ -329,9 +341,12 @@ pub fn spawn_sweep(
                 tracing::warn!(error = %e, "deletion sweep failed; will retry");
             }
             if let Some(face) = &face
-                && let Err(e) = sweep_retention(&db, face.as_ref()).await
+                && last_retention.is_none_or(|t| t.elapsed() >= RETENTION_EVERY)
             {
-                tracing::warn!(error = %e, "retention sweep failed; will retry");
+                last_retention = Some(std::time::Instant::now());
+                if let Err(e) = sweep_retention(&db, face.as_ref()).await {
+                    tracing::warn!(error = %e, "retention sweep failed; will retry");
+                }
             }
             if let Some(eraser) = &eraser
                 && let Err(e) = fulfil_pending(&db, eraser).await

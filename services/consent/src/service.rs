@@ -94,6 +94,16 @@ impl ConsentBook {
         self
     }
 
+    /// Wakes the deletion sweep (after a committed deletion request), so that
+    /// facematch deletes at once rather than at the sweep's next interval.
+    async fn announce_deletion_request(&self) {
+        if let Some(bus) = &self.bus
+            && let Err(e) = bus.publish(CONSENT_WITHDRAWN_TOPIC, Vec::new()).await
+        {
+            tracing::debug!(error = %e, "deletion request not announced; the sweep's interval bounds the delay");
+        }
+    }
+
     /// Announces withdrawals on `bus` (wakes the deletion sweep).
     pub fn with_bus(mut self, bus: estate_bus::EventBus) -> Self {
         self.bus = Some(bus);
@@ -600,11 +610,7 @@ impl ConsentBook {
             .attr("deletion_request_id", request_id);
         self.record(&mut tx, caller, change).await?;
         tx.commit().await.map_err(db_error)?;
-        if let Some(bus) = &self.bus
-            && let Err(e) = bus.publish(CONSENT_WITHDRAWN_TOPIC, Vec::new()).await
-        {
-            tracing::debug!(error = %e, "withdrawal not announced; the sweep's interval bounds the delay");
-        }
+        self.announce_deletion_request().await;
         Ok(row.into())
     }
 
@@ -956,11 +962,7 @@ impl ConsentBook {
         .await
         .map_err(db_error)?;
         tx.commit().await.map_err(db_error)?;
-        if let Some(bus) = &self.bus
-            && let Err(e) = bus.publish(CONSENT_WITHDRAWN_TOPIC, Vec::new()).await
-        {
-            tracing::debug!(error = %e, "deletion request not announced; the sweep's interval bounds the delay");
-        }
+        self.announce_deletion_request().await;
         Ok(row.into())
     }
 

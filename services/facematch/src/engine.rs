@@ -360,14 +360,7 @@ impl FaceEngine {
         .fetch_optional(self.db.pool())
         .await
         .map_err(db_error)?;
-        let (count,): (i64,) = sqlx::query_as::<Any, (i64,)>(
-            "SELECT COUNT(*) FROM fm_templates WHERE estate_id = $1 AND person_pseudonym = $2",
-        )
-        .bind(&estate_id)
-        .bind(&person)
-        .fetch_one(self.db.pool())
-        .await
-        .map_err(db_error)?;
+        let count = self.template_count(&estate_id, &person).await?;
         if count >= i64::from(self.options.max_templates_per_person) {
             return Err(Error::precondition(format!(
                 "this person already has {count} templates at this estate (the most allowed); delete them before enrolling again"
@@ -451,6 +444,18 @@ impl FaceEngine {
         tx.commit().await.map_err(db_error)
     }
 
+    async fn template_count(&self, estate_id: &str, person: &str) -> Result<i64> {
+        let (count,): (i64,) = sqlx::query_as::<Any, (i64,)>(
+            "SELECT COUNT(*) FROM fm_templates WHERE estate_id = $1 AND person_pseudonym = $2",
+        )
+        .bind(estate_id)
+        .bind(person)
+        .fetch_one(self.db.pool())
+        .await
+        .map_err(db_error)?;
+        Ok(count)
+    }
+
     async fn enrolment_of(&self, request_id: &str) -> Result<Option<EnrolResponse>> {
         let row: Option<(String, String, String, String)> = sqlx::query_as::<Any, (String, String, String, String)>(
             "SELECT id, key_id, estate_id, person_pseudonym FROM fm_templates WHERE request_id = $1",
@@ -460,14 +465,7 @@ impl FaceEngine {
         .await
         .map_err(db_error)?;
         let Some((template_id, key_id, estate, person)) = row else { return Ok(None) };
-        let (count,): (i64,) = sqlx::query_as::<Any, (i64,)>(
-            "SELECT COUNT(*) FROM fm_templates WHERE estate_id = $1 AND person_pseudonym = $2",
-        )
-        .bind(&estate)
-        .bind(&person)
-        .fetch_one(self.db.pool())
-        .await
-        .map_err(db_error)?;
+        let count = self.template_count(&estate, &person).await?;
         Ok(Some(EnrolResponse { template_id, key_id, templates: u32::try_from(count).unwrap_or(u32::MAX) }))
     }
 

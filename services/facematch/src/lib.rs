@@ -57,36 +57,17 @@ pub enum StartError {
     Serve(String),
 }
 
-/// Reads a key list file: one `key_id hex-public-key` per line; `#` starts
-/// a comment.
+/// Reads a key list file (`estate_crypto::key_list`).
 pub fn read_key_file(path: &Path) -> Result<Vec<(String, [u8; 32])>, StartError> {
     let text = std::fs::read_to_string(path).map_err(|e| StartError::Settings(format!("{}: {e}", path.display())))?;
     parse_key_list(&text).map_err(|e| StartError::Settings(format!("{}: {e}", path.display())))
 }
 
-/// Parses the key list format of [`read_key_file`].
-pub fn parse_key_list(text: &str) -> Result<Vec<(String, [u8; 32])>, String> {
-    let mut out = Vec::new();
-    for (n, line) in text.lines().enumerate() {
-        let line = line.split('#').next().unwrap_or("").trim();
-        if line.is_empty() {
-            continue;
-        }
-        let mut parts = line.split_whitespace();
-        let (Some(id), Some(hex_key), None) = (parts.next(), parts.next(), parts.next()) else {
-            return Err(format!("line {}: expected `key_id hex-public-key`", n + 1));
-        };
-        let raw = hex::decode(hex_key).map_err(|_| format!("line {}: the key is not hex", n + 1))?;
-        let key =
-            <[u8; 32]>::try_from(raw.as_slice()).map_err(|_| format!("line {}: an Ed25519 key has 32 bytes", n + 1))?;
-        out.push((id.to_owned(), key));
-    }
-    Ok(out)
-}
+pub use estate_crypto::key_list::parse as parse_key_list;
 
-/// Formats keys as a key list file.
+/// Formats published keys as a key list file.
 pub fn format_key_list(keys: &estate_proto::consent::VerifyingKeys) -> String {
-    keys.keys.iter().map(|k| format!("{} {}\n", k.key_id, hex::encode(&k.public_key))).collect()
+    keys.keys.iter().map(|k| estate_crypto::key_list::line(&k.key_id, &k.public_key) + "\n").collect()
 }
 
 /// The engine settings of `settings`.
@@ -108,6 +89,33 @@ pub fn load_model(settings: &Settings) -> Result<Option<Arc<model::Embedder>>, S
     }
 }
 
+/// A registry from `settings`: the engines live under `facematch.dir`
+/// (default `data_dir/facematch`); `only_tenant` makes it a dedicated
+/// single-tenant instance; consent attestations are checked with
+/// `consent_keys`.
+pub fn registry(
+    settings: &Settings,
+    only_tenant: Option<String>,
+    consent_keys: KeySet,
+) -> Result<FaceRegistry, StartError> {
+    let f = &settings.facematch;
+    let tenant_key = match &f.tenant_key_file {
+        Some(p) => TenantKey::File(p.clone()),
+        None => TenantKey::PerTenantDir,
+    };
+    Ok(FaceRegistry::new(
+        RegistryOptions {
+            base: f.dir.clone().unwrap_or_else(|| settings.data_dir.join("facematch")),
+            only_tenant,
+            tenant_key,
+            generate_keys: settings.keys.generate_missing,
+            engine: engine_options(settings),
+        },
+        consent_keys,
+        load_model(settings)?,
+    ))
+}
+
 /// The registry of a dedicated single-tenant process.
 pub fn dedicated_registry(settings: &Settings) -> Result<FaceRegistry, StartError> {
     let f = &settings.facematch;
@@ -117,23 +125,7 @@ pub fn dedicated_registry(settings: &Settings) -> Result<FaceRegistry, StartErro
     let consent_file = f.consent_keys_file.as_ref().ok_or_else(|| {
         StartError::Settings("facematch.consent_keys_file is required to verify consent attestations offline".into())
     })?;
-    let consent_keys = KeySet::new(read_key_file(consent_file)?);
-    let base = f.dir.clone().unwrap_or_else(|| settings.data_dir.join("facematch"));
-    let tenant_key = match &f.tenant_key_file {
-        Some(p) => TenantKey::File(p.clone()),
-        None => TenantKey::PerTenantDir,
-    };
-    Ok(FaceRegistry::new(
-        RegistryOptions {
-            base,
-            only_tenant: Some(tenant),
-            tenant_key,
-            generate_keys: settings.keys.generate_missing,
-            engine: engine_options(settings),
-        },
-        consent_keys,
-        load_model(settings)?,
-    ))
+    registry(settings, Some(tenant), KeySet::new(read_key_file(consent_file)?))
 }
 
 /// The tonic server wrapper with the configured message size limit.
@@ -178,21 +170,9 @@ pub async fn serve(
         .layer(estate_auth::AuthLayer::new(token_keys))
         .add_service(health)
         .add_service(server(&settings, registry.clone()))
-        .serve_with_incoming_shutdown(tokio_stream_listener(listener), shutdown)
+        .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), shutdown)
         .await
         .map_err(|e| StartError::Serve(e.to_string()));
     registry.close().await;
     result
-}
-
-fn tokio_stream_listener(
-    listener: tokio::net::TcpListener,
-) -> impl futures_util::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
-    futures_util::stream::unfold(listener, |l| async move {
-        let next = l.accept().await.map(|(s, _)| {
-            let _ = s.set_nodelay(true);
-            s
-        });
-        Some((next, l))
-    })
 }

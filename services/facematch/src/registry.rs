@@ -122,19 +122,13 @@ impl FaceRegistry {
         Ok(engine)
     }
 
-    /// Tenants that have facematch data here (directories under the base).
-    pub fn tenants_with_data(&self) -> Vec<String> {
-        if let Some(only) = &self.options.only_tenant {
-            return vec![only.clone()];
-        }
-        let Ok(dir) = std::fs::read_dir(&self.options.base) else { return Vec::new() };
-        let mut out: Vec<String> = dir
-            .filter_map(|e| e.ok())
-            .filter(|e| e.path().join("faces.db").exists())
-            .filter_map(|e| e.file_name().to_str().and_then(|n| parse_id("tenant_id", n).ok()))
-            .collect();
-        out.sort();
-        out
+    /// Whether `tenant_id` has facematch data here (one file check; a
+    /// dedicated instance always does). Readers use it so that asking about a
+    /// tenant creates nothing.
+    fn holds_data(&self, tenant_id: &str) -> bool {
+        self.options.only_tenant.is_some()
+            || parse_id("tenant_id", tenant_id)
+                .is_ok_and(|t| tenant_dir(&self.options.base, &t).join("faces.db").exists())
     }
 
     /// Closes every open engine.
@@ -160,8 +154,7 @@ impl FaceMatcher for FaceRegistry {
         estate_id: &'a str,
     ) -> BoxFuture<'a, Result<Vec<EnrolledPerson>>> {
         Box::pin(async move {
-            // A tenant without data has nobody enrolled; do not create its files.
-            if !self.tenants_with_data().iter().any(|t| t == tenant_id) && self.options.only_tenant.is_none() {
+            if !self.holds_data(tenant_id) {
                 return Ok(Vec::new());
             }
             self.engine(tenant_id).await?.list_enrolled(estate_id).await
@@ -170,7 +163,7 @@ impl FaceMatcher for FaceRegistry {
 
     fn count<'a>(&'a self, tenant_id: &'a str) -> BoxFuture<'a, Result<PersonCount>> {
         Box::pin(async move {
-            if !self.tenants_with_data().iter().any(|t| t == tenant_id) && self.options.only_tenant.is_none() {
+            if !self.holds_data(tenant_id) {
                 return Ok(PersonCount { tenant_id: tenant_id.to_owned(), persons: 0, templates: 0 });
             }
             self.engine(tenant_id).await?.count().await

@@ -19,7 +19,7 @@ use std::time::Duration;
 const PORT: u16 = 50_611;
 
 fn key_line(k: &SigningKeyPair) -> String {
-    format!("{} {}\n", k.key_id(), hex::encode(k.public_key_bytes()))
+    estate_crypto::key_list::line(k.key_id(), &k.public_key_bytes()) + "\n"
 }
 
 async fn round_of_calls(token: &str, consent_key: &SigningKeyPair, tenant: &str) -> anyhow::Result<()> {

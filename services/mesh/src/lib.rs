@@ -73,22 +73,8 @@ pub fn embedded_face_registry(runtime: &Runtime) -> Result<Option<Arc<FaceRegist
     let consent_key = &runtime.keys.consent_signing;
     let consent_keys =
         estate_attestation::KeySet::new([(consent_key.key_id().to_owned(), consent_key.public_key_bytes())]);
-    let tenant_key = match &s.facematch.tenant_key_file {
-        Some(p) => estate_facematch::TenantKey::File(p.clone()),
-        None => estate_facematch::TenantKey::PerTenantDir,
-    };
-    let embedder = estate_facematch::load_model(s).map_err(|e| MeshError::Face(e.to_string()))?;
-    Ok(Some(Arc::new(FaceRegistry::new(
-        estate_facematch::RegistryOptions {
-            base: s.facematch.dir.clone().unwrap_or_else(|| s.data_dir.join("facematch")),
-            only_tenant: None,
-            tenant_key,
-            generate_keys: s.keys.generate_missing,
-            engine: estate_facematch::engine_options(s),
-        },
-        consent_keys,
-        embedder,
-    ))))
+    let registry = estate_facematch::registry(s, None, consent_keys).map_err(|e| MeshError::Face(e.to_string()))?;
+    Ok(Some(Arc::new(registry)))
 }
 
 impl Application {

@@ -1220,7 +1220,7 @@ async fn run(cli: Cli) -> anyhow::Result<String> {
                 let keys = a.get_verifying_keys(GetAuditKeysRequest {}).await?.into_inner();
                 keys.keys
                     .iter()
-                    .map(|k| format!("{} {}", k.key_id, hex::encode(&k.public_key)))
+                    .map(|k| estate_crypto::key_list::line(&k.key_id, &k.public_key))
                     .collect::<Vec<_>>()
                     .join("\n")
             }

@@ -369,10 +369,23 @@ async fn a_ten_year_old_is_enrolled_only_through_a_linked_guardian() -> anyhow::
         .issue_attestation(IssueAttestationRequest { consent_id: consent.id.clone(), ttl_seconds: 0 })
         .await?
         .into_inner();
-    assert!(att.decoded.is_some_and(|d| d.concerns_minor));
+    assert!(att.decoded.clone().is_some_and(|d| d.concerns_minor));
     assert_eq!(err(other.get_consent(GetConsentRequest { id: consent.id.clone() }).await).0, Code::PermissionDenied);
     let listed = parent.list_consents(ListConsentsRequest::default()).await?.into_inner();
     assert_eq!(listed.consents.len(), 1);
+    // The guardian enrols the child's face with that attestation.
+    let mut fm = mesh.facematch(&resident_token(&mesh, w, &w.person.id)?)?;
+    fm.enrol(estate_proto::facematch::EnrolRequest {
+        estate_id: w.estate.id.clone(),
+        person_pseudonym: child.pseudonym.clone(),
+        attestation: Some(att.clone()),
+        face: Some(estate_proto::facematch::FaceSample {
+            template: (0..512).map(|i| ((i * 5 % 23) as f32) - 11.0).collect(),
+            image: Vec::new(),
+        }),
+        request_id: String::new(),
+    })
+    .await?;
     parent.withdraw_consent(WithdrawConsentRequest { consent_id: consent.id.clone() }).await?;
     // Minors are flagged in audit (R7).
     let rows = estate_store::outbox::for_tenant(mesh.db().pool(), &w.tenant.id).await?;
@@ -399,6 +412,27 @@ async fn a_ten_year_old_is_enrolled_only_through_a_linked_guardian() -> anyhow::
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
     assert!(tombstone.is_some_and(|r| r.event.concerns_minor));
+    // So are facematch's own records of the enrolment and the deletion,
+    // copied from its journal.
+    let mut from_facematch = Vec::new();
+    for _ in 0..300 {
+        let rows = estate_store::outbox::for_tenant(mesh.db().pool(), &w.tenant.id).await?;
+        from_facematch = rows
+            .into_iter()
+            .filter(|r| r.event.source == "facematch" && r.event.person_pseudonym == child.pseudonym)
+            .map(|r| r.event)
+            .collect::<Vec<_>>();
+        if from_facematch.len() >= 2 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let actions: Vec<&str> = from_facematch.iter().map(|e| e.action.as_str()).collect();
+    assert_eq!(actions, ["face.enrol", "face.delete"]);
+    assert!(from_facematch.iter().all(|e| e.concerns_minor));
+    // Facematch cannot tell whether the child or the guardian used the
+    // attestation, so the enrolment names no resident.
+    assert_eq!(from_facematch[0].actor.as_ref().map(|a| a.id.as_str()), Some(""));
     mesh.stop().await
 }
 

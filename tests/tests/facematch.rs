@@ -608,3 +608,112 @@ async fn a_person_demands_deletion_and_gets_a_certificate() -> anyhow::Result<()
     assert_eq!(c, Code::PermissionDenied);
     mesh.stop().await
 }
+
+/// Waits until the tenant's outbox holds an event with each of `actions`.
+async fn wait_for_events(
+    mesh: &TestMesh,
+    tenant_id: &str,
+    actions: &[&str],
+) -> anyhow::Result<Vec<estate_store::outbox::OutboxRow>> {
+    for _ in 0..300 {
+        let rows = estate_store::outbox::for_tenant(mesh.db().pool(), tenant_id).await?;
+        if actions.iter().all(|a| rows.iter().any(|r| r.event.action == *a)) {
+            return Ok(rows);
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    anyhow::bail!("the outbox never held all of {actions:?}")
+}
+
+#[tokio::test]
+async fn every_processing_of_face_data_lands_in_the_audit_log() -> anyhow::Result<()> {
+    use estate_proto::common::ActorKind;
+    use estate_proto::facematch::{DeleteRequest, DeletionReason as FmReason};
+    let mesh = TestMesh::spawn().await?;
+    let w = world(&mesh, "Xiqing", "120111").await?;
+    let notice = enable_face(&mesh, &w).await?;
+    let (consent, mut me) = consent_to_face(&mesh, &w, &w.estate.id, &w.person.id, &notice).await?;
+    let template: Vec<f32> = (0..512).map(|i| ((i * 11 % 29) as f32) - 14.0).collect();
+    let mut ops = mesh.facematch(&w.operator_token)?;
+    let enrol = |att: SignedAttestation| EnrolRequest {
+        estate_id: w.estate.id.clone(),
+        person_pseudonym: w.person.pseudonym.clone(),
+        attestation: Some(att),
+        face: Some(FaceSample { template: template.clone(), image: Vec::new() }),
+        request_id: "enrol-at-the-desk-1".into(),
+    };
+    let enrolled = ops.enrol(enrol(attestation(&mut me, &consent.id, 0).await?)).await?.into_inner();
+    // A retried enrolment is the same enrolment: no second template, no second event.
+    let again = ops.enrol(enrol(attestation(&mut me, &consent.id, 0).await?)).await?.into_inner();
+    assert_eq!(again.template_id, enrolled.template_id);
+    ops.set_threshold(SetThresholdRequest { estate_id: w.estate.id.clone(), threshold: 0.5 }).await?;
+    let m = ops
+        .identify(IdentifyRequest {
+            estate_id: w.estate.id.clone(),
+            probe: Some(FaceSample { template: template.clone(), image: Vec::new() }),
+        })
+        .await?
+        .into_inner();
+    assert!(m.matched && m.person_pseudonym == w.person.pseudonym);
+    // An operator deletes directly at facematch (not through consent).
+    let cert = ops
+        .delete(DeleteRequest {
+            person_pseudonym: w.person.pseudonym.clone(),
+            estate_id: String::new(),
+            reason: FmReason::Request as i32,
+            request_id: "desk-deletion-1".into(),
+        })
+        .await?
+        .into_inner();
+    let body = cert.decoded.unwrap_or_default();
+
+    let rows =
+        wait_for_events(&mesh, &w.tenant.id, &["face.enrol", "face.threshold", "face.search", "face.delete"]).await?;
+    let of = |action: &str| rows.iter().filter(|r| r.event.action == action).map(|r| &r.event).collect::<Vec<_>>();
+    let enrols = of("face.enrol");
+    assert_eq!(enrols.len(), 1, "one enrolment, one event");
+    let e = enrols[0];
+    assert_eq!((e.source.as_str(), e.estate_id.as_str()), ("facematch", w.estate.id.as_str()));
+    assert_eq!(e.person_pseudonym, w.person.pseudonym);
+    assert_eq!(e.object_id, enrolled.template_id);
+    assert_eq!(e.request_id, "enrol-at-the-desk-1");
+    assert_eq!(e.actor.as_ref().map(|a| a.kind), Some(ActorKind::Operator as i32));
+    assert_eq!(e.attributes.get("consent_id"), Some(&consent.id));
+    assert!(!e.concerns_minor);
+    let s = of("face.search");
+    assert_eq!(s.len(), 1);
+    assert_eq!(s[0].person_pseudonym, w.person.pseudonym);
+    assert_eq!(s[0].attributes.get("matched").map(String::as_str), Some("true"));
+    let d = of("face.delete");
+    assert_eq!(d.len(), 1);
+    assert_eq!(d[0].object_id, body.certificate_id);
+    assert_eq!(d[0].request_id, "desk-deletion-1");
+    assert_eq!(d[0].attributes.get("reason").map(String::as_str), Some("request"));
+    assert_eq!(d[0].attributes.get("templates").map(String::as_str), Some("1"));
+    assert_eq!(d[0].actor.as_ref().map(|a| a.kind), Some(ActorKind::Operator as i32));
+    // No event carries the template (R8, R17): none of its bytes, none of its numbers.
+    let raw: Vec<u8> = template.iter().flat_map(|x| x.to_le_bytes()).collect();
+    for r in &rows {
+        assert!(!contains(&r.payload, &raw[..64]), "{} carries template bytes", r.event.action);
+    }
+
+    // The relay ships them into the hash-chained log, each once, even after
+    // further copies of the journal have run.
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    let mut audit = mesh.audit(&w.operator_token)?;
+    let mut in_log = 0;
+    for _ in 0..100 {
+        let mut n = 0;
+        for action in ["face.enrol", "face.threshold", "face.search", "face.delete"] {
+            let q = estate_proto::audit::QueryEntriesRequest { action: action.into(), ..Default::default() };
+            n += audit.query_entries(q).await?.into_inner().entries.len();
+        }
+        in_log = n;
+        if n >= 4 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert_eq!(in_log, 4, "each face event exactly once in the audit log");
+    mesh.stop().await
+}

@@ -561,6 +561,23 @@ async fn a_resident_story_across_separate_processes_survives_a_killed_gate() -> 
         acked_b.len(),
         logged.len()
     );
+    // Facematch's own acts reach the log too (R11): consent copies its
+    // journal (enrolment, deletion) over mTLS with its service token.
+    let mut face_actions: Vec<String> = Vec::new();
+    for _ in 0..300 {
+        let rows: Vec<(String,)> = estate_store::sqlx::query_as(
+            "SELECT action FROM audit_entries WHERE tenant_id = $1 AND action IN ('face.enrol', 'face.delete') ORDER BY idx",
+        )
+        .bind(&tenant.id)
+        .fetch_all(pool.pool())
+        .await?;
+        face_actions = rows.into_iter().map(|(a,)| a).collect();
+        if face_actions.len() >= 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(face_actions, ["face.enrol", "face.delete"], "facematch's journal in the audit log");
     pool.close().await;
 
     // A regulator's export of the tenant verifies offline.

@@ -9,7 +9,7 @@ use estate_proto::consent::VerifyingKeys;
 use estate_proto::facematch::facematch_service_client::FacematchServiceClient;
 use estate_proto::facematch::{
     CountPersonsRequest, DeleteRequest, DeletionCertificate, EnrolledPerson, GetCertificateKeysRequest,
-    IdentifyRequest, ListEnrolledRequest, MatchResult, PersonCount,
+    IdentifyRequest, JournalEntry, ListEnrolledRequest, MatchResult, PersonCount, ReadJournalRequest,
 };
 use futures_util::future::BoxFuture;
 use std::collections::HashMap;
@@ -102,6 +102,19 @@ impl FaceMatcher for RemoteFaceMatcher {
                 .await
                 .map_err(status_error)?
                 .into_inner())
+        })
+    }
+
+    fn journal<'a>(
+        &'a self,
+        tenant_id: &'a str,
+        after_seq: i64,
+        limit: u32,
+    ) -> BoxFuture<'a, Result<Vec<JournalEntry>>> {
+        Box::pin(async move {
+            let mut c = self.client(tenant_id)?;
+            let req = self.request(ReadJournalRequest { after_seq, limit });
+            Ok(c.read_journal(req).await.map_err(status_error)?.into_inner().entries)
         })
     }
 }

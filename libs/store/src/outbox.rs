@@ -39,6 +39,37 @@ pub async fn record(conn: &mut AnyConnection, event: &AuditEvent) -> Result<()> 
     Ok(())
 }
 
+/// Writes `event` unless the outbox already holds its event id; returns
+/// whether it did. For events made elsewhere and copied in (facematch's
+/// journal), where a copy may be retried or made by two replicas at once.
+pub async fn record_once(conn: &mut AnyConnection, event: &AuditEvent) -> Result<bool> {
+    let occurred_at = event
+        .occurred_at
+        .as_ref()
+        .map(|t| t.seconds * 1000 + i64::from(t.nanos / 1_000_000))
+        .unwrap_or_else(estate_core::now_ms);
+    let done = sqlx::query::<Any>(
+        "INSERT INTO outbox_events (event_id, tenant_id, source, action, object_type, object_id, \
+         estate_id, person_pseudonym, occurred_at, payload, trace_parent) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) ON CONFLICT (event_id) DO NOTHING",
+    )
+    .bind(event.event_id.as_str())
+    .bind(event.tenant_id.as_str())
+    .bind(event.source.as_str())
+    .bind(event.action.as_str())
+    .bind(event.object_type.as_str())
+    .bind(event.object_id.as_str())
+    .bind(event.estate_id.as_str())
+    .bind(event.person_pseudonym.as_str())
+    .bind(occurred_at)
+    .bind(event.encode_to_vec())
+    .bind(Option::<String>::None)
+    .execute(conn)
+    .await
+    .map_err(db_error)?;
+    Ok(done.rows_affected() == 1)
+}
+
 /// Writes `events` to the outbox on `conn` with multi-row INSERTs (50 rows
 /// per statement): what a group commit of many small changes uses, since one
 /// statement per row costs a round trip (or a worker hand-off on SQLite) each.

@@ -102,7 +102,7 @@ pub(crate) async fn request_deletion(
 
 /// Whether a person's consents were given for a minor, so that their
 /// deletion events stay flagged in audit too (R7).
-async fn concerns_minor(conn: &mut AnyConnection, tenant_id: &str, pseudonym: &str) -> Result<bool> {
+pub(crate) async fn concerns_minor(conn: &mut AnyConnection, tenant_id: &str, pseudonym: &str) -> Result<bool> {
     let (n,): (i64,) = sqlx::query_as::<Any, (i64,)>(
         "SELECT COUNT(*) FROM consents WHERE tenant_id = $1 AND person_pseudonym = $2 AND concerns_minor <> 0",
     )
@@ -320,7 +320,9 @@ pub async fn sweep_retention(db: &Db, matcher: &dyn FaceMatcher) -> Result<usize
 }
 
 /// Runs the sweep every `interval`, and at once when identity announces a
-/// residency end on the bus. Stops when the database pool is closed.
+/// residency end on the bus; with facematch, also the retention sweep, the
+/// hand-off of deletion requests and the copy of facematch's journal into
+/// the audit outbox. Stops when the database pool is closed.
 pub fn spawn_sweep(
     db: Db,
     bus: EventBus,
@@ -352,6 +354,11 @@ pub fn spawn_sweep(
                 && let Err(e) = fulfil_pending(&db, eraser).await
             {
                 tracing::warn!(error = %e, "deletion hand-off failed; will retry");
+            }
+            if let Some(face) = &face
+                && let Err(e) = crate::face_journal::import(&db, face.as_ref()).await
+            {
+                tracing::warn!(error = %e, "facematch journal copy failed; will retry");
             }
             estate_bus::wake_on_any(
                 &mut events,

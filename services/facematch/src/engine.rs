@@ -5,16 +5,19 @@
 
 use crate::certificate;
 use crate::gallery::{Entry, Gallery, normalised};
+use crate::journal;
 use crate::model::{Embedder, MAX_IMAGE_BYTES};
 use crate::vault::{self, Vault, VaultError};
 use estate_attestation::{AttestationError, Expected, KeySet};
 use estate_core::{Error, Result, new_id, now_ms, parse_id};
 use estate_crypto::SigningKeyPair;
+use estate_proto::common::Actor;
 use estate_proto::consent::Purpose;
 use estate_proto::facematch::{
     CertificateBody, DeleteRequest, DeletionCertificate, DeletionReason, EnrolRequest, EnrolResponse, EnrolledPerson,
     FaceSample, IdentifyRequest, MatchResult, PersonCount, Threshold, VerifyRequest,
 };
+use estate_store::outbox::Change;
 use estate_store::{Db, DbOptions, db_error};
 use prost::Message;
 use sqlx::Any;
@@ -323,8 +326,9 @@ impl FaceEngine {
         normalised(&raw).ok_or_else(|| Error::invalid(field, "the template must be finite numbers, not all zero"))
     }
 
-    /// Enrols a template (R7 via the attestation, R8, R9).
-    pub async fn enrol(&self, req: EnrolRequest, now_unix: i64) -> Result<EnrolResponse> {
+    /// Enrols a template (R7 via the attestation, R8, R9), journalled as
+    /// `face.enrol` by `actor` (R11).
+    pub async fn enrol(&self, req: EnrolRequest, now_unix: i64, actor: Actor) -> Result<EnrolResponse> {
         let estate_id = parse_id("estate_id", &req.estate_id)?;
         let person = check_pseudonym("person_pseudonym", &req.person_pseudonym)?;
         let att = req.attestation.as_ref().ok_or_else(|| {
@@ -379,8 +383,31 @@ impl FaceEngine {
         let template_id = new_id();
         let sealed = vault::seal(&key, self.template_aad(&template_id).as_bytes(), &template_bytes(&unit))
             .map_err(vault_error)?;
+        // A minor's attestation may be used by the child or by the guardian
+        // who obtained it: facematch cannot tell which resident called, so
+        // it names neither (consent's `attestation.issue` event names who
+        // obtained the attestation `consent_id` refers to).
+        let mut actor = actor;
+        if claims.concerns_minor && actor.kind == estate_proto::common::ActorKind::Resident as i32 {
+            actor.id.clear();
+        }
+        let event = Change::new(&self.tenant_id, "face.enrol", "face_template", &template_id)
+            .estate(&estate_id)
+            .person(&person, claims.concerns_minor)
+            .attr("consent_id", claims.consent_id.clone())
+            .attr("key_id", key_id.clone())
+            .into_event(actor, &request_id, journal::SOURCE);
         let stored = self
-            .store_enrolment(&estate_id, &person, &key_id, &claims.consent_id, &template_id, &sealed, &request_id)
+            .store_enrolment(
+                &estate_id,
+                &person,
+                &key_id,
+                &claims.consent_id,
+                &template_id,
+                &sealed,
+                &request_id,
+                &event,
+            )
             .await;
         if let Err(e) = stored {
             if created {
@@ -412,6 +439,7 @@ impl FaceEngine {
         template_id: &str,
         sealed: &[u8],
         request_id: &str,
+        event: &estate_proto::common::AuditEvent,
     ) -> Result<()> {
         let now = now_ms();
         let mut tx = self.db.begin().await?;
@@ -441,6 +469,7 @@ impl FaceEngine {
         .execute(&mut *tx)
         .await
         .map_err(db_error)?;
+        journal::record(&mut tx, event).await?;
         tx.commit().await.map_err(db_error)
     }
 
@@ -501,24 +530,53 @@ impl FaceEngine {
     }
 
     /// 1:N within one estate's gallery (R8: never across estates).
-    pub async fn identify(&self, req: IdentifyRequest) -> Result<MatchResult> {
+    /// `searcher`: who to journal the search as (`face.search`, R11); `None`
+    /// for the gate service, which audits the decision the search is part of.
+    pub async fn identify(&self, req: IdentifyRequest, searcher: Option<Actor>) -> Result<MatchResult> {
         let estate_id = parse_id("estate_id", &req.estate_id)?;
         let unit = self.template_of("probe", req.probe).await?;
-        self.scan(&estate_id, unit, None).await
+        let result = self.scan(&estate_id, unit, None).await?;
+        self.journal_search(&estate_id, "identify", &result, searcher).await?;
+        Ok(result)
     }
 
     /// 1:1 against a claimed person at one estate.
-    pub async fn verify(&self, req: VerifyRequest) -> Result<MatchResult> {
+    /// `searcher` as for [`Self::identify`].
+    pub async fn verify(&self, req: VerifyRequest, searcher: Option<Actor>) -> Result<MatchResult> {
         let estate_id = parse_id("estate_id", &req.estate_id)?;
         let person = check_pseudonym("person_pseudonym", &req.person_pseudonym)?;
         let unit = self.template_of("probe", req.probe).await?;
-        self.scan(&estate_id, unit, Some(person)).await
+        let result = self.scan(&estate_id, unit, Some(person.clone())).await?;
+        let named = MatchResult { person_pseudonym: person, ..result.clone() };
+        self.journal_search(&estate_id, "verify", &named, searcher).await?;
+        Ok(result)
+    }
+
+    /// Journals a search of an estate's gallery: which estate, which person
+    /// it concerned (the match, or the claimed person), whether it matched.
+    async fn journal_search(
+        &self,
+        estate_id: &str,
+        mode: &str,
+        result: &MatchResult,
+        searcher: Option<Actor>,
+    ) -> Result<()> {
+        let Some(actor) = searcher else { return Ok(()) };
+        let event = Change::new(&self.tenant_id, "face.search", "face_gallery", estate_id)
+            .estate(estate_id)
+            .person(&result.person_pseudonym, false)
+            .attr("mode", mode)
+            .attr("matched", result.matched.to_string())
+            .into_event(actor, "", journal::SOURCE);
+        let mut conn = self.db.pool().acquire().await.map_err(db_error)?;
+        journal::record(&mut conn, &event).await
     }
 
     /// Deletes a person's face data at one estate or all, destroys their data
     /// keys and returns a signed certificate. The same request id returns
     /// the same certificate.
-    pub async fn delete(&self, req: DeleteRequest) -> Result<DeletionCertificate> {
+    /// Journalled as `face.delete`, one event per estate, by `actor` (R11).
+    pub async fn delete(&self, req: DeleteRequest, actor: Actor) -> Result<DeletionCertificate> {
         let person = check_pseudonym("person_pseudonym", &req.person_pseudonym)?;
         let estate_id = if req.estate_id.is_empty() { None } else { Some(parse_id("estate_id", &req.estate_id)?) };
         let reason = DeletionReason::try_from(req.reason).unwrap_or(DeletionReason::Unspecified);
@@ -552,14 +610,17 @@ impl FaceEngine {
         let now = now_ms();
         let mut tx = self.db.begin().await?;
         let mut templates = 0u64;
+        let mut per_estate: HashMap<&str, u64> = HashMap::new();
         for (estate, _) in &held {
-            templates += sqlx::query::<Any>("DELETE FROM fm_templates WHERE estate_id = $1 AND person_pseudonym = $2")
+            let n = sqlx::query::<Any>("DELETE FROM fm_templates WHERE estate_id = $1 AND person_pseudonym = $2")
                 .bind(estate)
                 .bind(&person)
                 .execute(&mut *tx)
                 .await
                 .map_err(db_error)?
                 .rows_affected();
+            templates += n;
+            per_estate.insert(estate.as_str(), n);
             sqlx::query::<Any>("DELETE FROM fm_persons WHERE estate_id = $1 AND person_pseudonym = $2")
                 .bind(estate)
                 .bind(&person)
@@ -594,6 +655,16 @@ impl FaceEngine {
         .execute(&mut *tx)
         .await
         .map_err(db_error)?;
+        for estate in &estates {
+            let event = Change::new(&self.tenant_id, "face.delete", "deletion_certificate", &certificate_id)
+                .estate(estate)
+                .person(&person, false)
+                .attr("reason", reason_name(reason))
+                .attr("templates", per_estate.get(estate.as_str()).copied().unwrap_or(0).to_string())
+                .attr("keys_destroyed", held.iter().filter(|(e, _)| e == estate).count().to_string())
+                .into_event(actor.clone(), &req.request_id, journal::SOURCE);
+            journal::record(&mut tx, &event).await?;
+        }
         // Out of the galleries before the rows go, so that no match happens
         // after the certificate exists; reloaded if the commit fails.
         for estate in &estates {
@@ -688,23 +759,36 @@ impl FaceEngine {
         })
     }
 
-    /// Sets an estate's threshold (cosine, in (0, 1)).
-    pub async fn set_threshold(&self, estate_id: &str, threshold: f32) -> Result<Threshold> {
+    /// Sets an estate's threshold (cosine, in (0, 1)), journalled as
+    /// `face.threshold` by `actor`.
+    pub async fn set_threshold(&self, estate_id: &str, threshold: f32, actor: Actor) -> Result<Threshold> {
         let estate_id = parse_id("estate_id", estate_id)?;
         if !(threshold > 0.0 && threshold < 1.0) {
             return Err(Error::invalid("threshold", "must be a cosine similarity between 0 and 1, exclusive"));
         }
+        let mut tx = self.db.begin().await?;
         sqlx::query::<Any>(
             "INSERT INTO fm_thresholds (estate_id, threshold) VALUES ($1, $2) \
              ON CONFLICT (estate_id) DO UPDATE SET threshold = excluded.threshold",
         )
         .bind(&estate_id)
         .bind(f64::from(threshold))
-        .execute(self.db.pool())
+        .execute(&mut *tx)
         .await
         .map_err(db_error)?;
+        let event = Change::new(&self.tenant_id, "face.threshold", "face_gallery", &estate_id)
+            .estate(&estate_id)
+            .attr("threshold", format!("{threshold:.3}"))
+            .into_event(actor, "", journal::SOURCE);
+        journal::record(&mut tx, &event).await?;
+        tx.commit().await.map_err(db_error)?;
         self.thresholds.write().map_err(lock_error)?.insert(estate_id.clone(), threshold);
         Ok(Threshold { estate_id, threshold })
+    }
+
+    /// Journal entries after `after_seq` (see [`journal`]).
+    pub async fn journal(&self, after_seq: i64, limit: u32) -> Result<Vec<estate_proto::facematch::JournalEntry>> {
+        journal::read(&self.db, after_seq, limit).await
     }
 
     /// Closes the database.

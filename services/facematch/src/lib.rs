@@ -15,6 +15,7 @@
 pub mod certificate;
 pub mod engine;
 pub mod gallery;
+pub mod journal;
 pub mod model;
 pub mod prep;
 pub mod registry;

@@ -9,7 +9,7 @@ use estate_attestation::KeySet;
 use estate_core::{Error, Result, parse_id};
 use estate_proto::consent::VerifyingKeys;
 use estate_proto::facematch::{
-    DeleteRequest, DeletionCertificate, EnrolledPerson, IdentifyRequest, MatchResult, PersonCount,
+    DeleteRequest, DeletionCertificate, EnrolledPerson, IdentifyRequest, JournalEntry, MatchResult, PersonCount,
 };
 use futures_util::future::BoxFuture;
 use std::collections::HashMap;
@@ -17,7 +17,9 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 /// What the gate and consent services need of facematch, in-process or over
-/// gRPC. The caller has established that it acts for `tenant_id`.
+/// gRPC. The caller has established that it acts for `tenant_id`. Searches
+/// made through it are not journalled (the gate audits its decisions);
+/// deletions are journalled as made by the consent service.
 pub trait FaceMatcher: Send + Sync + std::fmt::Debug {
     /// 1:N within one estate.
     fn identify<'a>(&'a self, tenant_id: &'a str, req: IdentifyRequest) -> BoxFuture<'a, Result<MatchResult>>;
@@ -33,6 +35,13 @@ pub trait FaceMatcher: Send + Sync + std::fmt::Debug {
     fn count<'a>(&'a self, tenant_id: &'a str) -> BoxFuture<'a, Result<PersonCount>>;
     /// Certificate verifying keys of the tenant's instance.
     fn certificate_keys<'a>(&'a self, tenant_id: &'a str) -> BoxFuture<'a, Result<VerifyingKeys>>;
+    /// Journal entries after `after_seq` (at most `limit`), for the audit log.
+    fn journal<'a>(
+        &'a self,
+        tenant_id: &'a str,
+        after_seq: i64,
+        limit: u32,
+    ) -> BoxFuture<'a, Result<Vec<JournalEntry>>>;
 }
 
 /// Where a tenant's key comes from.
@@ -141,11 +150,13 @@ impl FaceRegistry {
 
 impl FaceMatcher for FaceRegistry {
     fn identify<'a>(&'a self, tenant_id: &'a str, req: IdentifyRequest) -> BoxFuture<'a, Result<MatchResult>> {
-        Box::pin(async move { self.engine(tenant_id).await?.identify(req).await })
+        Box::pin(async move { self.engine(tenant_id).await?.identify(req, None).await })
     }
 
     fn delete<'a>(&'a self, tenant_id: &'a str, req: DeleteRequest) -> BoxFuture<'a, Result<DeletionCertificate>> {
-        Box::pin(async move { self.engine(tenant_id).await?.delete(req).await })
+        Box::pin(
+            async move { self.engine(tenant_id).await?.delete(req, crate::journal::service_actor("consent")).await },
+        )
     }
 
     fn list_enrolled<'a>(
@@ -174,6 +185,20 @@ impl FaceMatcher for FaceRegistry {
         Box::pin(async move {
             let engine = self.engine(tenant_id).await?;
             Ok(VerifyingKeys { keys: vec![engine.certificate_key()] })
+        })
+    }
+
+    fn journal<'a>(
+        &'a self,
+        tenant_id: &'a str,
+        after_seq: i64,
+        limit: u32,
+    ) -> BoxFuture<'a, Result<Vec<JournalEntry>>> {
+        Box::pin(async move {
+            if !self.holds_data(tenant_id) {
+                return Ok(Vec::new());
+            }
+            self.engine(tenant_id).await?.journal(after_seq, limit).await
         })
     }
 }

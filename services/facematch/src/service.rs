@@ -1,6 +1,7 @@
 //! The gRPC face of facematch: who may call what (R14), then the engine of
 //! the caller's tenant. No RPC returns a template or an image (R8).
 
+use crate::journal::actor_of;
 use crate::registry::FaceRegistry;
 use estate_auth::{Caller, Principal};
 use estate_core::{Error, Result, now_ms};
@@ -69,17 +70,18 @@ impl FacematchDesk {
             Principal::Resident { tenant_id, .. } => tenant_id.clone(),
             _ => self.tenant_for_estate(caller, &req.estate_id, true, &[CONSENT_SERVICE])?,
         };
-        self.registry.engine(&tenant).await?.enrol(req, now_ms() / 1000).await
+        let actor = actor_of(caller, &req.person_pseudonym);
+        self.registry.engine(&tenant).await?.enrol(req, now_ms() / 1000, actor).await
     }
 
     async fn identify(&self, caller: &Caller, req: IdentifyRequest) -> Result<MatchResult> {
         let tenant = self.tenant_for_estate(caller, &req.estate_id, true, &[GATE_SERVICE])?;
-        self.registry.engine(&tenant).await?.identify(req).await
+        self.registry.engine(&tenant).await?.identify(req, searcher(caller)).await
     }
 
     async fn verify(&self, caller: &Caller, req: VerifyRequest) -> Result<MatchResult> {
         let tenant = self.tenant_for_estate(caller, &req.estate_id, true, &[GATE_SERVICE])?;
-        self.registry.engine(&tenant).await?.verify(req).await
+        self.registry.engine(&tenant).await?.verify(req, searcher(caller)).await
     }
 
     async fn delete(&self, caller: &Caller, req: DeleteRequest) -> Result<DeletionCertificate> {
@@ -88,7 +90,7 @@ impl FacematchDesk {
         } else {
             self.tenant_for_estate(caller, &req.estate_id, false, &[CONSENT_SERVICE])?
         };
-        self.registry.engine(&tenant).await?.delete(req).await
+        self.registry.engine(&tenant).await?.delete(req, actor_of(caller, "")).await
     }
 
     async fn get_certificate(&self, caller: &Caller, req: GetCertificateRequest) -> Result<DeletionCertificate> {
@@ -118,7 +120,22 @@ impl FacematchDesk {
 
     async fn set_threshold(&self, caller: &Caller, req: SetThresholdRequest) -> Result<Threshold> {
         let tenant = caller.operator_for_estate(&req.estate_id)?.to_owned();
-        self.registry.engine(&tenant).await?.set_threshold(&req.estate_id, req.threshold).await
+        self.registry.engine(&tenant).await?.set_threshold(&req.estate_id, req.threshold, actor_of(caller, "")).await
+    }
+
+    async fn read_journal(&self, caller: &Caller, req: ReadJournalRequest) -> Result<JournalPage> {
+        let tenant = self.tenant_of_staff(caller, &[CONSENT_SERVICE])?;
+        let entries = self.registry.engine(&tenant).await?.journal(req.after_seq, req.limit).await?;
+        Ok(JournalPage { entries })
+    }
+}
+
+/// Who a search is journalled as: everyone but the gate service, whose
+/// decisions (which include the search) the gate audits itself.
+fn searcher(caller: &Caller) -> Option<estate_proto::common::Actor> {
+    match &caller.principal {
+        Principal::Service { name } if name == GATE_SERVICE => None,
+        _ => Some(actor_of(caller, "")),
     }
 }
 
@@ -135,5 +152,6 @@ impl FacematchService for FacematchDesk {
         count_persons(CountPersonsRequest) -> PersonCount;
         get_certificate_keys(GetCertificateKeysRequest) -> VerifyingKeys;
         set_threshold(SetThresholdRequest) -> Threshold;
+        read_journal(ReadJournalRequest) -> JournalPage;
     }
 }

@@ -272,6 +272,10 @@ pub struct LimitSettings {
     pub max_message_bytes: usize,
     /// Largest page a list call returns.
     pub max_page_size: u32,
+    /// Longest any call may run before it is abandoned with
+    /// DEADLINE_EXCEEDED (callers' shorter `grpc-timeout` deadlines apply
+    /// too); 0: no ceiling. Streams are bounded until their first response.
+    pub request_timeout_ms: u64,
 }
 
 impl std::fmt::Debug for Settings {
@@ -341,6 +345,7 @@ admin_token_ttl_secs = 31536000
 [limits]
 max_message_bytes = 4194304
 max_page_size = 500
+request_timeout_ms = 30000
 
 [credentials]
 pin_max_failures = 5

@@ -7,11 +7,13 @@
 //!   the authentication layer (R14), tonic-health, tonic-reflection, a maximum
 //!   message size, and graceful shutdown on SIGTERM / Ctrl-C.
 
+mod deadline;
 mod face;
 pub mod metrics;
 pub mod relay;
 mod rpc_trace;
 
+pub use deadline::{Deadline, DeadlineLayer, parse_grpc_timeout};
 pub use face::{RemoteFaceMatcher, remote_face_matcher};
 pub use rpc_trace::{RpcTrace, RpcTraceLayer};
 
@@ -189,13 +191,16 @@ impl Runtime {
     }
 }
 
+/// The server's layers, outermost first: trace, deadline, authentication.
+type Layers = Stack<AuthLayer, Stack<DeadlineLayer, Stack<RpcTraceLayer, Identity>>>;
+
 /// A gRPC server bound to its port, ready to run.
 #[derive(Debug)]
 pub struct GrpcApp {
     listener: TcpListener,
     port: u16,
     metrics: Option<(u16, tokio::task::JoinHandle<()>)>,
-    router: Router<Stack<AuthLayer, Stack<RpcTraceLayer, Identity>>>,
+    router: Router<Layers>,
 }
 
 impl GrpcApp {
@@ -235,6 +240,10 @@ impl GrpcApp {
         }
         let router = builder
             .layer(RpcTraceLayer)
+            .layer(DeadlineLayer::new(match runtime.settings.limits.request_timeout_ms {
+                0 => None,
+                ms => Some(Duration::from_millis(ms)),
+            }))
             .layer(AuthLayer::new(runtime.tokens.verifying_keys().clone()))
             .add_routes(routes.routes());
         Ok(Self { listener, port, metrics, router })

@@ -275,6 +275,34 @@ async fn pins_lock_after_five_failures() -> anyhow::Result<()> {
     mesh.stop().await
 }
 
+/// Forty wrong PINs sent at once (a brute-force burst, or a gate hammered
+/// through several connections): still no more than five are checked, the
+/// rest are refused as locked, and then the right PIN is refused too.
+#[tokio::test]
+async fn a_burst_of_pins_is_checked_no_more_than_the_limit() -> anyhow::Result<()> {
+    let mesh = TestMesh::spawn().await?;
+    let w = world(&mesh, "Burst", "120101").await?;
+    let mut op = mesh.credentials(&w.operator_token)?;
+    op.issue_credential(pin(&w.person.id, &w.estate.id, &w.unit.id, "739146")).await?;
+    let g = mesh.credentials(&gate(&mesh, &w)?)?;
+    let attempts = (0..40).map(|i| {
+        let mut g = g.clone();
+        let unit = w.unit.id.clone();
+        tokio::spawn(async move { outcome(&mut g, present_pin(&unit, &format!("{:06}", 100_000 + i))).await })
+    });
+    let mut checked = 0;
+    for a in attempts {
+        match a.await?? {
+            VerifyOutcome::Unknown => checked += 1,
+            VerifyOutcome::Locked => {}
+            other => anyhow::bail!("a wrong PIN answered {other:?}"),
+        }
+    }
+    assert!(checked <= 5, "{checked} wrong PINs were checked; the limit is 5");
+    assert_eq!(outcome(&mut g.clone(), present_pin(&w.unit.id, "739146")).await?, VerifyOutcome::Locked);
+    mesh.stop().await
+}
+
 #[tokio::test]
 async fn qr_codes_rotate_and_cannot_be_replayed() -> anyhow::Result<()> {
     let mesh = TestMesh::spawn().await?;

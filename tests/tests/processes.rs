@@ -37,20 +37,19 @@ use tonic::transport::Channel;
 const BINS: [&str; 6] =
     ["estate-identity", "estate-consent", "estate-credentials", "estate-audit", "estate-gate", "estate-facematch"];
 
-/// The service binaries, built beside this test (`cargo test --workspace`
-/// builds them; otherwise they are built here).
+/// The service binaries, beside this test. Always (re)built here: a binary
+/// left in the target directory by an earlier build of other sources would
+/// otherwise be tested instead of this code (a no-op when up to date).
 fn binaries() -> anyhow::Result<PathBuf> {
     let exe = std::env::current_exe()?;
     let dir = exe.parent().and_then(Path::parent).ok_or_else(|| anyhow::anyhow!("no target directory"))?.to_owned();
-    if BINS.iter().any(|b| !dir.join(b).exists()) {
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let mut cmd = std::process::Command::new(cargo);
-        cmd.args(["build", "--bins"]);
-        for b in BINS {
-            cmd.args(["-p", b]);
-        }
-        anyhow::ensure!(cmd.status()?.success(), "building the service binaries failed");
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let mut cmd = std::process::Command::new(cargo);
+    cmd.args(["build", "--bins"]);
+    for b in BINS {
+        cmd.args(["-p", b]);
     }
+    anyhow::ensure!(cmd.status()?.success(), "building the service binaries failed");
     Ok(dir)
 }
 
@@ -252,7 +251,7 @@ async fn a_resident_story_across_separate_processes_survives_a_killed_gate() -> 
             estate_id: estate.id.clone(),
             name: "North gate".into(),
             direction: GateDirection::In as i32,
-            supported_kinds: vec![CredentialKind::Card as i32, CredentialKind::Face as i32],
+            supported_kinds: vec![CredentialKind::Card as i32, CredentialKind::Face as i32, CredentialKind::Pin as i32],
         })
         .await?
         .into_inner();
@@ -467,6 +466,57 @@ async fn a_resident_story_across_separate_processes_survives_a_killed_gate() -> 
     }
     assert_eq!(reason(&at_b.decide(card("5EED0001")).await?.into_inner()), Reason::Revoked);
     drop(stream);
+
+    // PIN brute force across the replicas, under card load: 30 wrong PINs
+    // at once, half through A and half through B. The attempt counter is
+    // shared (Redis), and an attempt is counted before its PIN is checked,
+    // so no more than the limit (5) are checked; then the unit is locked on
+    // both replicas, even for the right PIN.
+    cr.issue_credential(IssueCredentialRequest {
+        person_id: person.id.clone(),
+        estate_ids: vec![estate.id.clone()],
+        secret: Some(issue_credential_request::Secret::Pin(PinSecret {
+            pin: "739146".into(),
+            unit_id: unit.id.clone(),
+        })),
+        ..Default::default()
+    })
+    .await?;
+    let pin = |p: &str| DecideRequest {
+        presented: Some(decide_request::Presented::Pin(PresentedPin { unit_id: unit.id.clone(), pin: p.into() })),
+        gate_id: String::new(),
+    };
+    if redis.url.is_some() {
+        let background = [at_a.clone(), at_b.clone()].map(|mut c| {
+            tokio::spawn(async move {
+                for _ in 0..100 {
+                    let _ = c.decide(card("5EED0002")).await;
+                }
+            })
+        });
+        let burst: Vec<_> = (0..30)
+            .map(|i| {
+                let mut c = if i % 2 == 0 { at_a.clone() } else { at_b.clone() };
+                let req = pin(&format!("{:06}", 200_000 + i));
+                tokio::spawn(async move { c.decide(req).await.map(|d| reason(&d.into_inner())) })
+            })
+            .collect();
+        let mut checked = 0;
+        for b in burst {
+            match b.await?? {
+                Reason::Unknown => checked += 1,
+                Reason::Locked => {}
+                other => anyhow::bail!("a wrong PIN was answered {other:?}"),
+            }
+        }
+        for b in background {
+            b.await?;
+        }
+        assert!(checked <= 5, "{checked} wrong PINs were checked across the replicas; the limit is 5");
+        assert_eq!(reason(&at_a.decide(pin("739146")).await?.into_inner()), Reason::Locked);
+        assert_eq!(reason(&at_b.decide(pin("739146")).await?.into_inner()), Reason::Locked);
+        eprintln!("PIN burst: {checked} of 30 wrong PINs checked across two replicas, the rest refused as locked");
+    }
 
     // Load on both replicas; replica A is killed with SIGKILL mid-load.
     let load = |mut client: GateServiceClient<_>, millis: u64| {

@@ -35,6 +35,15 @@ pub async fn migrate(db: &Db) -> Result<(), estate_store::StoreError> {
 /// configured, attestations checked against the consent key.
 pub fn service(runtime: &Runtime) -> CredentialBook {
     let s = &runtime.settings.credentials;
+    if runtime.redis.is_none() && runtime.db.backend() == estate_store::Backend::Postgres {
+        // Several processes on one database: each would count PIN failures
+        // on its own, and a guesser spreading attempts over N replicas would
+        // get N times the limit.
+        tracing::warn!(
+            "redis.url is not set: PIN attempt counters are kept per process; with more than one gate or \
+             credentials replica, set redis.url so the limit holds across them"
+        );
+    }
     let limiter = PinLimiter::new(
         s.pin_max_failures,
         Duration::from_secs(s.pin_failure_window_secs),

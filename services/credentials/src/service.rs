@@ -999,9 +999,9 @@ impl CredentialBook {
             Presented::Pin(p) => {
                 let unit = parse_id("pin.unit_id", &p.unit_id)?;
                 let key = format!("{tenant}:{estate}:{unit}");
-                if self.limiter.is_locked(&key).await? {
+                let Some(attempt) = self.limiter.begin_attempt(&key).await? else {
                     return Ok(deny(VerifyOutcome::Locked));
-                }
+                };
                 let candidates = sqlx::query_as::<Any, CredentialRow>(sqlx::AssertSqlSafe(format!(
                     "SELECT {CREDENTIAL_COLS} FROM credentials WHERE tenant_id = $1 AND unit_id = $2 AND kind = 'pin' AND status <> 'revoked'"
                 )))
@@ -1018,7 +1018,7 @@ impl CredentialBook {
                         Some(row)
                     }
                     None => {
-                        let locked = self.limiter.record_failure(&key).await?;
+                        let locked = self.limiter.record_failure(&key, attempt).await?;
                         return Ok(deny(if locked { VerifyOutcome::Locked } else { VerifyOutcome::Unknown }));
                     }
                 }

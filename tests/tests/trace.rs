@@ -48,6 +48,7 @@ async fn one_gate_decision_is_one_trace_from_the_gate_to_the_audit_log() -> anyh
     estate_telemetry::set_propagator();
     tracing_subscriber::registry()
         .with(tracing_opentelemetry::layer().with_tracer(provider.tracer("estate-e2e")))
+        .with(estate_telemetry::db_query_spans(provider.tracer("estate-e2e")))
         .try_init()?;
 
     let mesh = TestMesh::spawn().await?;
@@ -105,6 +106,34 @@ async fn one_gate_decision_is_one_trace_from_the_gate_to_the_audit_log() -> anyh
     assert_eq!(cache.parent_span_id, handler.span_context.span_id());
     assert_eq!(append.parent_span_id, handler.span_context.span_id());
     assert!(server.attributes.iter().any(|kv| kv.key.as_str() == "rpc.grpc.status_code"));
+
+    // Database and Redis calls are spans of the call that made them. The
+    // card's issue: its write transaction (both engines); on PostgreSQL each
+    // statement (sqlx runs SQLite's on a worker thread outside any span);
+    // with Redis, the change announced on the bus.
+    let all = collected.0.lock().map(|s| s.clone()).unwrap_or_default();
+    let issue = all
+        .iter()
+        .find(|s| s.name == "/estate.credentials.v1.CredentialService/IssueCredential")
+        .ok_or_else(|| anyhow::anyhow!("no IssueCredential span"))?;
+    let in_issue: Vec<&SpanData> =
+        all.iter().filter(|s| s.span_context.trace_id() == issue.span_context.trace_id()).collect();
+    let tx = in_issue
+        .iter()
+        .find(|s| s.name == "db.transaction")
+        .ok_or_else(|| anyhow::anyhow!("no db.transaction span in the issue's trace"))?;
+    assert!(tx.attributes.iter().any(|kv| kv.key.as_str() == "db.system"));
+    if mesh.db_url().starts_with("postgres") {
+        let statements: Vec<&str> = in_issue
+            .iter()
+            .filter(|s| s.span_kind == opentelemetry::trace::SpanKind::Client && s.name.contains("credentials"))
+            .map(|s| s.name.as_ref())
+            .collect();
+        assert!(statements.contains(&"INSERT credentials"), "statement spans: {statements:?}");
+    }
+    if std::env::var(estate_test_support::REDIS_ENV).is_ok() {
+        assert!(in_issue.iter().any(|s| s.name == "PUBLISH"), "no Redis span in the issue's trace");
+    }
     mesh.stop().await?;
     let _ = provider.shutdown();
     Ok(())

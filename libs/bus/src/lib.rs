@@ -11,6 +11,13 @@ use futures_util::StreamExt;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::broadcast;
+use tracing::Instrument;
+
+/// A client span for one Redis command, script or pipeline (`op`), in the
+/// span of the call that issued it.
+pub fn redis_span(op: &'static str) -> tracing::Span {
+    tracing::info_span!("redis", otel.name = op, otel.kind = "client", db.system = "redis", db.operation = op)
+}
 
 /// Capacity of the local broadcast; slow subscribers lose the oldest events
 /// and are told how many (they then re-read from the source of truth).
@@ -93,6 +100,7 @@ impl EventBus {
                     .arg(format!("{CHANNEL_PREFIX}{topic}"))
                     .arg(payload)
                     .query_async(&mut conn)
+                    .instrument(redis_span("PUBLISH"))
                     .await?;
                 Ok(())
             }

@@ -97,11 +97,16 @@ pub struct Db {
     writer: Option<Arc<tokio::sync::Mutex<()>>>,
 }
 
-/// A write transaction (see [`Db::begin`]); derefs to the connection.
+/// A write transaction (see [`Db::begin`]); derefs to the connection. Its
+/// `db.transaction` span (a child of the caller's) lasts from the request
+/// for the transaction to its commit, rollback or drop, so traces show the
+/// database work on SQLite too, where sqlx's per-statement reports come from
+/// a worker thread outside any span.
 #[derive(Debug)]
 pub struct WriteTx {
     tx: sqlx::Transaction<'static, sqlx::Any>,
     _turn: Option<tokio::sync::OwnedMutexGuard<()>>,
+    _span: tracing::Span,
 }
 
 impl WriteTx {
@@ -223,16 +228,25 @@ impl Db {
     /// waits for other writers (busy timeout) instead of failing when another
     /// connection or process committed in between.
     pub async fn begin(&self) -> Result<WriteTx, Error> {
+        let system = match self.backend {
+            Backend::Sqlite => "sqlite",
+            Backend::Postgres => "postgresql",
+        };
+        let span = tracing::info_span!("db.transaction", otel.kind = "client", db.system = system);
         match (&self.writer, self.backend) {
             (Some(turn), Backend::Sqlite) => {
                 let turn = turn.clone().lock_owned().await;
                 let tx = self.pool.begin_with("BEGIN IMMEDIATE").await.map_err(db_error)?;
-                Ok(WriteTx { tx, _turn: Some(turn) })
+                Ok(WriteTx { tx, _turn: Some(turn), _span: span })
             }
-            (_, Backend::Sqlite) => {
-                Ok(WriteTx { tx: self.pool.begin_with("BEGIN IMMEDIATE").await.map_err(db_error)?, _turn: None })
+            (_, Backend::Sqlite) => Ok(WriteTx {
+                tx: self.pool.begin_with("BEGIN IMMEDIATE").await.map_err(db_error)?,
+                _turn: None,
+                _span: span,
+            }),
+            (_, Backend::Postgres) => {
+                Ok(WriteTx { tx: self.pool.begin().await.map_err(db_error)?, _turn: None, _span: span })
             }
-            (_, Backend::Postgres) => Ok(WriteTx { tx: self.pool.begin().await.map_err(db_error)?, _turn: None }),
         }
     }
 

@@ -5,6 +5,8 @@
 //! OTLP/gRPC. Log fields never carry secrets, PINs, phone numbers, templates or
 //! images: services record ids and pseudonyms only.
 
+pub mod db;
+
 use estate_config::TelemetrySettings;
 use opentelemetry_sdk::trace::SdkTracerProvider;
 use tracing_subscriber::layer::SubscriberExt;
@@ -49,18 +51,26 @@ pub fn init(settings: &TelemetrySettings, service_name: &'static str) -> Result<
     };
 
     let mut guard = TelemetryGuard::default();
-    let otel_layer = match &settings.otlp_endpoint {
+    // Spans go to OTLP at the log filter's levels; statement events of sqlx
+    // (debug) reach only the layer that turns them into spans.
+    let (otel_layer, db_layer) = match &settings.otlp_endpoint {
         Some(endpoint) => {
             let provider = otlp_provider(endpoint, service_name)?;
             let tracer = opentelemetry::trace::TracerProvider::tracer(&provider, service_name);
             guard.provider = Some(provider);
-            Some(tracing_opentelemetry::layer().with_tracer(tracer))
+            let span_filter =
+                EnvFilter::try_new(&settings.log_filter).map_err(|e| TelemetryError::Filter(e.to_string()))?;
+            (
+                Some(tracing_opentelemetry::layer().with_tracer(tracer.clone()).with_filter(span_filter)),
+                Some(db_query_spans(tracer)),
+            )
         }
-        None => None,
+        None => (None, None),
     };
 
     set_propagator();
-    let _already_set = tracing_subscriber::registry().with(filter).with(fmt_layer).with(otel_layer).try_init();
+    let _already_set =
+        tracing_subscriber::registry().with(fmt_layer.with_filter(filter)).with(otel_layer).with(db_layer).try_init();
     Ok(guard)
 }
 
@@ -81,6 +91,18 @@ fn otlp_provider(endpoint: &str, service_name: &'static str) -> Result<SdkTracer
 #[cfg(not(feature = "otlp"))]
 fn otlp_provider(_endpoint: &str, _service_name: &'static str) -> Result<SdkTracerProvider, TelemetryError> {
     Err(TelemetryError::Otlp("this binary was built without OTLP export (feature `otlp`)".into()))
+}
+
+/// The layer making a span of every database statement (see [`db`]), with
+/// its filter: sqlx's statement events only.
+pub fn db_query_spans<S, T>(tracer: T) -> impl Layer<S>
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+    T: opentelemetry::trace::Tracer + Send + Sync + 'static,
+    T::Span: Send + Sync + 'static,
+{
+    db::DbQuerySpans::new(tracer)
+        .with_filter(tracing_subscriber::filter::Targets::new().with_target(db::SQLX_TARGET, tracing::Level::DEBUG))
 }
 
 /// Installs the W3C trace-context propagator (`traceparent`) process-wide.

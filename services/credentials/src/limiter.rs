@@ -7,6 +7,7 @@ use estate_core::{Error, Result};
 use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
+use tracing::Instrument;
 
 /// Limits and where the counters live.
 pub struct PinLimiter {
@@ -106,6 +107,7 @@ impl PinLimiter {
                     .arg(self.window.as_secs().max(1))
                     .arg(self.lockout.as_secs().max(1))
                     .invoke_async(&mut conn)
+                    .instrument(estate_bus::redis_span("EVALSHA begin_attempt"))
                     .await
                     .map_err(redis_error)?;
                 Ok(u32::try_from(n).ok().filter(|n| *n > 0))
@@ -140,6 +142,7 @@ impl PinLimiter {
                     .arg(format!("estate:pinfail:{key}"))
                     .ignore()
                     .query_async(&mut conn)
+                    .instrument(estate_bus::redis_span("MULTI SET DEL"))
                     .await
                     .map_err(redis_error)?;
             }
@@ -162,6 +165,7 @@ impl PinLimiter {
                 let _: () = redis::cmd("DEL")
                     .arg(format!("estate:pinfail:{key}"))
                     .query_async(&mut conn)
+                    .instrument(estate_bus::redis_span("DEL"))
                     .await
                     .map_err(redis_error)?;
                 Ok(())

@@ -18,6 +18,7 @@ use prost::Message;
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
+use tracing::Instrument;
 
 /// What the cache stores for one hash: the facts, or that nothing matched.
 #[derive(Clone, PartialEq, Message)]
@@ -184,7 +185,14 @@ impl CredentialCache {
                 let mut conn = conn.clone();
                 let text: Option<String> = self
                     .breaker
-                    .call(async { redis::cmd("GET").arg(&k).query_async(&mut conn).await.map_err(redis_error) })
+                    .call(async {
+                        redis::cmd("GET")
+                            .arg(&k)
+                            .query_async(&mut conn)
+                            .instrument(estate_bus::redis_span("GET"))
+                            .await
+                            .map_err(redis_error)
+                    })
                     .await?;
                 Ok(text.as_deref().and_then(decode).map(CachedCredential::into_facts))
             }
@@ -226,6 +234,7 @@ impl CredentialCache {
                             .arg("EX")
                             .arg(ttl)
                             .query_async(&mut conn)
+                            .instrument(estate_bus::redis_span("SET"))
                             .await
                             .map_err(redis_error)?;
                         Ok(())
@@ -258,6 +267,7 @@ impl CredentialCache {
                     .arg(encode(&value))
                     .arg(self.ttl.as_secs().max(1))
                     .invoke_async(&mut conn)
+                    .instrument(estate_bus::redis_span("EVALSHA refresh_script"))
                     .await
                     .map_err(redis_error)?;
                 Ok(())
@@ -326,6 +336,7 @@ impl Presence {
                             .arg("EX")
                             .arg(PRESENCE_TTL_SECS)
                             .query_async(&mut conn)
+                            .instrument(estate_bus::redis_span("SET"))
                             .await
                             .map_err(redis_error)
                     })

@@ -1,5 +1,5 @@
 # The few commands a newcomer needs. Each is one cargo command; see README.md.
-.PHONY: run test test-postgres lint ci bench fuzz
+.PHONY: run test test-postgres lint ci bench fuzz hardening hardening-quick
 
 run:            ## start the whole mesh on the embedded default (./data)
 	cargo run --release -p estate-mesh -- --data-dir ./data
@@ -23,3 +23,9 @@ bench:          ## every benchmark (release build, ~10 min); raw output in bench
 
 fuzz:           ## every fuzz target for 10 minutes each (cargo fuzz, stable); FUZZ_SECONDS=… to change
 	bash tools/fuzz.sh $${FUZZ_SECONDS:-600}
+
+hardening:      ## every hardening run: fuzz 300 s/target, the suites on SQLite and PostgreSQL + Redis, load on separate processes (~60 min)
+	bash tools/hardening.sh
+
+hardening-quick: ## fuzz 30 s/target and the suites on SQLite (~10 min)
+	bash tools/hardening.sh --quick

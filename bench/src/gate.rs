@@ -70,6 +70,152 @@ struct Args {
     /// Only run closed-loop decisions for this many seconds (for profiling).
     #[arg(long)]
     profile_decide: Option<u64>,
+    /// The distributed mode as deployed: identity, credentials, audit and
+    /// TWO gate replicas as separate processes (the release binaries beside
+    /// this one) on `--database-url` (PostgreSQL) and `--redis-url`; the load
+    /// is spread over both gate replicas. The revocation and idle-stream
+    /// phases are not run in this mode.
+    #[arg(long)]
+    processes: bool,
+}
+
+/// Where the mesh under test runs.
+enum Served {
+    /// estate-mesh in this process.
+    InProcess { stop: tokio::sync::oneshot::Sender<()>, server: tokio::task::JoinHandle<()> },
+    /// Separate service processes (killed when dropped).
+    Processes(Vec<estate_test_support::ServiceProcess>),
+}
+
+/// The mesh under test: endpoints of the services the load uses.
+struct Mesh {
+    identity: String,
+    credentials: String,
+    gates: Vec<String>,
+    admin: String,
+    tokens: Option<estate_auth::TokenAuthority>,
+    served: Served,
+}
+
+impl Mesh {
+    async fn in_process(args: &Args, dir: &std::path::Path) -> anyhow::Result<Self> {
+        let mut settings = estate_config::Settings::load_with_env(None, Vec::new())?;
+        settings.data_dir = dir.to_path_buf();
+        settings.listen = "127.0.0.1:0".parse()?;
+        settings.telemetry.log_filter = "error".into();
+        settings.database.url = args.database_url.clone();
+        settings.redis.url = args.redis_url.clone();
+        if let Some(b) = args.relay_batch {
+            settings.audit.relay_batch = b;
+        }
+        if args.defer_audit {
+            settings.audit.relay_interval_ms = 3_600_000;
+            settings.audit.relay_batch = 10_000_000;
+        }
+        let app = estate_mesh::Application::build(settings).await?;
+        let endpoint = format!("http://127.0.0.1:{}", app.port());
+        let admin = std::fs::read_to_string(app.admin_token_path())?.trim().to_owned();
+        let tokens = app.runtime().tokens.clone();
+        let (stop, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(async move {
+            let _ = app
+                .run_until(async {
+                    let _ = stop_rx.await;
+                })
+                .await;
+        });
+        Ok(Self {
+            identity: endpoint.clone(),
+            credentials: endpoint.clone(),
+            gates: vec![endpoint],
+            admin,
+            tokens: Some(tokens),
+            served: Served::InProcess { stop, server },
+        })
+    }
+
+    async fn processes(args: &Args, dir: &std::path::Path) -> anyhow::Result<Self> {
+        let url = args
+            .database_url
+            .clone()
+            .ok_or_else(|| anyhow::anyhow!("--processes needs --database-url (PostgreSQL) to share"))?;
+        if args.gates > 0 || args.idle_streams > 0 || args.defer_audit {
+            anyhow::bail!("--processes runs the load phases only: pass --gates 0 (and no --idle-streams, --defer-audit)");
+        }
+        let bins = std::env::current_exe()?.parent().map(std::path::Path::to_path_buf).unwrap_or_default();
+        let bin = |name: &str| -> anyhow::Result<String> {
+            let p = bins.join(name);
+            anyhow::ensure!(
+                p.exists(),
+                "{} is missing: cargo build --release --bins -p estate-identity -p estate-credentials -p estate-audit -p estate-gate",
+                p.display()
+            );
+            Ok(p.display().to_string())
+        };
+        let mut env: Vec<(&str, String)> = vec![
+            ("ESTATE__DATABASE__URL", url),
+            ("ESTATE__KEYS__DIR", dir.join("keys").display().to_string()),
+            ("ESTATE__LISTEN", "127.0.0.1:0".into()),
+            ("ESTATE__TELEMETRY__LOG_FILTER", "error".into()),
+            ("ESTATE__DATA_DIR", dir.join("data").display().to_string()),
+        ];
+        if let Some(r) = &args.redis_url {
+            env.push(("ESTATE__REDIS__URL", r.clone()));
+        }
+        if let Some(b) = args.relay_batch {
+            env.push(("ESTATE__AUDIT__RELAY_BATCH", b.to_string()));
+        }
+        // Identity bootstraps the keys, its tables and the admin token.
+        let admin_file = dir.join("admin.token");
+        let status = std::process::Command::new(bin("estate-identity")?)
+            .arg("--write-admin-token")
+            .arg(&admin_file)
+            .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+            .stdout(std::process::Stdio::null())
+            .status()?;
+        anyhow::ensure!(status.success(), "estate-identity --write-admin-token failed");
+        env.push(("ESTATE__KEYS__GENERATE_MISSING", "false".into()));
+        let identity = estate_test_support::ServiceProcess::start(&bin("estate-identity")?, &env)?;
+        let credentials = estate_test_support::ServiceProcess::start(&bin("estate-credentials")?, &env)?;
+        let audit = estate_test_support::ServiceProcess::start(&bin("estate-audit")?, &env)?;
+        let gate_a = estate_test_support::ServiceProcess::start(&bin("estate-gate")?, &env)?;
+        let gate_b = estate_test_support::ServiceProcess::start(&bin("estate-gate")?, &env)?;
+        let http = |p: &estate_test_support::ServiceProcess| format!("http://{}", p.addr);
+        Ok(Self {
+            identity: http(&identity),
+            credentials: http(&credentials),
+            gates: vec![http(&gate_a), http(&gate_b)],
+            admin: std::fs::read_to_string(&admin_file)?.trim().to_owned(),
+            tokens: None,
+            served: Served::Processes(vec![identity, credentials, audit, gate_a, gate_b]),
+        })
+    }
+
+    async fn stop(self) {
+        match self.served {
+            Served::InProcess { stop, server } => {
+                let _ = stop.send(());
+                let _ = tokio::time::timeout(Duration::from_secs(10), server).await;
+            }
+            Served::Processes(list) => {
+                for p in list {
+                    let _ = p.stop_gracefully().await;
+                }
+            }
+        }
+    }
+}
+
+async fn issue_token(
+    id: &mut IdentityServiceClient<InterceptedService<Channel, Bearer>>,
+    principal: issue_token_request::Principal,
+    subject: &str,
+) -> anyhow::Result<String> {
+    Ok(id
+        .issue_token(IssueTokenRequest { principal: Some(principal), subject: subject.into(), ttl_seconds: 3600 })
+        .await?
+        .into_inner()
+        .token)
 }
 
 #[derive(Debug, Clone)]
@@ -249,45 +395,32 @@ fn line(name: &str, s: &Summary) {
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let dir = tempfile::tempdir()?;
-    let mut settings = estate_config::Settings::load_with_env(None, Vec::new())?;
-    settings.data_dir = dir.path().to_path_buf();
-    settings.listen = "127.0.0.1:0".parse()?;
-    settings.telemetry.log_filter = "error".into();
-    settings.database.url = args.database_url.clone();
-    settings.redis.url = args.redis_url.clone();
-    if let Some(b) = args.relay_batch {
-        settings.audit.relay_batch = b;
-    }
-    if args.defer_audit {
-        settings.audit.relay_interval_ms = 3_600_000;
-        settings.audit.relay_batch = 10_000_000;
-    }
-    let app = estate_mesh::Application::build(settings).await?;
-    let port = app.port();
-    let admin = std::fs::read_to_string(app.admin_token_path())?.trim().to_owned();
-    let tokens = app.runtime().tokens.clone();
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(async move {
-        let _ = app
-            .run_until(async {
-                let _ = stop_rx.await;
-            })
-            .await;
-    });
-    let endpoint = format!("http://127.0.0.1:{port}");
-    let connect = || async { Endpoint::from_shared(endpoint.clone())?.connect().await.map_err(anyhow::Error::from) };
-    let setup = connect().await?;
+    let mesh = if args.processes {
+        Mesh::processes(&args, dir.path()).await?
+    } else {
+        Mesh::in_process(&args, dir.path()).await?
+    };
+    let open = |endpoint: String| async move {
+        Endpoint::from_shared(endpoint)?.connect().await.map_err(anyhow::Error::from)
+    };
+    let connect = || open(mesh.gates[0].clone());
+    let setup = open(mesh.identity.clone()).await?;
+    let setup_credentials = open(mesh.credentials.clone()).await?;
 
     // A tenant, an estate, a gate, persons with cards.
-    let mut id = IdentityServiceClient::with_interceptor(setup.clone(), bearer(&admin)?);
+    let mut id = IdentityServiceClient::with_interceptor(setup.clone(), bearer(&mesh.admin)?);
     let tenant = id
         .create_tenant(CreateTenantRequest { name: "Bench Property".into(), jurisdiction_code: "120101".into() })
         .await?
         .into_inner();
-    let op_token =
-        tokens.issue(Principal::Operator { tenant_id: tenant.id.clone(), estate_ids: vec![] }, "bench", 3600)?.token;
+    let op_token = issue_token(
+        &mut id,
+        issue_token_request::Principal::Operator(OperatorGrant { tenant_id: tenant.id.clone(), estate_ids: vec![] }),
+        "bench",
+    )
+    .await?;
     let mut op = IdentityServiceClient::with_interceptor(setup.clone(), bearer(&op_token)?);
-    let mut cr = CredentialServiceClient::with_interceptor(setup.clone(), bearer(&op_token)?);
+    let mut cr = CredentialServiceClient::with_interceptor(setup_credentials.clone(), bearer(&op_token)?);
     let estate = op
         .create_estate(CreateEstateRequest {
             name: "Bench Garden".into(),
@@ -359,16 +492,20 @@ async fn main() -> anyhow::Result<()> {
             card_ids.push(issued.credential.map(|c| c.id).unwrap_or_default());
         }
     }
-    let gate_token = tokens
-        .issue(
-            Principal::Gate { tenant_id: tenant.id.clone(), estate_id: estate.id.clone(), gate_id: gate.id.clone() },
-            "bench-gate",
-            3600,
-        )?
-        .token;
+    let gate_token = issue_token(
+        &mut op,
+        issue_token_request::Principal::Gate(GateGrant { gate_id: gate.id.clone() }),
+        "bench-gate",
+    )
+    .await?;
+    // The connections alternate over the gate replicas (one when in-process).
     let mut channels = Vec::new();
+    for i in 0..args.connections.max(1) {
+        channels.push(open(mesh.gates[i % mesh.gates.len()].clone()).await?);
+    }
+    let mut operator_channels = Vec::new();
     for _ in 0..args.connections.max(1) {
-        channels.push(connect().await?);
+        operator_channels.push(open(mesh.credentials.clone()).await?);
     }
     let load = Arc::new(Load {
         health: channels.iter().map(|c| HealthClient::new(c.clone())).collect(),
@@ -376,7 +513,7 @@ async fn main() -> anyhow::Result<()> {
             .iter()
             .map(|c| Ok(GateServiceClient::with_interceptor(c.clone(), bearer(&gate_token)?)))
             .collect::<anyhow::Result<Vec<_>>>()?,
-        operators: channels
+        operators: operator_channels
             .iter()
             .map(|c| Ok(CredentialServiceClient::with_interceptor(c.clone(), bearer(&op_token)?)))
             .collect::<anyhow::Result<Vec<_>>>()?,
@@ -386,13 +523,18 @@ async fn main() -> anyhow::Result<()> {
     });
 
     println!(
-        "gate-bench: {} cards, {} connections, {} in flight, {} s per phase; database {}, cache {}",
+        "gate-bench: {} cards, {} connections, {} in flight, {} s per phase; database {}, cache {}; {}",
         load.cards.len(),
         args.connections,
         args.concurrency,
         args.seconds,
         if args.database_url.is_some() { "PostgreSQL" } else { "SQLite" },
-        if args.redis_url.is_some() { "Redis" } else { "in-process" }
+        if args.redis_url.is_some() { "Redis" } else { "in-process" },
+        if args.processes {
+            "separate processes: identity, credentials, audit, 2 gate replicas"
+        } else {
+            "all-in-one process"
+        }
     );
     // Warm-up: fills the hot-path cache and the connection pools.
     load.closed(Call::Decide, args.concurrency, 2).await;
@@ -401,7 +543,7 @@ async fn main() -> anyhow::Result<()> {
     if let Some(secs) = args.profile_decide {
         eprintln!("profiling window starts");
         line("card decision (GateService/Decide)", &load.closed(Call::Decide, args.concurrency, secs).await);
-        let _ = stop_tx.send(());
+        mesh.stop().await;
         return Ok(());
     }
     let noop_a = load.closed(Call::Noop, args.concurrency, args.seconds).await;
@@ -447,6 +589,7 @@ async fn main() -> anyhow::Result<()> {
             }
             v
         };
+        let tokens = mesh.tokens.as_ref().ok_or_else(|| anyhow::anyhow!("in-process only"))?;
         for (i, g) in created.iter().enumerate() {
             let token = tokens
                 .issue(
@@ -514,10 +657,11 @@ async fn main() -> anyhow::Result<()> {
         }
     }
     if args.idle_streams > 0 {
-        idle_streams(&args, &mut op, &tokens, &tenant.id, &estate.id, &connect).await?;
+        let tokens = mesh.tokens.as_ref().ok_or_else(|| anyhow::anyhow!("in-process only"))?;
+        idle_streams(&args, &mut op, tokens, &tenant.id, &estate.id, &connect).await?;
     }
-    let _ = stop_tx.send(());
-    let _ = tokio::time::timeout(Duration::from_secs(10), server).await;
+    drop(load);
+    mesh.stop().await;
     Ok(())
 }
 

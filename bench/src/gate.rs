@@ -140,7 +140,9 @@ impl Mesh {
             .clone()
             .ok_or_else(|| anyhow::anyhow!("--processes needs --database-url (PostgreSQL) to share"))?;
         if args.gates > 0 || args.idle_streams > 0 || args.defer_audit {
-            anyhow::bail!("--processes runs the load phases only: pass --gates 0 (and no --idle-streams, --defer-audit)");
+            anyhow::bail!(
+                "--processes runs the load phases only: pass --gates 0 (and no --idle-streams, --defer-audit)"
+            );
         }
         let bins = std::env::current_exe()?.parent().map(std::path::Path::to_path_buf).unwrap_or_default();
         let bin = |name: &str| -> anyhow::Result<String> {
@@ -400,9 +402,8 @@ async fn main() -> anyhow::Result<()> {
     } else {
         Mesh::in_process(&args, dir.path()).await?
     };
-    let open = |endpoint: String| async move {
-        Endpoint::from_shared(endpoint)?.connect().await.map_err(anyhow::Error::from)
-    };
+    let open =
+        |endpoint: String| async move { Endpoint::from_shared(endpoint)?.connect().await.map_err(anyhow::Error::from) };
     let connect = || open(mesh.gates[0].clone());
     let setup = open(mesh.identity.clone()).await?;
     let setup_credentials = open(mesh.credentials.clone()).await?;

@@ -12,7 +12,7 @@ cd "$(dirname "$0")/.."
 seconds="${1:-60}"
 shift || true
 targets=("$@")
-[ ${#targets[@]} -gt 0 ] || targets=(bundle attestation certificate audit_export journal face_input)
+[ ${#targets[@]} -gt 0 ] || targets=(bundle attestation certificate audit_export journal face_input requests)
 cache="${HOME}/.cache/estate-mesh"
 if ! command -v cargo-fuzz >/dev/null 2>&1; then
   if [ ! -x "$cache/cargo-fuzz/bin/cargo-fuzz" ]; then

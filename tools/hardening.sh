@@ -50,7 +50,7 @@ have_pg_redis() {
 # PostgreSQL pass), separate processes with SIGKILL and a PIN burst across
 # replicas (processes).
 SUITES=(--test abuse --test isolation --test limits --test credentials --test gate --test facematch
-  --test no_egress --test faults --test processes)
+  --test no_egress --test faults --test processes --test process)
 
 echo "# hardening run $(date -u) on $(nproc) cores ($([ "$quick" = true ] && echo quick || echo full))" | tee "$out"
 tools/fetch-face-assets.sh >/dev/null 2>&1 || true

@@ -258,3 +258,59 @@ async fn stalled_connections_do_not_stop_service() -> anyhow::Result<()> {
     drop(stalled);
     mesh.stop().await
 }
+
+#[tokio::test]
+async fn a_gate_cannot_hold_more_than_its_share_of_change_streams() -> anyhow::Result<()> {
+    let mesh = TestMesh::spawn_with(|s| {
+        s.gate.max_streams_per_gate = 2;
+        s.gate.max_streams = 3;
+    })
+    .await?;
+    let w = world(&mesh, "Streams", "120101").await?;
+    let second = operator(&mesh, &w)?
+        .create_gate(CreateGateRequest {
+            estate_id: w.estate.id.clone(),
+            name: "East".into(),
+            direction: GateDirection::Both as i32,
+            supported_kinds: vec![CredentialKind::Card as i32],
+        })
+        .await?
+        .into_inner();
+    let east_token = mesh
+        .token_for(estate_auth::Principal::Gate {
+            tenant_id: w.tenant.id.clone(),
+            estate_id: w.estate.id.clone(),
+            gate_id: second.id.clone(),
+        })?
+        .token;
+    let mut main = mesh.gate(&gate(&mesh, &w)?)?;
+    let mut east = mesh.gate(&east_token)?;
+    let first = main.watch_changes(WatchChangesRequest {}).await?.into_inner();
+    let _second = main.watch_changes(WatchChangesRequest {}).await?.into_inner();
+    // A third stream of the same gate is refused, with what to do.
+    let status = main.watch_changes(WatchChangesRequest {}).await.err().ok_or_else(|| anyhow::anyhow!("opened"))?;
+    assert_eq!(status.code(), Code::ResourceExhausted, "{}", status.message());
+    assert!(status.message().contains("close one"), "{}", status.message());
+    // Another gate still gets one (the process holds 3 now, its limit) ...
+    let _east = east.watch_changes(WatchChangesRequest {}).await?.into_inner();
+    // ... but not a fourth for the process.
+    let status = east.watch_changes(WatchChangesRequest {}).await.err().ok_or_else(|| anyhow::anyhow!("opened"))?;
+    assert_eq!(status.code(), Code::ResourceExhausted);
+    assert!(status.message().contains("gate.max_streams"), "{}", status.message());
+    // A stream given up frees its place.
+    drop(first);
+    let mut reopened = None;
+    for _ in 0..50 {
+        match main.watch_changes(WatchChangesRequest {}).await {
+            Ok(s) => {
+                reopened = Some(s.into_inner());
+                break;
+            }
+            Err(s) if s.code() == Code::ResourceExhausted => tokio::time::sleep(Duration::from_millis(50)).await,
+            Err(s) => return Err(s.into()),
+        }
+    }
+    let mut reopened = reopened.ok_or_else(|| anyhow::anyhow!("a dropped stream never gave its place back"))?;
+    assert!(reopened.message().await?.is_some_and(|c| c.change == "subscribed"));
+    mesh.stop().await
+}

@@ -152,6 +152,11 @@ pub struct GateSettings {
     /// Changes buffered per WatchChanges stream before the slowest gate is
     /// told to re-fetch its bundle.
     pub watch_buffer: usize,
+    /// Change streams one gate may hold open at once (a controller needs
+    /// one; a reconnect may briefly need two).
+    pub max_streams_per_gate: usize,
+    /// Change streams this process holds open in all (≈ 24 KiB each).
+    pub max_streams: usize,
 }
 
 /// Audit service settings (R11).
@@ -368,6 +373,8 @@ facts_ttl_secs = 5
 decision_batch = 256
 max_bundle_ttl_secs = 604800
 watch_buffer = 1024
+max_streams_per_gate = 4
+max_streams = 20000
 
 [facematch]
 embedded = true

@@ -31,6 +31,9 @@ pub enum Error {
     /// A dependency (database, cache) is unreachable; retry later.
     #[error("{0}")]
     Unavailable(String),
+    /// A per-caller or per-process limit is reached; says which and what to do.
+    #[error("{0}")]
+    ResourceExhausted(String),
     /// A bug or an unexpected storage failure; details are logged, not returned.
     #[error("internal error")]
     Internal(String),
@@ -62,6 +65,7 @@ impl Error {
             Self::Unauthenticated(_) => Code::Unauthenticated,
             Self::FailedPrecondition(_) => Code::FailedPrecondition,
             Self::Unavailable(_) => Code::Unavailable,
+            Self::ResourceExhausted(_) => Code::ResourceExhausted,
             Self::Internal(_) => Code::Internal,
         }
     }

@@ -49,6 +49,8 @@ pub fn service(runtime: &Runtime, face: Option<Arc<dyn FaceMatcher>>) -> (GateDe
             max_bundle_ttl_secs: s.max_bundle_ttl_secs.max(60),
             facts_ttl: Duration::from_secs(s.facts_ttl_secs),
             watch_buffer: s.watch_buffer,
+            max_streams_per_gate: s.max_streams_per_gate.max(1),
+            max_streams: s.max_streams.max(1),
         },
     )
     .with_face(face);

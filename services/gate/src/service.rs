@@ -58,6 +58,67 @@ pub struct GateOptions {
     pub facts_ttl: Duration,
     /// Changes buffered per watched estate.
     pub watch_buffer: usize,
+    /// Change streams one gate may hold open.
+    pub max_streams_per_gate: usize,
+    /// Change streams the process holds open in all.
+    pub max_streams: usize,
+}
+
+/// Open change streams, per gate and in all: one gate — or a stolen gate
+/// token — cannot hold the process's memory by opening streams, and the
+/// process as a whole stays within what it was sized for.
+#[derive(Debug, Default)]
+struct StreamSlots {
+    per_gate: Mutex<HashMap<TenantKey, usize>>,
+    total: std::sync::atomic::AtomicUsize,
+}
+
+/// One open stream's place; given back when the stream is dropped (the gate
+/// went away, or the server stops).
+#[derive(Debug)]
+struct StreamSlot {
+    slots: Arc<StreamSlots>,
+    key: TenantKey,
+}
+
+impl StreamSlots {
+    fn take(self: &Arc<Self>, key: TenantKey, per_gate: usize, total: usize) -> Result<StreamSlot> {
+        use std::sync::atomic::Ordering;
+        let mut map = match self.per_gate.lock() {
+            Ok(m) => m,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        let held = map.get(&key).copied().unwrap_or(0);
+        if held >= per_gate {
+            return Err(Error::ResourceExhausted(format!(
+                "this gate already holds {held} change streams (the most allowed); close one before opening another"
+            )));
+        }
+        if self.total.load(Ordering::Relaxed) >= total {
+            return Err(Error::ResourceExhausted(
+                "this gate-service replica holds as many change streams as it allows (gate.max_streams); retry on another replica or later".into(),
+            ));
+        }
+        self.total.fetch_add(1, Ordering::Relaxed);
+        map.insert(key.clone(), held + 1);
+        Ok(StreamSlot { slots: self.clone(), key })
+    }
+}
+
+impl Drop for StreamSlot {
+    fn drop(&mut self) {
+        let mut map = match self.slots.per_gate.lock() {
+            Ok(m) => m,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        if let Some(n) = map.get_mut(&self.key) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                map.remove(&self.key);
+            }
+        }
+        self.slots.total.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 /// Operator-set rules of one gate.
@@ -230,6 +291,7 @@ pub struct GateDesk {
     stop: Arc<watch::Sender<bool>>,
     options: GateOptions,
     face: Option<Arc<dyn FaceMatcher>>,
+    streams: Arc<StreamSlots>,
 }
 
 impl std::fmt::Debug for GateDesk {
@@ -267,6 +329,7 @@ impl GateDesk {
             stop: Arc::new(stop),
             options,
             face: None,
+            streams: Arc::default(),
         }
     }
 
@@ -689,6 +752,11 @@ impl GateDesk {
 
     async fn watch_changes_stream(&self, caller: &Caller) -> Result<ChangeStream> {
         let view = self.active_gate(caller, "watches its estate's changes").await?;
+        let slot = self.streams.take(
+            (view.tenant.clone(), view.info.id.clone()),
+            self.options.max_streams_per_gate,
+            self.options.max_streams,
+        )?;
         let rx = self.subscribe(&view.tenant, &view.info.estate_id);
         let mut conn = self.db.pool().acquire().await.map_err(db_error)?;
         touch(&mut conn, &view.tenant, &view.info.id, &view.info.estate_id, now_ms()).await?;
@@ -724,6 +792,12 @@ impl GateDesk {
                 }
             },
         );
+        // The stream owns its slot: dropping it (the gate disconnected, or
+        // the stream ended) gives the slot back.
+        let stream = futures_util::StreamExt::map(stream, move |item| {
+            let _held = &slot;
+            item
+        });
         Ok(Box::pin(stream))
     }
 

@@ -140,6 +140,26 @@ async fn the_server_ceiling_bounds_calls_that_set_no_deadline() -> anyhow::Resul
     mesh.stop().await
 }
 
+/// A second card gate of the world's estate; returns its token.
+async fn another_gate(mesh: &TestMesh, w: &World, name: &str) -> anyhow::Result<String> {
+    let created = operator(mesh, w)?
+        .create_gate(CreateGateRequest {
+            estate_id: w.estate.id.clone(),
+            name: name.into(),
+            direction: GateDirection::Both as i32,
+            supported_kinds: vec![CredentialKind::Card as i32],
+        })
+        .await?
+        .into_inner();
+    Ok(mesh
+        .token_for(estate_auth::Principal::Gate {
+            tenant_id: w.tenant.id.clone(),
+            estate_id: w.estate.id.clone(),
+            gate_id: created.id,
+        })?
+        .token)
+}
+
 async fn issue_card(mesh: &TestMesh, w: &World, uid: &str) -> anyhow::Result<()> {
     mesh.credentials(&w.operator_token)?
         .issue_credential(IssueCredentialRequest {
@@ -159,15 +179,7 @@ async fn issue_card(mesh: &TestMesh, w: &World, uid: &str) -> anyhow::Result<()>
 async fn a_gate_that_stops_reading_is_cut_off_and_the_others_keep_up() -> anyhow::Result<()> {
     let mesh = TestMesh::spawn_with(|s| s.gate.watch_buffer = 16).await?;
     let w = world(&mesh, "Slow", "120101").await?;
-    let second = operator(&mesh, &w)?
-        .create_gate(CreateGateRequest {
-            estate_id: w.estate.id.clone(),
-            name: "North".into(),
-            direction: GateDirection::Both as i32,
-            supported_kinds: vec![CredentialKind::Card as i32],
-        })
-        .await?
-        .into_inner();
+    let fast_token = another_gate(&mesh, &w, "North").await?;
     // The slow gate's connection has a small HTTP/2 window, so the server
     // feels its back-pressure after a few changes.
     let slow_channel = tonic::transport::Endpoint::from_shared(mesh.endpoint())?
@@ -177,13 +189,6 @@ async fn a_gate_that_stops_reading_is_cut_off_and_the_others_keep_up() -> anyhow
         .await?;
     let mut slow = GateServiceClient::with_interceptor(slow_channel, Bearer::new(&gate(&mesh, &w)?)?);
     let mut slow_stream = slow.watch_changes(WatchChangesRequest {}).await?.into_inner();
-    let fast_token = mesh
-        .token_for(estate_auth::Principal::Gate {
-            tenant_id: w.tenant.id.clone(),
-            estate_id: w.estate.id.clone(),
-            gate_id: second.id.clone(),
-        })?
-        .token;
     let mut fast = mesh.gate(&fast_token)?;
     let mut fast_stream = fast.watch_changes(WatchChangesRequest {}).await?.into_inner();
     assert!(fast_stream.message().await?.is_some_and(|c| c.change == "subscribed"));
@@ -267,22 +272,7 @@ async fn a_gate_cannot_hold_more_than_its_share_of_change_streams() -> anyhow::R
     })
     .await?;
     let w = world(&mesh, "Streams", "120101").await?;
-    let second = operator(&mesh, &w)?
-        .create_gate(CreateGateRequest {
-            estate_id: w.estate.id.clone(),
-            name: "East".into(),
-            direction: GateDirection::Both as i32,
-            supported_kinds: vec![CredentialKind::Card as i32],
-        })
-        .await?
-        .into_inner();
-    let east_token = mesh
-        .token_for(estate_auth::Principal::Gate {
-            tenant_id: w.tenant.id.clone(),
-            estate_id: w.estate.id.clone(),
-            gate_id: second.id.clone(),
-        })?
-        .token;
+    let east_token = another_gate(&mesh, &w, "East").await?;
     let mut main = mesh.gate(&gate(&mesh, &w)?)?;
     let mut east = mesh.gate(&east_token)?;
     let first = main.watch_changes(WatchChangesRequest {}).await?.into_inner();

@@ -12,62 +12,53 @@ use std::collections::HashMap;
 
 /// Writes `event` to the outbox on `conn` (which should be a transaction).
 pub async fn record(conn: &mut AnyConnection, event: &AuditEvent) -> Result<()> {
-    let occurred_at = event
-        .occurred_at
-        .as_ref()
-        .map(|t| t.seconds * 1000 + i64::from(t.nanos / 1_000_000))
-        .unwrap_or_else(estate_core::now_ms);
-    sqlx::query::<Any>(
-        "INSERT INTO outbox_events (event_id, tenant_id, source, action, object_type, object_id, \
-         estate_id, person_pseudonym, occurred_at, payload, trace_parent) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
-    )
-    .bind(event.event_id.as_str())
-    .bind(event.tenant_id.as_str())
-    .bind(event.source.as_str())
-    .bind(event.action.as_str())
-    .bind(event.object_type.as_str())
-    .bind(event.object_id.as_str())
-    .bind(event.estate_id.as_str())
-    .bind(event.person_pseudonym.as_str())
-    .bind(occurred_at)
-    .bind(event.encode_to_vec())
-    .bind(estate_telemetry::current_traceparent())
-    .execute(conn)
-    .await
-    .map_err(db_error)?;
-    Ok(())
+    insert(conn, event, estate_telemetry::current_traceparent(), "").await.map(|_| ())
 }
 
 /// Writes `event` unless the outbox already holds its event id; returns
 /// whether it did. For events made elsewhere and copied in (facematch's
 /// journal), where a copy may be retried or made by two replicas at once.
 pub async fn record_once(conn: &mut AnyConnection, event: &AuditEvent) -> Result<bool> {
-    let occurred_at = event
+    insert(conn, event, None, " ON CONFLICT (event_id) DO NOTHING").await.map(|n| n == 1)
+}
+
+/// The time of `event` in ms, or now.
+fn occurred_ms(event: &AuditEvent) -> i64 {
+    event
         .occurred_at
         .as_ref()
         .map(|t| t.seconds * 1000 + i64::from(t.nanos / 1_000_000))
-        .unwrap_or_else(estate_core::now_ms);
-    let done = sqlx::query::<Any>(
+        .unwrap_or_else(estate_core::now_ms)
+}
+
+/// One row; `conflict` is appended to the statement. Returns rows written.
+async fn insert(
+    conn: &mut AnyConnection,
+    event: &AuditEvent,
+    trace_parent: Option<String>,
+    conflict: &'static str,
+) -> Result<u64> {
+    let sql = format!(
         "INSERT INTO outbox_events (event_id, tenant_id, source, action, object_type, object_id, \
          estate_id, person_pseudonym, occurred_at, payload, trace_parent) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) ON CONFLICT (event_id) DO NOTHING",
-    )
-    .bind(event.event_id.as_str())
-    .bind(event.tenant_id.as_str())
-    .bind(event.source.as_str())
-    .bind(event.action.as_str())
-    .bind(event.object_type.as_str())
-    .bind(event.object_id.as_str())
-    .bind(event.estate_id.as_str())
-    .bind(event.person_pseudonym.as_str())
-    .bind(occurred_at)
-    .bind(event.encode_to_vec())
-    .bind(Option::<String>::None)
-    .execute(conn)
-    .await
-    .map_err(db_error)?;
-    Ok(done.rows_affected() == 1)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11){conflict}"
+    );
+    let done = sqlx::query::<Any>(sqlx::AssertSqlSafe(sql))
+        .bind(event.event_id.as_str())
+        .bind(event.tenant_id.as_str())
+        .bind(event.source.as_str())
+        .bind(event.action.as_str())
+        .bind(event.object_type.as_str())
+        .bind(event.object_id.as_str())
+        .bind(event.estate_id.as_str())
+        .bind(event.person_pseudonym.as_str())
+        .bind(occurred_ms(event))
+        .bind(event.encode_to_vec())
+        .bind(trace_parent)
+        .execute(conn)
+        .await
+        .map_err(db_error)?;
+    Ok(done.rows_affected())
 }
 
 /// Writes `events` to the outbox on `conn` with multi-row INSERTs (50 rows
@@ -96,11 +87,7 @@ pub async fn record_many(conn: &mut AnyConnection, events: &[(&AuditEvent, Optio
         }
         let mut q = sqlx::query::<Any>(sqlx::AssertSqlSafe(sql));
         for (event, trace_parent) in chunk {
-            let occurred_at = event
-                .occurred_at
-                .as_ref()
-                .map(|t| t.seconds * 1000 + i64::from(t.nanos / 1_000_000))
-                .unwrap_or_else(estate_core::now_ms);
+            let occurred_at = occurred_ms(event);
             q = q
                 .bind(event.event_id.clone())
                 .bind(event.tenant_id.clone())

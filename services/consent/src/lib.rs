@@ -6,6 +6,7 @@
 //! Enforces R3, R4, R5, R7, R9 (attestations), R16, R14 and R17.
 
 pub mod deletion;
+pub mod directory;
 pub mod face_journal;
 mod model;
 mod service;

@@ -505,15 +505,10 @@ impl GateDesk {
             return Ok(());
         }
         outcome.pseudonym = matched.person_pseudonym.clone();
-        let consent: Option<(String, String)> = sqlx::query_as::<Any, (String, String)>(
-            "SELECT status, estate_id FROM consents WHERE tenant_id = $1 AND id = $2",
-        )
-        .bind(&view.tenant)
-        .bind(&matched.consent_id)
-        .fetch_optional(self.db.pool())
-        .await
-        .map_err(db_error)?;
-        if !consent.is_some_and(|(status, estate)| status == "active" && estate == view.info.estate_id) {
+        let consented =
+            estate_consent::directory::is_active_at(&self.db, &view.tenant, &matched.consent_id, &view.info.estate_id)
+                .await?;
+        if !consented {
             outcome.reason = Reason::FaceNotConsented as i32;
             return Ok(());
         }

@@ -4,7 +4,8 @@
 #
 #   tools/hardening.sh          fuzz 300 s per target; the suites on SQLite and
 #                               on PostgreSQL + Redis; the load generator against
-#                               separate processes (≈ 60 min on 2 cores)
+#                               separate processes, 30 s per phase (≈ 50 min on
+#                               2 cores; FUZZ_SECONDS, LOAD_SECONDS to change)
 #   tools/hardening.sh --quick  fuzz 30 s per target; the suites on SQLite only;
 #                               no load (≈ 10 min; .ci/run runs the same checks
 #                               as part of `cargo test --workspace`)
@@ -58,7 +59,7 @@ tools/fetch-face-assets.sh >/dev/null 2>&1 || true
 if [ "$quick" = true ]; then
   step "fuzzing, 30 s per target" tools/fuzz.sh 30
 else
-  step "fuzzing, 300 s per target" tools/fuzz.sh "${FUZZ_SECONDS:-300}"
+  step "fuzzing, ${FUZZ_SECONDS:-300} s per target" tools/fuzz.sh "${FUZZ_SECONDS:-300}"
 fi
 
 step "suites on SQLite" cargo test --workspace --locked "${SUITES[@]}"

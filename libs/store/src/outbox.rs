@@ -12,14 +12,14 @@ use std::collections::HashMap;
 
 /// Writes `event` to the outbox on `conn` (which should be a transaction).
 pub async fn record(conn: &mut AnyConnection, event: &AuditEvent) -> Result<()> {
-    insert(conn, event, estate_telemetry::current_traceparent(), "").await.map(|_| ())
+    insert(conn, INSERT, event, estate_telemetry::current_traceparent()).await.map(|_| ())
 }
 
 /// Writes `event` unless the outbox already holds its event id; returns
 /// whether it did. For events made elsewhere and copied in (facematch's
 /// journal), where a copy may be retried or made by two replicas at once.
 pub async fn record_once(conn: &mut AnyConnection, event: &AuditEvent) -> Result<bool> {
-    insert(conn, event, None, " ON CONFLICT (event_id) DO NOTHING").await.map(|n| n == 1)
+    insert(conn, INSERT_ONCE, event, None).await.map(|n| n == 1)
 }
 
 /// The time of `event` in ms, or now.
@@ -31,19 +31,21 @@ fn occurred_ms(event: &AuditEvent) -> i64 {
         .unwrap_or_else(estate_core::now_ms)
 }
 
-/// One row; `conflict` is appended to the statement. Returns rows written.
+const INSERT: &str = "INSERT INTO outbox_events (event_id, tenant_id, source, action, object_type, object_id, \
+     estate_id, person_pseudonym, occurred_at, payload, trace_parent) \
+     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)";
+const INSERT_ONCE: &str = "INSERT INTO outbox_events (event_id, tenant_id, source, action, object_type, object_id, \
+     estate_id, person_pseudonym, occurred_at, payload, trace_parent) \
+     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) ON CONFLICT (event_id) DO NOTHING";
+
+/// One row with `sql` (one of the two statements above). Returns rows written.
 async fn insert(
     conn: &mut AnyConnection,
+    sql: &'static str,
     event: &AuditEvent,
     trace_parent: Option<String>,
-    conflict: &'static str,
 ) -> Result<u64> {
-    let sql = format!(
-        "INSERT INTO outbox_events (event_id, tenant_id, source, action, object_type, object_id, \
-         estate_id, person_pseudonym, occurred_at, payload, trace_parent) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11){conflict}"
-    );
-    let done = sqlx::query::<Any>(sqlx::AssertSqlSafe(sql))
+    let done = sqlx::query::<Any>(sql)
         .bind(event.event_id.as_str())
         .bind(event.tenant_id.as_str())
         .bind(event.source.as_str())

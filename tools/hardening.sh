@@ -44,13 +44,13 @@ have_pg_redis() {
   pg_isready -q -d "$PG/postgres" 2>/dev/null && redis-cli -u "$REDIS" ping >/dev/null 2>&1
 }
 
-# The suites: authentication matrix and isolation (abuse, isolation), limits
+# The suites: authentication and authorisation matrices and isolation (abuse, authz, isolation), limits
 # and slow clients (limits), PIN bursts and QR replay (credentials), gate
 # abuse and the Redis outage (gate), facematch isolation and audit
 # (facematch), no egress (no_egress), PostgreSQL crash under load (faults,
 # PostgreSQL pass), separate processes with SIGKILL and a PIN burst across
 # replicas (processes).
-SUITES=(--test abuse --test isolation --test limits --test credentials --test gate --test facematch
+SUITES=(--test abuse --test authz --test isolation --test limits --test credentials --test gate --test facematch
   --test no_egress --test faults --test processes --test process)
 
 echo "# hardening run $(date -u) on $(nproc) cores ($([ "$quick" = true ] && echo quick || echo full))" | tee "$out"

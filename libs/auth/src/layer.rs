@@ -12,15 +12,18 @@ pub const REQUEST_ID_HEADER: &str = "x-request-id";
 
 /// Paths anyone may call: health checks (probes), reflection (grpcurl) and
 /// the published consent and audit verifying keys (public by design, R9, R12).
+pub(crate) const OPEN_RPCS: [&str; 3] = [
+    "/estate.consent.v1.ConsentService/GetVerifyingKeys",
+    "/estate.audit.v1.AuditService/GetVerifyingKeys",
+    "/estate.gate.v1.GateService/GetBundleKeys",
+];
+
 fn is_open_path(path: &str) -> bool {
-    path.starts_with("/grpc.health.v1.")
-        || path.starts_with("/grpc.reflection.")
-        || path == "/estate.consent.v1.ConsentService/GetVerifyingKeys"
-        || path == "/estate.audit.v1.AuditService/GetVerifyingKeys"
-        || path == "/estate.gate.v1.GateService/GetBundleKeys"
+    path.starts_with("/grpc.health.v1.") || path.starts_with("/grpc.reflection.") || OPEN_RPCS.contains(&path)
 }
 
-/// Verifies the `authorization: Bearer …` metadata of every call.
+/// Verifies the `authorization: Bearer …` metadata of every call, then checks
+/// the caller's kind against the [access policy](crate::policy) of the RPC.
 #[derive(Debug, Clone)]
 pub struct AuthLayer {
     keys: VerifyingKeys,
@@ -67,7 +70,12 @@ fn authenticate<B>(keys: &VerifyingKeys, req: &http::Request<B>) -> Result<Calle
         .strip_prefix("Bearer ")
         .or_else(|| text.strip_prefix("bearer "))
         .ok_or_else(|| Status::unauthenticated("the authorization metadata must be \"Bearer <token>\""))?;
-    keys.verify(token.trim(), request_id).map_err(Status::from)
+    let caller = keys.verify(token.trim(), request_id).map_err(Status::from)?;
+    let path = req.uri().path();
+    if path.starts_with("/estate.") {
+        crate::policy::check(path, &caller.principal).map_err(Status::permission_denied)?;
+    }
+    Ok(caller)
 }
 
 impl<S, ReqBody, ResBody> tower::Service<http::Request<ReqBody>> for AuthService<S>
@@ -95,7 +103,7 @@ where
                     req.extensions_mut().insert(caller);
                 }
                 Err(status) => {
-                    tracing::debug!(path = req.uri().path(), code = ?status.code(), "call rejected by authentication");
+                    tracing::debug!(path = req.uri().path(), code = ?status.code(), "call rejected by authentication or the access policy");
                     return Box::pin(async move { Ok(status.into_http()) });
                 }
             }

@@ -2,11 +2,13 @@
 //! `EdDSA`), and what that caller may touch (R14).
 //!
 //! The [`AuthLayer`] tower layer verifies the token of every call before any
-//! handler runs and puts a [`Caller`] into the request extensions. Handlers
+//! handler runs, refuses kinds of caller the RPC's [`policy`] does not name,
+//! and puts a [`Caller`] into the request extensions. Handlers
 //! take the tenant from [`Caller`], never from a request field. Health checks
 //! and reflection are open, as load balancers and grpcurl need them.
 
 mod layer;
+pub mod policy;
 mod principal;
 pub mod tls;
 mod token;

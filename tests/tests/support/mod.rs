@@ -2,3 +2,5 @@
 #![allow(unused_imports)]
 
 pub use estate_test_support::fixtures::*;
+
+pub mod raw;

@@ -281,6 +281,9 @@ pub struct LimitSettings {
     /// DEADLINE_EXCEEDED (callers' shorter `grpc-timeout` deadlines apply
     /// too); 0: no ceiling. Streams are bounded until their first response.
     pub request_timeout_ms: u64,
+    /// How long the answer to a call made with an `idempotency-key` is kept
+    /// for its retries, in seconds; 0: keys are ignored.
+    pub idempotency_ttl_secs: u64,
 }
 
 impl std::fmt::Debug for Settings {
@@ -351,6 +354,7 @@ admin_token_ttl_secs = 31536000
 max_message_bytes = 4194304
 max_page_size = 500
 request_timeout_ms = 30000
+idempotency_ttl_secs = 86400
 
 [credentials]
 pin_max_failures = 5

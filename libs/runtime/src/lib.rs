@@ -9,12 +9,14 @@
 
 mod deadline;
 mod face;
+pub mod idempotency;
 pub mod metrics;
 pub mod relay;
 mod rpc_trace;
 
 pub use deadline::{Deadline, DeadlineLayer, parse_grpc_timeout};
 pub use face::{RemoteFaceMatcher, remote_face_matcher};
+pub use idempotency::{IDEMPOTENCY_HEADER, IdempotencyLayer, REPLAY_HEADER};
 pub use rpc_trace::{RpcTrace, RpcTraceLayer};
 
 use estate_auth::{AuthLayer, TokenAuthority};
@@ -191,8 +193,28 @@ impl Runtime {
     }
 }
 
-/// The server's layers, outermost first: trace, deadline, authentication.
-type Layers = Stack<AuthLayer, Stack<DeadlineLayer, Stack<RpcTraceLayer, Identity>>>;
+/// The server's layers, outermost first: trace, deadline, authentication,
+/// idempotency keys.
+type Layers = Stack<IdempotencyLayer, Stack<AuthLayer, Stack<DeadlineLayer, Stack<RpcTraceLayer, Identity>>>>;
+
+/// Idempotency keys kept in Redis when configured, else in the process; a
+/// call's pending mark outlives the request ceiling by a minute.
+fn idempotency_layer(runtime: &Runtime) -> IdempotencyLayer {
+    let store = match &runtime.redis {
+        Some(conn) => idempotency::Store::Redis(conn.clone()),
+        None => idempotency::Store::Local(Default::default()),
+    };
+    let ceiling = match runtime.settings.limits.request_timeout_ms {
+        0 => Duration::from_secs(300),
+        ms => Duration::from_millis(ms),
+    };
+    IdempotencyLayer::new(
+        store,
+        runtime.keys.secret_box.clone(),
+        Duration::from_secs(runtime.settings.limits.idempotency_ttl_secs),
+        ceiling + Duration::from_secs(60),
+    )
+}
 
 /// A gRPC server bound to its port, ready to run.
 #[derive(Debug)]
@@ -245,6 +267,7 @@ impl GrpcApp {
                 ms => Some(Duration::from_millis(ms)),
             }))
             .layer(AuthLayer::new(runtime.tokens.verifying_keys().clone()))
+            .layer(idempotency_layer(runtime))
             .add_routes(routes.routes());
         Ok(Self { listener, port, metrics, router })
     }

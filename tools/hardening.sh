@@ -5,7 +5,9 @@
 #   tools/hardening.sh          fuzz 300 s per target; the suites on SQLite and
 #                               on PostgreSQL + Redis; the load generator against
 #                               separate processes, 30 s per phase (≈ 50 min on
-#                               2 cores; FUZZ_SECONDS, LOAD_SECONDS to change)
+#                               2 cores; FUZZ_SECONDS, LOAD_SECONDS to change;
+#                               FUZZ_SECONDS=0 skips fuzzing, e.g. after a
+#                               separate `tools/fuzz.sh 300`)
 #   tools/hardening.sh --quick  fuzz 30 s per target; the suites on SQLite only;
 #                               no load (≈ 10 min; .ci/run runs the same checks
 #                               as part of `cargo test --workspace`)
@@ -50,7 +52,7 @@ have_pg_redis() {
 # (facematch), no egress (no_egress), PostgreSQL crash under load (faults,
 # PostgreSQL pass), separate processes with SIGKILL and a PIN burst across
 # replicas (processes).
-SUITES=(--test abuse --test authz --test isolation --test limits --test credentials --test gate --test facematch
+SUITES=(--test abuse --test authz --test idempotency --test isolation --test limits --test credentials --test gate --test facematch
   --test no_egress --test faults --test processes --test process)
 
 echo "# hardening run $(date -u) on $(nproc) cores ($([ "$quick" = true ] && echo quick || echo full))" | tee "$out"
@@ -58,6 +60,8 @@ tools/fetch-face-assets.sh >/dev/null 2>&1 || true
 
 if [ "$quick" = true ]; then
   step "fuzzing, 30 s per target" tools/fuzz.sh 30
+elif [ "${FUZZ_SECONDS:-300}" = 0 ]; then
+  skip "fuzzing (FUZZ_SECONDS=0)"
 else
   step "fuzzing, ${FUZZ_SECONDS:-300} s per target" tools/fuzz.sh "${FUZZ_SECONDS:-300}"
 fi

@@ -91,6 +91,25 @@ async fn a_retried_call_runs_once() -> anyhow::Result<()> {
     mesh.stop().await
 }
 
+/// A keyed request is buffered to compare retries: it is bounded by the
+/// same limit as any message.
+#[tokio::test]
+async fn keyed_requests_are_bounded_by_the_message_limit() -> anyhow::Result<()> {
+    let mesh = TestMesh::spawn_with(|s| s.limits.max_message_bytes = 16 * 1024).await?;
+    let w = world(&mesh, "Alpha", "120101").await?;
+    let mut op = operator(&mesh, &w)?;
+    let huge = CreatePersonRequest { display_name: "x".repeat(64 * 1024), ..person("") };
+    let status =
+        op.create_person(keyed(huge, "big")?).await.map(|_| ()).err().map(|s| (s.code(), s.message().to_owned()));
+    assert!(
+        matches!(&status, Some((Code::ResourceExhausted, m)) if m.contains("limits.max_message_bytes")),
+        "{status:?}"
+    );
+    // The key was never taken: a proper request with it runs.
+    assert!(!replayed(&op.create_person(keyed(person("Zhou Min"), "big")?).await?));
+    mesh.stop().await
+}
+
 #[tokio::test]
 async fn concurrent_retries_create_one_unit() -> anyhow::Result<()> {
     let mesh = TestMesh::spawn().await?;

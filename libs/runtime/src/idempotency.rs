@@ -167,6 +167,7 @@ struct Shared {
     sealer: SecretBox,
     ttl: Duration,
     pending_ttl: Duration,
+    max_body: usize,
     streaming: Arc<HashSet<String>>,
 }
 
@@ -185,12 +186,23 @@ impl std::fmt::Debug for IdempotencyLayer {
 
 impl IdempotencyLayer {
     /// Keeps answers `ttl` (zero: keys are ignored) in `store`, sealed with
-    /// `sealer`; a call's pending mark lasts `pending_ttl`.
-    pub fn new(store: Store, sealer: SecretBox, ttl: Duration, pending_ttl: Duration) -> Self {
+    /// `sealer`; a call's pending mark lasts `pending_ttl`. A keyed request
+    /// is buffered (to compare retries), so it may hold at most
+    /// `max_message_bytes`, the transport's own limit.
+    pub fn new(
+        store: Store,
+        sealer: SecretBox,
+        ttl: Duration,
+        pending_ttl: Duration,
+        max_message_bytes: usize,
+    ) -> Self {
         if ttl.is_zero() {
             return Self { shared: None };
         }
-        Self { shared: Some(Shared { store, sealer, ttl, pending_ttl, streaming: Arc::new(streaming_paths()) }) }
+        let streaming = Arc::new(streaming_paths());
+        // One gRPC message: a 5-byte frame header and the message.
+        let max_body = max_message_bytes.saturating_add(5);
+        Self { shared: Some(Shared { store, sealer, ttl, pending_ttl, max_body, streaming }) }
     }
 }
 
@@ -328,7 +340,16 @@ where
         return Ok(inner.call(req).await);
     };
     let (parts, body) = req.into_parts();
-    let bytes = body.collect().await.map_err(|_| Status::cancelled("the request body did not arrive"))?.to_bytes();
+    let bytes = match http_body_util::Limited::new(body, shared.max_body).collect().await {
+        Ok(collected) => collected.to_bytes(),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+            return Err(Status::resource_exhausted(format!(
+                "the request is larger than limits.max_message_bytes ({} bytes)",
+                shared.max_body - 5
+            )));
+        }
+        Err(_) => return Err(Status::cancelled("the request body did not arrive")),
+    };
     let fingerprint = sha256(&bytes);
     let id = scope(&caller, &path, &key);
 

@@ -213,6 +213,7 @@ fn idempotency_layer(runtime: &Runtime) -> IdempotencyLayer {
         runtime.keys.secret_box.clone(),
         Duration::from_secs(runtime.settings.limits.idempotency_ttl_secs),
         ceiling + Duration::from_secs(60),
+        runtime.settings.limits.max_message_bytes,
     )
 }
 

@@ -15,7 +15,9 @@
 //!   (AES-256-GCM, bound to the key) before they are stored.
 //! - Stored in Redis when `redis.url` is set, shared by every replica, and
 //!   otherwise in the process (the embedded default), at most
-//!   [`LOCAL_CAPACITY`] keys.
+//!   [`LOCAL_BUDGET`] bytes. Answers over [`MAX_KEPT_ANSWER`] (a long list)
+//!   are not kept: the key is released and a retry runs again, which for a
+//!   read changes nothing.
 //!
 //! A key guards against retries while the mesh is up. If a process dies
 //! after its transaction committed but before the answer was stored, the
@@ -40,14 +42,42 @@ use tonic::body::Body;
 pub const IDEMPOTENCY_HEADER: &str = "idempotency-key";
 /// Set on an answer that was replayed rather than produced by this call.
 pub const REPLAY_HEADER: &str = "idempotent-replay";
-/// Most keys an in-process store holds at once.
-pub const LOCAL_CAPACITY: usize = 100_000;
+/// Most bytes (keys and kept answers) an in-process store holds at once.
+pub const LOCAL_BUDGET: usize = 64 << 20;
+/// Largest answer kept for retries.
+pub const MAX_KEPT_ANSWER: usize = 64 << 10;
 
 const PENDING: u8 = b'P';
 const DONE: u8 = b'D';
 
-/// The in-process store: key → (expiry, value).
-pub type LocalMap = Arc<Mutex<HashMap<String, (Instant, Vec<u8>)>>>;
+/// The in-process store: key → (expiry, value), and the bytes it holds.
+#[derive(Debug, Default)]
+pub struct LocalMap {
+    entries: HashMap<String, (Instant, Vec<u8>)>,
+    bytes: usize,
+}
+
+impl LocalMap {
+    fn insert(&mut self, key: &str, until: Instant, value: &[u8]) {
+        self.remove(key);
+        self.bytes += key.len() + value.len();
+        self.entries.insert(key.to_owned(), (until, value.to_vec()));
+    }
+
+    fn remove(&mut self, key: &str) {
+        if let Some((_, v)) = self.entries.remove(key) {
+            self.bytes -= key.len() + v.len();
+        }
+    }
+
+    fn prune(&mut self, now: Instant) {
+        let expired: Vec<String> =
+            self.entries.iter().filter(|(_, (until, _))| *until <= now).map(|(k, _)| k.clone()).collect();
+        for k in expired {
+            self.remove(&k);
+        }
+    }
+}
 
 /// Where answers are kept.
 #[derive(Clone)]
@@ -55,7 +85,7 @@ pub enum Store {
     /// Shared by every replica.
     Redis(redis::aio::ConnectionManager),
     /// This process only.
-    Local(LocalMap),
+    Local(Arc<Mutex<LocalMap>>),
 }
 
 impl std::fmt::Debug for Store {
@@ -92,18 +122,18 @@ impl Store {
             Store::Local(map) => {
                 let mut map = map.lock().map_err(|_| Status::internal("idempotency store poisoned"))?;
                 let now = Instant::now();
-                if map.get(key).is_some_and(|(until, _)| *until > now) {
+                if map.entries.get(key).is_some_and(|(until, _)| *until > now) {
                     return Ok(false);
                 }
-                if map.len() >= LOCAL_CAPACITY {
-                    map.retain(|_, (until, _)| *until > now);
-                    if map.len() >= LOCAL_CAPACITY {
+                if map.bytes + key.len() + MAX_KEPT_ANSWER + 64 > LOCAL_BUDGET {
+                    map.prune(now);
+                    if map.bytes + key.len() + MAX_KEPT_ANSWER + 64 > LOCAL_BUDGET {
                         return Err(Status::resource_exhausted(
                             "too many idempotency keys are held; retry later, or call without a key",
                         ));
                     }
                 }
-                map.insert(key.to_owned(), (now + ttl, value.to_vec()));
+                map.insert(key, now + ttl, value);
                 Ok(true)
             }
         }
@@ -117,7 +147,7 @@ impl Store {
             }
             Store::Local(map) => {
                 let map = map.lock().map_err(|_| Status::internal("idempotency store poisoned"))?;
-                Ok(map.get(key).filter(|(until, _)| *until > Instant::now()).map(|(_, v)| v.clone()))
+                Ok(map.entries.get(key).filter(|(until, _)| *until > Instant::now()).map(|(_, v)| v.clone()))
             }
         }
     }
@@ -137,7 +167,7 @@ impl Store {
             }
             Store::Local(map) => {
                 let mut map = map.lock().map_err(|_| Status::internal("idempotency store poisoned"))?;
-                map.insert(key.to_owned(), (Instant::now() + ttl, value.to_vec()));
+                map.insert(key, Instant::now() + ttl, value);
                 Ok(())
             }
         }
@@ -405,7 +435,7 @@ where
     };
     let trailers = collected.trailers().cloned();
     let data = collected.to_bytes();
-    if grpc_status(&parts.headers, trailers.as_ref()).as_deref() == Some("0") {
+    if grpc_status(&parts.headers, trailers.as_ref()).as_deref() == Some("0") && data.len() <= MAX_KEPT_ANSWER {
         let sealed = shared
             .sealer
             .seal("idempotency", &id, &data)
@@ -452,6 +482,7 @@ mod tests {
     #[tokio::test]
     async fn the_local_store_reserves_once_and_expires() -> Result<(), Status> {
         let store = Store::Local(Arc::default());
+        let Store::Local(map) = &store else { return Ok(()) };
         assert!(store.reserve("k", b"P1", Duration::from_millis(50)).await?);
         assert!(!store.reserve("k", b"P2", Duration::from_millis(50)).await?);
         assert_eq!(store.get("k").await?, Some(b"P1".to_vec()));
@@ -460,6 +491,20 @@ mod tests {
         assert!(store.reserve("k", b"P3", Duration::from_millis(50)).await?);
         store.release("k").await;
         assert_eq!(store.get("k").await?, None);
+        assert_eq!(map.lock().map(|m| m.bytes).unwrap_or(1), 0, "released keys give their bytes back");
+        // Full: a new key is refused until expired ones are pruned.
+        let big = vec![0u8; MAX_KEPT_ANSWER];
+        let mut n = 0;
+        let full = loop {
+            match store.reserve(&format!("f{n}"), &big, Duration::from_millis(50)).await {
+                Ok(true) => n += 1,
+                other => break other,
+            }
+        };
+        assert_eq!(full.map_err(|s| s.code()), Err(tonic::Code::ResourceExhausted));
+        assert!(n > 900 && n < 1100, "{n} answers of 64 KiB in 64 MiB");
+        tokio::time::sleep(Duration::from_millis(60)).await;
+        assert!(store.reserve("after", b"P", Duration::from_millis(50)).await?);
         Ok(())
     }
 }

@@ -105,6 +105,30 @@ async fn the_relay_delivers_every_event_exactly_once() -> anyhow::Result<()> {
     mesh.stop().await
 }
 
+/// Delivered outbox rows are deleted after `audit.outbox_retention_secs`
+/// (the log holds their events); the log keeps every entry. (That
+/// undelivered rows are never pruned: `estate_store::outbox` unit tests.)
+#[tokio::test]
+async fn delivered_outbox_rows_are_pruned_after_their_retention() -> anyhow::Result<()> {
+    let mesh = TestMesh::spawn_with(|s| s.audit.outbox_retention_secs = 1).await?;
+    let w = world(&mesh, "Alpha", "120101").await?;
+    let mut audit = mesh.audit(&w.operator_token)?;
+    let mut pruned = false;
+    for _ in 0..100 {
+        let logged = audit.query_entries(QueryEntriesRequest::default()).await?.into_inner().entries.len();
+        if logged == 7 && outbox_count(&mesh, &w.tenant.id).await? == 0 {
+            pruned = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(pruned, "the relay kept delivered rows past their retention");
+    let logged = audit.query_entries(QueryEntriesRequest::default()).await?.into_inner().entries;
+    assert_eq!(logged.len(), 7, "pruning the outbox touched the log");
+
+    mesh.stop().await
+}
+
 #[tokio::test]
 async fn exports_verify_offline_and_every_tamper_is_caught() -> anyhow::Result<()> {
     let mesh = TestMesh::spawn().await?;

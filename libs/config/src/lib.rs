@@ -171,6 +171,9 @@ pub struct AuditSettings {
     pub relay_batch: i64,
     /// How often the relay looks for new outbox rows, in milliseconds.
     pub relay_interval_ms: u64,
+    /// How long delivered outbox rows are kept (the audit log holds their
+    /// events), in seconds; 0: forever.
+    pub outbox_retention_secs: u64,
     /// A service process whose outbox is not in the audit service's database
     /// ships it to this audit endpoint's `Append` (e.g. "http://audit:50051").
     pub relay_to: Option<String>,
@@ -369,6 +372,7 @@ checkpoint_every = 1000
 checkpoint_interval_secs = 60
 relay_batch = 500
 relay_interval_ms = 200
+outbox_retention_secs = 604800
 
 [gate]
 cache_ttl_secs = 60

@@ -160,6 +160,7 @@ impl Runtime {
             &token,
             a.relay_batch.max(1),
             Duration::from_millis(a.relay_interval_ms.max(10)),
+            Duration::from_secs(a.outbox_retention_secs),
         )
         .map_err(StartError::Tokens)?;
         Ok(Some(handle))

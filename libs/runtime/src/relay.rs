@@ -39,7 +39,8 @@ pub async fn ship_once(db: &Db, client: &mut Client, batch: i64) -> Result<usize
     Ok(rows.len())
 }
 
-/// Starts the relay to `endpoint` with `token`, until the pool closes.
+/// Starts the relay to `endpoint` with `token`, until the pool closes;
+/// delivered rows older than `retention` are deleted (zero: kept).
 pub fn spawn_remote_relay(
     db: Db,
     endpoint: &str,
@@ -47,6 +48,7 @@ pub fn spawn_remote_relay(
     token: &str,
     batch: i64,
     interval: Duration,
+    retention: Duration,
 ) -> Result<tokio::task::JoinHandle<()>, String> {
     let mut ep = Endpoint::from_shared(endpoint.to_owned()).map_err(|e| format!("audit.relay_to: {e}"))?;
     if let Some(tls) = tls {
@@ -57,6 +59,7 @@ pub fn spawn_remote_relay(
         .map_err(|_| "audit.relay_token_file does not hold a valid token".to_owned())?;
     let mut client = AuditServiceClient::with_interceptor(channel, ServiceBearer(bearer));
     Ok(tokio::spawn(async move {
+        let mut pruner = outbox::Pruner::new(retention);
         loop {
             if db.pool().is_closed() {
                 return;
@@ -66,6 +69,7 @@ pub fn spawn_remote_relay(
                 Ok(_) => {}
                 Err(e) => tracing::warn!(error = %e, "shipping the outbox to the audit service failed; will retry"),
             }
+            pruner.tick(&db).await;
             tokio::time::sleep(interval).await;
         }
     }))

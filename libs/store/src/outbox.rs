@@ -182,6 +182,61 @@ pub async fn mark_delivered(db: &crate::Db, seqs: &[i64]) -> Result<()> {
     tx.commit().await.map_err(db_error)
 }
 
+/// Deletes rows delivered before `before_ms` (the audit log holds their
+/// events), at most 1,000 per statement so no transaction grows large;
+/// returns how many went. Undelivered rows are never touched.
+pub async fn prune_delivered(db: &crate::Db, before_ms: i64) -> Result<u64> {
+    let mut removed = 0;
+    loop {
+        let done = sqlx::query::<Any>(
+            "DELETE FROM outbox_events WHERE seq IN (SELECT seq FROM outbox_events \
+             WHERE delivered_at IS NOT NULL AND delivered_at < $1 ORDER BY delivered_at LIMIT 1000)",
+        )
+        .bind(before_ms)
+        .execute(db.pool())
+        .await
+        .map_err(db_error)?
+        .rows_affected();
+        removed += done;
+        if done < 1000 {
+            return Ok(removed);
+        }
+    }
+}
+
+/// Keeps delivered outbox rows for `retention` (zero: forever) and deletes
+/// older ones at most once a minute (or once per retention, if shorter); the relays call [`Pruner::tick`] on
+/// every round. Without it the outbox would keep a second copy of the whole
+/// audit log.
+#[derive(Debug)]
+pub struct Pruner {
+    retention: std::time::Duration,
+    last: Option<std::time::Instant>,
+}
+
+impl Pruner {
+    /// A pruner keeping delivered rows for `retention`.
+    pub fn new(retention: std::time::Duration) -> Self {
+        Self { retention, last: None }
+    }
+
+    /// Prunes if a minute (or the retention, if shorter) passed since the
+    /// last time.
+    pub async fn tick(&mut self, db: &crate::Db) {
+        let every = self.retention.min(std::time::Duration::from_secs(60));
+        if self.retention.is_zero() || self.last.is_some_and(|t| t.elapsed() < every) {
+            return;
+        }
+        self.last = Some(std::time::Instant::now());
+        let before = estate_core::now_ms() - i64::try_from(self.retention.as_millis()).unwrap_or(i64::MAX);
+        match prune_delivered(db, before).await {
+            Ok(0) => {}
+            Ok(n) => tracing::debug!(rows = n, "delivered outbox rows pruned"),
+            Err(e) => tracing::warn!(error = %e, "pruning the outbox failed; will retry"),
+        }
+    }
+}
+
 /// Events of a tenant in write order, for tests and the operator's own view
 /// until the audit service exists.
 pub async fn for_tenant(pool: &sqlx::AnyPool, tenant_id: &str) -> Result<Vec<OutboxRow>> {
@@ -260,5 +315,49 @@ impl<'a> Change<'a> {
             concerns_minor: self.concerns_minor,
             source: source.to_owned(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{Db, DbOptions};
+
+    fn event(id: &str) -> AuditEvent {
+        AuditEvent { event_id: id.into(), tenant_id: "t".into(), action: "x.y".into(), ..Default::default() }
+    }
+
+    #[tokio::test]
+    async fn only_rows_delivered_before_the_cutoff_are_pruned() -> std::result::Result<(), Box<dyn std::error::Error>> {
+        let dir = tempfile::tempdir()?;
+        let db = Db::connect(&DbOptions {
+            url: format!("sqlite://{}", dir.path().join("o.db").display()),
+            max_connections: 2,
+            acquire_timeout: std::time::Duration::from_secs(5),
+            statement_timeout_ms: 0,
+        })
+        .await?;
+        db.migrate_outbox().await?;
+        let mut tx = db.begin().await?;
+        for id in ["old", "recent", "pending"] {
+            record(&mut tx, &event(id)).await?;
+        }
+        tx.commit().await?;
+        let rows = pending(db.pool(), 0, 10).await?;
+        mark_delivered(&db, &[rows[0].seq, rows[1].seq]).await?;
+        sqlx::query::<Any>("UPDATE outbox_events SET delivered_at = 1000 WHERE event_id = 'old'")
+            .execute(db.pool())
+            .await?;
+        // "pending" is older than any cutoff but undelivered: it stays.
+        sqlx::query::<Any>("UPDATE outbox_events SET occurred_at = 0 WHERE event_id = 'pending'")
+            .execute(db.pool())
+            .await?;
+        assert_eq!(prune_delivered(&db, 2000).await?, 1);
+        let left: Vec<String> = for_tenant(db.pool(), "t").await?.into_iter().map(|r| r.event.event_id).collect();
+        assert_eq!(left, ["recent", "pending"]);
+        assert_eq!(prune_delivered(&db, estate_core::now_ms() + 1).await?, 1);
+        let left: Vec<String> = for_tenant(db.pool(), "t").await?.into_iter().map(|r| r.event.event_id).collect();
+        assert_eq!(left, ["pending"]);
+        Ok(())
     }
 }

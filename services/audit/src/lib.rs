@@ -49,7 +49,13 @@ pub fn server(runtime: &Runtime, log: AuditLog) -> AuditServiceServer<AuditDesk>
 /// Starts the relay for this process.
 pub fn start_relay(runtime: &Runtime, log: AuditLog) -> tokio::task::JoinHandle<()> {
     let s = &runtime.settings.audit;
-    spawn_relay(runtime.db.clone(), log, s.relay_batch.max(1), Duration::from_millis(s.relay_interval_ms.max(10)))
+    spawn_relay(
+        runtime.db.clone(),
+        log,
+        s.relay_batch.max(1),
+        Duration::from_millis(s.relay_interval_ms.max(10)),
+        Duration::from_secs(s.outbox_retention_secs),
+    )
 }
 
 /// The audit service as its own process, relaying the outbox of the database

@@ -34,10 +34,18 @@ pub async fn relay_once(db: &Db, log: &AuditLog, batch: i64) -> Result<usize> {
 }
 
 /// Runs the relay until the pool closes: ships batches as fast as they come,
-/// and signs time-based checkpoints when a tenant's log grew.
-pub fn spawn_relay(db: Db, log: AuditLog, batch: i64, interval: Duration) -> tokio::task::JoinHandle<()> {
+/// signs time-based checkpoints when a tenant's log grew, and deletes
+/// delivered outbox rows older than `retention` (zero: keeps them).
+pub fn spawn_relay(
+    db: Db,
+    log: AuditLog,
+    batch: i64,
+    interval: Duration,
+    retention: Duration,
+) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let mut last_sweep = tokio::time::Instant::now();
+        let mut pruner = outbox::Pruner::new(retention);
         loop {
             if db.pool().is_closed() {
                 return;
@@ -60,6 +68,7 @@ pub fn spawn_relay(db: Db, log: AuditLog, batch: i64, interval: Duration) -> tok
                     Err(e) => tracing::warn!(error = %e, "checkpoint sweep failed; will retry"),
                 }
             }
+            pruner.tick(&db).await;
             tokio::time::sleep(interval).await;
         }
     })

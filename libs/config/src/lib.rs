@@ -370,7 +370,7 @@ sweep_interval_secs = 5
 [audit]
 checkpoint_every = 1000
 checkpoint_interval_secs = 60
-relay_batch = 500
+relay_batch = 100
 relay_interval_ms = 200
 outbox_retention_secs = 604800
 

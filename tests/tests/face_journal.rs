@@ -79,19 +79,9 @@ async fn forged_journal_entries_are_refused_and_honest_ones_recorded_once() -> a
     let a = world(&mesh, "Alpha", "120101").await?;
     let b = world(&mesh, "Beta", "120101").await?;
     // The copy reads the journals of tenants with consents.
-    let (version, hash) = enable_face(&mesh, &a).await?;
+    let notice = enable_face(&mesh, &a).await?;
     let me = resident(&mesh, &a, &a.person.id)?;
-    mesh.consent(&me)?
-        .grant_consent(estate_proto::consent::GrantConsentRequest {
-            estate_id: a.estate.id.clone(),
-            purposes: vec![estate_proto::consent::Purpose::FaceVerificationAtGates as i32],
-            notice_version: version,
-            notice_text_sha256: hash,
-            affirmative_act: true,
-            method: estate_proto::consent::ConsentMethod::AppTap as i32,
-            ..Default::default()
-        })
-        .await?;
+    grant_face_consent(&mesh, &me, &a.estate.id, notice).await?;
     let liar = LyingFacematch { tenant: a.tenant.id.clone(), other_tenant: b.tenant.id.clone() };
     let b_before = outbox_count(&mesh, &b.tenant.id).await?;
 

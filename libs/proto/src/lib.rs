@@ -58,3 +58,47 @@ pub use estate::credentials::v1 as credentials;
 pub use estate::facematch::v1 as facematch;
 pub use estate::gate::v1 as gate;
 pub use estate::identity::v1 as identity;
+
+/// One RPC of the mesh's own services, as the descriptor set lists it.
+#[derive(Debug, Clone)]
+pub struct RpcInfo {
+    /// `/estate.gate.v1.GateService/Decide`
+    pub path: String,
+    /// `gate` (the package name between `estate.` and `.v1`).
+    pub service: String,
+    /// `Decide`
+    pub method: String,
+    /// The request message's full name, `.estate.gate.v1.DecideRequest`.
+    pub input_type: String,
+    /// Whether the client or the server streams.
+    pub streaming: bool,
+}
+
+/// Every RPC of the `estate.*` packages in [`FILE_DESCRIPTOR_SET`].
+pub fn rpcs() -> Vec<RpcInfo> {
+    use prost::Message;
+    let Ok(set) = prost_types::FileDescriptorSet::decode(FILE_DESCRIPTOR_SET) else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for file in set.file {
+        let package = file.package.unwrap_or_default();
+        let Some(service) = package.strip_prefix("estate.").and_then(|p| p.strip_suffix(".v1")) else {
+            continue;
+        };
+        for s in file.service {
+            let class = s.name.unwrap_or_default();
+            for m in s.method {
+                let method = m.name.unwrap_or_default();
+                out.push(RpcInfo {
+                    path: format!("/{package}.{class}/{method}"),
+                    service: service.to_owned(),
+                    method,
+                    input_type: m.input_type.unwrap_or_default(),
+                    streaming: m.server_streaming.unwrap_or(false) || m.client_streaming.unwrap_or(false),
+                });
+            }
+        }
+    }
+    out
+}

@@ -236,28 +236,9 @@ impl IdempotencyLayer {
     }
 }
 
-/// The paths of the mesh's server-streaming RPCs (keys apply to unary calls).
+/// The paths of the mesh's streaming RPCs (keys apply to unary calls).
 fn streaming_paths() -> HashSet<String> {
-    use prost::Message;
-    let Ok(set) = prost_types::FileDescriptorSet::decode(estate_proto::FILE_DESCRIPTOR_SET) else {
-        return HashSet::new();
-    };
-    let mut out = HashSet::new();
-    for file in set.file {
-        let package = file.package.unwrap_or_default();
-        for service in file.service {
-            for method in service.method {
-                if method.server_streaming.unwrap_or(false) || method.client_streaming.unwrap_or(false) {
-                    out.insert(format!(
-                        "/{package}.{}/{}",
-                        service.name.clone().unwrap_or_default(),
-                        method.name.unwrap_or_default()
-                    ));
-                }
-            }
-        }
-    }
-    out
+    estate_proto::rpcs().into_iter().filter(|r| r.streaming).map(|r| r.path).collect()
 }
 
 impl<S> tower::Layer<S> for IdempotencyLayer {
@@ -331,11 +312,12 @@ where
 
     fn call(&mut self, req: http::Request<Body>) -> Self::Future {
         let clone = self.inner.clone();
-        let inner = std::mem::replace(&mut self.inner, clone);
-        let (Some(shared), Some(value)) = (self.shared.clone(), req.headers().get(IDEMPOTENCY_HEADER).cloned()) else {
-            let mut inner = inner;
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        // Most calls carry no key: nothing but this lookup on their path.
+        let (Some(shared), Some(value)) = (self.shared.as_ref(), req.headers().get(IDEMPOTENCY_HEADER)) else {
             return Box::pin(inner.call(req));
         };
+        let (shared, value) = (shared.clone(), value.clone());
         Box::pin(async move {
             match keyed(shared, inner, req, value).await {
                 Ok(response) => response,

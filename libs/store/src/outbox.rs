@@ -31,12 +31,15 @@ fn occurred_ms(event: &AuditEvent) -> i64 {
         .unwrap_or_else(estate_core::now_ms)
 }
 
-const INSERT: &str = "INSERT INTO outbox_events (event_id, tenant_id, source, action, object_type, object_id, \
-     estate_id, person_pseudonym, occurred_at, payload, trace_parent) \
-     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)";
-const INSERT_ONCE: &str = "INSERT INTO outbox_events (event_id, tenant_id, source, action, object_type, object_id, \
-     estate_id, person_pseudonym, occurred_at, payload, trace_parent) \
-     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) ON CONFLICT (event_id) DO NOTHING";
+macro_rules! insert_sql {
+    () => {
+        "INSERT INTO outbox_events (event_id, tenant_id, source, action, object_type, object_id, \
+         estate_id, person_pseudonym, occurred_at, payload, trace_parent) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)"
+    };
+}
+const INSERT: &str = insert_sql!();
+const INSERT_ONCE: &str = concat!(insert_sql!(), " ON CONFLICT (event_id) DO NOTHING");
 
 /// One row with `sql` (one of the two statements above). Returns rows written.
 async fn insert(

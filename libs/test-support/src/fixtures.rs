@@ -128,6 +128,30 @@ pub async fn enable_face(mesh: &TestMesh, w: &World) -> anyhow::Result<(i64, Str
     Ok((notice.version, estate_crypto::sha256_hex(text.as_bytes())))
 }
 
+/// Face consent at `estate_id`, granted in the app by the resident holding
+/// `resident_token`, under the notice [`enable_face`] returned.
+pub async fn grant_face_consent(
+    mesh: &TestMesh,
+    resident_token: &str,
+    estate_id: &str,
+    (notice_version, notice_sha256): (i64, String),
+) -> anyhow::Result<estate_proto::consent::Consent> {
+    use estate_proto::consent::*;
+    Ok(mesh
+        .consent(resident_token)?
+        .grant_consent(GrantConsentRequest {
+            estate_id: estate_id.into(),
+            purposes: vec![Purpose::FaceVerificationAtGates as i32],
+            notice_version,
+            notice_text_sha256: notice_sha256,
+            affirmative_act: true,
+            method: ConsentMethod::AppTap as i32,
+            ..Default::default()
+        })
+        .await?
+        .into_inner())
+}
+
 /// A resident token for a person of the world's tenant.
 pub fn resident(mesh: &TestMesh, w: &World, person_id: &str) -> anyhow::Result<String> {
     Ok(mesh

@@ -46,7 +46,7 @@ impl Decoder for Raw {
     }
 }
 
-/// One RPC of the contract.
+/// One RPC of the contract, with its request message's descriptor.
 #[derive(Debug, Clone)]
 pub struct Rpc {
     /// `/estate.gate.v1.GateService/Decide`
@@ -57,44 +57,31 @@ pub struct Rpc {
     pub service: String,
     /// The request message's descriptor.
     pub input: prost_types::DescriptorProto,
-    /// Whether the server streams its answer.
-    pub server_streaming: bool,
+    /// Whether the RPC streams (the server's answer, here).
+    pub streaming: bool,
 }
 
-/// Every RPC of the mesh's own services.
+/// Every RPC of the mesh's own services (`estate_proto::rpcs`), with the
+/// descriptors of their requests.
 pub fn every_rpc() -> anyhow::Result<Vec<Rpc>> {
     let set = prost_types::FileDescriptorSet::decode(estate_proto::FILE_DESCRIPTOR_SET)?;
     let mut messages = std::collections::HashMap::new();
-    for file in &set.file {
-        let package = file.package.clone().unwrap_or_default();
-        for m in &file.message_type {
-            messages.insert(format!(".{package}.{}", m.name.clone().unwrap_or_default()), m.clone());
-        }
-    }
-    let mut out = Vec::new();
     for file in set.file {
         let package = file.package.unwrap_or_default();
-        if !package.starts_with("estate.") {
-            continue;
-        }
-        let short = package.trim_start_matches("estate.").trim_end_matches(".v1").to_owned();
-        for service in file.service {
-            for method in service.method {
-                let name = method.name.clone().unwrap_or_default();
-                let input = method.input_type.clone().unwrap_or_default();
-                let input =
-                    messages.get(&input).cloned().ok_or_else(|| anyhow::anyhow!("no descriptor for {input}"))?;
-                out.push(Rpc {
-                    path: format!("/{package}.{}/{name}", service.name.clone().unwrap_or_default()),
-                    method: name,
-                    service: short.clone(),
-                    input,
-                    server_streaming: method.server_streaming.unwrap_or(false),
-                });
-            }
+        for m in file.message_type {
+            messages.insert(format!(".{package}.{}", m.name.clone().unwrap_or_default()), m);
         }
     }
-    Ok(out)
+    estate_proto::rpcs()
+        .into_iter()
+        .map(|r| {
+            let input = messages
+                .get(&r.input_type)
+                .cloned()
+                .ok_or_else(|| anyhow::anyhow!("no descriptor for {}", r.input_type))?;
+            Ok(Rpc { path: r.path, method: r.method, service: r.service, input, streaming: r.streaming })
+        })
+        .collect()
 }
 
 /// Calls `path` with `body` and an optional bearer token. For a streaming
@@ -114,7 +101,7 @@ pub async fn call(
         req.metadata_mut().insert("authorization", v);
     }
     let path = http::uri::PathAndQuery::try_from(rpc.path.as_str()).map_err(|e| Status::internal(e.to_string()))?;
-    if rpc.server_streaming {
+    if rpc.streaming {
         let mut stream = grpc.server_streaming(req, path, Raw).await?.into_inner();
         match stream.message().await? {
             Some(first) => Ok(first),

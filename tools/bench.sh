@@ -25,7 +25,6 @@ A=./target/release/audit-bench
 {
   echo "# $(date -u) on $(nproc) cores, $(uname -r)"
   echo "## gate, SQLite"; "$B" --seconds 10 --gates 1000 --revocations 20
-  echo "## gate, SQLite, audit deferred"; "$B" --seconds 10 --gates 0 --defer-audit
   echo "## gate, idle streams"; "$B" --seconds 2 --gates 0 --idle-streams 10000
   echo "## audit, SQLite 100k"; "$A" --entries 100000 --sqlite
   echo "## facematch, N = 100000 x 512, vs faiss-cpu"; "$F" --python "$VENV/bin/python" --assets "$ASSETS"

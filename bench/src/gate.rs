@@ -56,11 +56,6 @@ struct Args {
     /// Redis URL (default: in-process cache and bus).
     #[arg(long)]
     redis_url: Option<String>,
-    /// Defer the audit relay (outbox -> audit log: hashing, chaining,
-    /// indexing) until after the measurement, to show what the decision path
-    /// costs on its own. Decisions are still written to the outbox.
-    #[arg(long)]
-    defer_audit: bool,
     /// Idle WatchChanges streams to open at the end (memory per stream).
     #[arg(long, default_value_t = 0)]
     idle_streams: usize,
@@ -111,10 +106,6 @@ impl Mesh {
         if let Some(b) = args.relay_batch {
             settings.audit.relay_batch = b;
         }
-        if args.defer_audit {
-            settings.audit.relay_interval_ms = 3_600_000;
-            settings.audit.relay_batch = 10_000_000;
-        }
         let app = estate_mesh::Application::build(settings).await?;
         let endpoint = format!("http://127.0.0.1:{}", app.port());
         let admin = std::fs::read_to_string(app.admin_token_path())?.trim().to_owned();
@@ -144,10 +135,8 @@ impl Mesh {
             .database_url
             .clone()
             .ok_or_else(|| anyhow::anyhow!("--processes needs --database-url (PostgreSQL) to share"))?;
-        if args.gates > 0 || args.idle_streams > 0 || args.defer_audit {
-            anyhow::bail!(
-                "--processes runs the load phases only: pass --gates 0 (and no --idle-streams, --defer-audit)"
-            );
+        if args.gates > 0 || args.idle_streams > 0 {
+            anyhow::bail!("--processes runs the load phases only: pass --gates 0 (and no --idle-streams)");
         }
         let bins = std::env::current_exe()?.parent().map(std::path::Path::to_path_buf).unwrap_or_default();
         let bin = |name: &str| -> anyhow::Result<String> {

@@ -116,7 +116,8 @@ async fn delivered_outbox_rows_are_pruned_after_their_retention() -> anyhow::Res
     let mut pruned = false;
     for _ in 0..100 {
         let logged = audit.query_entries(QueryEntriesRequest::default()).await?.into_inner().entries.len();
-        if logged == 7 && outbox_count(&mesh, &w.tenant.id).await? == 0 {
+        let outbox = estate_store::outbox::for_tenant(mesh.db().pool(), &w.tenant.id).await?.len();
+        if logged == 7 && outbox == 0 {
             pruned = true;
             break;
         }

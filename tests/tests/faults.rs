@@ -202,7 +202,7 @@ async fn postgres_crashes_under_load_and_nothing_acknowledged_is_lost() -> anyho
     for id in &t.acked_credentials {
         op.get_credential(GetCredentialRequest { id: id.clone() }).await?;
     }
-    let rows = estate_store::outbox::for_tenant(mesh.db().pool(), &w.tenant.id).await?;
+    let rows = estate_test_support::fixtures::recorded_events(&mesh, &w.tenant.id).await?;
     let logged: std::collections::HashSet<String> = rows
         .iter()
         .filter(|r| r.event.action == "gate.decide")

@@ -99,7 +99,7 @@ async fn new_gate(
     Ok((gate, client))
 }
 
-fn gate_decisions(rows: &[estate_store::outbox::OutboxRow], action: &str) -> usize {
+fn gate_decisions(rows: &[estate_test_support::fixtures::Recorded], action: &str) -> usize {
     rows.iter().filter(|r| r.event.action == action).count()
 }
 
@@ -285,7 +285,7 @@ async fn every_reason_code_is_reachable_and_every_decision_is_audited() -> anyho
     assert_eq!(code(gates.decide(test).await), Code::InvalidArgument);
 
     // Every decision was audited, by pseudonym only (R17).
-    let rows = estate_store::outbox::for_tenant(mesh.db().pool(), &w.tenant.id).await?;
+    let rows = estate_test_support::fixtures::recorded_events(&mesh, &w.tenant.id).await?;
     assert_eq!(gate_decisions(&rows, "gate.decide"), 30);
     for r in rows.iter().filter(|r| r.event.action == "gate.decide") {
         let text = format!("{:?}", r.event);
@@ -388,7 +388,7 @@ async fn gates_act_only_for_themselves_and_bad_input_is_refused() -> anyhow::Res
         SetGateRulesRequest { gate_id: a.gate.id.clone(), bundle_ttl_secs: 30 * 86400, ..Default::default() };
     assert_eq!(code(op_a.set_gate_rules(too_long).await), Code::InvalidArgument);
     // Nothing was decided, so nothing was audited as a decision.
-    let rows = estate_store::outbox::for_tenant(mesh.db().pool(), &a.tenant.id).await?;
+    let rows = estate_test_support::fixtures::recorded_events(&mesh, &a.tenant.id).await?;
     assert_eq!(gate_decisions(&rows, "gate.decide"), 0);
     mesh.stop().await
 }
@@ -528,7 +528,7 @@ async fn a_gate_that_loses_the_mesh_decides_from_its_bundle_and_uploads_exactly_
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert_eq!(offline.len(), expected);
-    let rows = estate_store::outbox::for_tenant(mesh.db().pool(), &w.tenant.id).await?;
+    let rows = estate_test_support::fixtures::recorded_events(&mesh, &w.tenant.id).await?;
     assert_eq!(gate_decisions(&rows, "gate.decide.offline"), expected);
     let mut sequences: Vec<i64> = rows
         .iter()
@@ -655,7 +655,7 @@ async fn moving_out_stops_the_cards_at_that_estate_only() -> anyhow::Result<()> 
     assert_eq!(reason(&mut north, card("AB000002")).await?, Reason::Revoked);
     // Where the person still lives, their card still works.
     assert_eq!(reason(&mut hill, card("AB000001")).await?, Reason::Ok);
-    let rows = estate_store::outbox::for_tenant(mesh.db().pool(), &w.tenant.id).await?;
+    let rows = estate_test_support::fixtures::recorded_events(&mesh, &w.tenant.id).await?;
     let sweep: Vec<_> = rows
         .iter()
         .filter(|r| r.event.attributes.get("reason").map(String::as_str) == Some("residency ended"))
@@ -784,7 +784,7 @@ async fn oversized_decisions_are_refused_and_not_recorded() -> anyhow::Result<()
         gate_id: String::new(),
     };
     assert_eq!(code(g2.decide(big).await), Code::InvalidArgument);
-    let rows = estate_store::outbox::for_tenant(mesh.db().pool(), &w.tenant.id).await?;
+    let rows = estate_test_support::fixtures::recorded_events(&mesh, &w.tenant.id).await?;
     assert_eq!(gate_decisions(&rows, "gate.decide"), 0);
     mesh2.stop().await?;
     mesh.stop().await

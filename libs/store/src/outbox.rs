@@ -73,23 +73,11 @@ async fn insert(
 pub async fn record_many(conn: &mut AnyConnection, events: &[(&AuditEvent, Option<String>)]) -> Result<()> {
     const COLUMNS: usize = 11;
     for chunk in events.chunks(50) {
-        let mut sql = String::from(
+        let sql = format!(
             "INSERT INTO outbox_events (event_id, tenant_id, source, action, object_type, object_id, \
-             estate_id, person_pseudonym, occurred_at, payload, trace_parent) VALUES ",
+             estate_id, person_pseudonym, occurred_at, payload, trace_parent) VALUES {}",
+            crate::value_rows(conn, chunk.len(), COLUMNS)
         );
-        for i in 0..chunk.len() {
-            if i > 0 {
-                sql.push_str(", ");
-            }
-            sql.push('(');
-            for c in 0..COLUMNS {
-                if c > 0 {
-                    sql.push_str(", ");
-                }
-                sql.push_str(&format!("${}", i * COLUMNS + c + 1));
-            }
-            sql.push(')');
-        }
         let mut q = sqlx::query::<Any>(sqlx::AssertSqlSafe(sql));
         for (event, trace_parent) in chunk {
             let occurred_at = occurred_ms(event);
@@ -171,11 +159,13 @@ pub async fn pending(pool: &sqlx::AnyPool, after_seq: i64, limit: i64) -> Result
 pub async fn mark_delivered(db: &crate::Db, seqs: &[i64]) -> Result<()> {
     let now = estate_core::now_ms();
     let mut tx = db.begin().await?;
-    // 50 ids per statement: one statement per row was a round trip each, and
-    // SQLite's parameter lookup grows with the square of a statement's size.
+    // 50 ids per statement: one statement per row was a round trip each.
     for chunk in seqs.chunks(50) {
-        let list = (0..chunk.len()).map(|i| format!("${}", i + 2)).collect::<Vec<_>>().join(", ");
-        let sql = format!("UPDATE outbox_events SET delivered_at = $1 WHERE seq IN ({list})");
+        let sql = format!(
+            "UPDATE outbox_events SET delivered_at = {} WHERE seq IN ({})",
+            crate::params(&tx, 1, 1),
+            crate::params(&tx, 2, chunk.len())
+        );
         let mut q = sqlx::query::<Any>(sqlx::AssertSqlSafe(sql)).bind(now);
         for seq in chunk {
             q = q.bind(*seq);
@@ -363,4 +353,39 @@ mod tests {
         assert_eq!(left, ["pending"]);
         Ok(())
     }
+}
+
+/// The audit log itself, reachable inside a write transaction: in the
+/// all-in-one process the log shares the database with every service, so a
+/// high-volume writer (the gate's decisions) can append its events to the
+/// hash-chained log in the transaction that records them, instead of to the
+/// outbox for the relay to copy, mark and later prune — the same guarantee
+/// (no answer without a durable audit entry) for a third of the writes.
+pub trait AuditSink: Send + Sync + std::fmt::Debug {
+    /// Encodes and hashes `event` for [`AuditSink::append_in`]: the work that
+    /// does not depend on the log's head, done by the caller's task (in
+    /// parallel with others) rather than inside the single write transaction.
+    fn prepare(&self, event: AuditEvent) -> PreparedEvent;
+
+    /// Appends `events` on `conn` (a write transaction the caller commits).
+    fn append_in<'a>(
+        &'a self,
+        conn: &'a mut AnyConnection,
+        events: &'a [PreparedEvent],
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<()>> + Send + 'a>>;
+
+    /// Called after the transaction of an [`AuditSink::append_in`] committed.
+    fn committed(&self, events: &[PreparedEvent]);
+}
+
+/// An event ready to append: its exact bytes (hex, as the log stores them)
+/// and their Merkle leaf hash. Made by [`AuditSink::prepare`].
+#[derive(Debug, Clone, Default)]
+pub struct PreparedEvent {
+    /// The event.
+    pub event: AuditEvent,
+    /// Its encoding, in hex.
+    pub bytes_hex: String,
+    /// The leaf hash of its encoding.
+    pub leaf: [u8; 32],
 }

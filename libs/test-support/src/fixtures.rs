@@ -93,9 +93,44 @@ pub fn operator(mesh: &TestMesh, w: &World) -> anyhow::Result<IdentityClient> {
     mesh.identity(&w.operator_token)
 }
 
-/// Number of outbox rows of a tenant.
+/// An audit event a tenant's services recorded.
+#[derive(Debug, Clone)]
+pub struct Recorded {
+    /// The event.
+    pub event: estate_proto::common::AuditEvent,
+}
+
+/// Every audit event recorded for a tenant, wherever it is: in the outbox
+/// (written with a change, copied to the log by the relay) or only in the
+/// audit log (the all-in-one gate appends its decisions there directly).
+/// Outbox events first, in write order, then the log's others in log order.
+pub async fn recorded_events(mesh: &TestMesh, tenant_id: &str) -> anyhow::Result<Vec<Recorded>> {
+    use prost::Message;
+    let pool = mesh.db().pool();
+    let mut out: Vec<Recorded> = estate_store::outbox::for_tenant(pool, tenant_id)
+        .await?
+        .into_iter()
+        .map(|r| Recorded { event: r.event })
+        .collect();
+    let mut ids: std::collections::HashSet<String> = out.iter().map(|r| r.event.event_id.clone()).collect();
+    let logged: Vec<(String, String)> = sqlx::query_as::<sqlx::Any, (String, String)>(
+        "SELECT event_id, event_hex FROM audit_entries WHERE tenant_id = $1 ORDER BY idx",
+    )
+    .bind(tenant_id)
+    .fetch_all(pool)
+    .await?;
+    for (id, event_hex) in logged {
+        if ids.insert(id) {
+            let event = estate_proto::common::AuditEvent::decode(hex::decode(event_hex)?.as_slice())?;
+            out.push(Recorded { event });
+        }
+    }
+    Ok(out)
+}
+
+/// Number of audit events recorded for a tenant (see [`recorded_events`]).
 pub async fn outbox_count(mesh: &TestMesh, tenant_id: &str) -> anyhow::Result<usize> {
-    Ok(estate_store::outbox::for_tenant(mesh.db().pool(), tenant_id).await?.len())
+    Ok(recorded_events(mesh, tenant_id).await?.len())
 }
 
 /// A random id that exists nowhere.

@@ -6,9 +6,10 @@ use estate_crypto::SigningKeyPair;
 use estate_merkle::{Hash, Tree, leaf_hash};
 use estate_proto::audit::{Checkpoint, SignedCheckpoint};
 use estate_proto::common::AuditEvent;
+use estate_store::outbox::{AuditSink, PreparedEvent};
 use estate_store::{Db, db_error};
 use prost::Message;
-use sqlx::Any;
+use sqlx::{Any, AnyConnection};
 use std::collections::HashMap;
 use std::sync::Arc;
 use tokio::sync::Mutex;
@@ -34,6 +35,9 @@ pub struct AuditLog {
     trees: Arc<Mutex<HashMap<String, Arc<Mutex<Tree>>>>>,
     checkpoint_every: u64,
     checkpoint_interval_ms: i64,
+    /// Entries appended through [`AuditSink`] per tenant since a checkpoint
+    /// was last considered for it.
+    since_checkpoint: Arc<std::sync::Mutex<HashMap<String, u64>>>,
 }
 
 fn hash_of(hex_text: &str) -> Result<Hash> {
@@ -41,6 +45,190 @@ fn hash_of(hex_text: &str) -> Result<Hash> {
         .ok()
         .and_then(|b| <[u8; 32]>::try_from(b.as_slice()).ok())
         .ok_or_else(|| Error::Internal("a stored audit hash is malformed".into()))
+}
+
+/// Encodes `bytes` (the event's exact encoding) for the log.
+fn prepare(bytes: &[u8], event: AuditEvent) -> PreparedEvent {
+    PreparedEvent { event, bytes_hex: hex::encode(bytes), leaf: leaf_hash(bytes) }
+}
+
+impl AuditSink for AuditLog {
+    fn prepare(&self, event: AuditEvent) -> PreparedEvent {
+        prepare(&event.encode_to_vec(), event)
+    }
+
+    fn append_in<'a>(
+        &'a self,
+        conn: &'a mut AnyConnection,
+        events: &'a [PreparedEvent],
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<()>> + Send + 'a>> {
+        Box::pin(async move {
+            // Tenants in a fixed order, so that two transactions appending
+            // for the same tenants take their PostgreSQL locks in one order.
+            let mut by_tenant: Vec<(&str, Vec<&PreparedEvent>)> = Vec::new();
+            for e in events {
+                match by_tenant.iter_mut().find(|(t, _)| *t == e.event.tenant_id) {
+                    Some((_, list)) => list.push(e),
+                    None => by_tenant.push((e.event.tenant_id.as_str(), vec![e])),
+                }
+            }
+            by_tenant.sort_by(|a, b| a.0.cmp(b.0));
+            for (tenant, list) in by_tenant {
+                append_in(&mut *conn, tenant, &list, false).await?;
+            }
+            Ok(())
+        })
+    }
+
+    /// Signs a checkpoint in the background for each tenant that gained
+    /// `checkpoint_every` entries this way (the relay's sweep signs the
+    /// time-based ones).
+    fn committed(&self, events: &[PreparedEvent]) {
+        let due: Vec<String> = {
+            let mut counts = match self.since_checkpoint.lock() {
+                Ok(c) => c,
+                Err(poisoned) => poisoned.into_inner(),
+            };
+            for e in events {
+                *counts.entry(e.event.tenant_id.clone()).or_default() += 1;
+            }
+            let due: Vec<String> =
+                counts.iter().filter(|(_, n)| **n >= self.checkpoint_every).map(|(t, _)| t.clone()).collect();
+            for t in &due {
+                counts.remove(t);
+            }
+            due
+        };
+        for tenant in due {
+            let log = self.clone();
+            tokio::spawn(async move {
+                if let Err(e) = log.checkpoint_if_due(&tenant).await {
+                    tracing::warn!(error = %e, "checkpoint failed; the relay's sweep will retry");
+                }
+            });
+        }
+    }
+}
+
+/// Appends one tenant's `events` on `conn`, a write transaction the caller
+/// commits: reads the tenant's head, hashes and chains each event, inserts
+/// the entries. On PostgreSQL it first takes the tenant's append lock
+/// (a transaction-scoped advisory lock), so appends by other transactions
+/// and processes (relays, audit replicas, the all-in-one gate's decisions)
+/// queue instead of reading the same head; on SQLite every write transaction
+/// already holds the database's single write lock. `exhaustive` looks each
+/// event up first (a retry after a unique-index failure).
+async fn append_in(
+    conn: &mut AnyConnection,
+    tenant: &str,
+    events: &[&PreparedEvent],
+    exhaustive: bool,
+) -> Result<Appended> {
+    if !conn.backend_name().eq_ignore_ascii_case("sqlite") {
+        sqlx::query::<Any>("SELECT pg_advisory_xact_lock($1)")
+            .bind(append_lock_key(tenant))
+            .execute(&mut *conn)
+            .await
+            .map_err(db_error)?;
+    }
+    let head: Option<(i64, String)> = sqlx::query_as::<Any, (i64, String)>(
+        "SELECT idx, chain_hash FROM audit_entries WHERE tenant_id = $1 ORDER BY idx DESC LIMIT 1",
+    )
+    .bind(tenant)
+    .fetch_optional(&mut *conn)
+    .await
+    .map_err(db_error)?;
+    let (mut next, mut chain) = match head {
+        Some((idx, c)) => (idx + 1, hash_of(&c)?),
+        None => (0, [0u8; 32]),
+    };
+    let mut out = Appended::default();
+    let now = now_ms();
+    // Which of these events the log already holds. Normally none: the
+    // relay marks what it shipped. Only a retry after a crash between an
+    // append and its mark resends events the log has; their unique index
+    // (tenant, event id) then fails this attempt, and the second attempt
+    // looks each event up. (Reading the log's tail — a thousand event ids
+    // and more — on every append to catch that case cost 15–20% of the
+    // all-in-one gate's decision throughput: BENCHMARKS.md.)
+    let mut seen: std::collections::HashSet<&str> = std::collections::HashSet::new();
+    let mut present: std::collections::HashSet<String> = std::collections::HashSet::new();
+    if exhaustive {
+        for e in events {
+            let hit: Option<(String,)> = sqlx::query_as::<Any, (String,)>(
+                "SELECT event_id FROM audit_entries WHERE tenant_id = $1 AND event_id = $2",
+            )
+            .bind(tenant)
+            .bind(&e.event.event_id)
+            .fetch_optional(&mut *conn)
+            .await
+            .map_err(db_error)?;
+            if let Some((id,)) = hit {
+                present.insert(id);
+            }
+        }
+    }
+    let mut rows: Vec<Row> = Vec::with_capacity(events.len());
+    for prepared in events {
+        let event = &prepared.event;
+        if present.contains(&event.event_id) || !seen.insert(event.event_id.as_str()) {
+            out.duplicates += 1;
+            continue;
+        }
+        chain = chain_next(&chain, &prepared.leaf);
+        let occurred = event.occurred_at.as_ref().map_or(now, |t| t.seconds * 1000 + i64::from(t.nanos / 1_000_000));
+        rows.push(Row { idx: next, prepared, chain, occurred });
+        next += 1;
+        out.appended += 1;
+    }
+    for chunk in rows.chunks(INSERT_ROWS) {
+        let sql = format!(
+            "INSERT INTO audit_entries (tenant_id, idx, event_id, event_hex, leaf_hash, chain_hash, estate_id, \
+             person_pseudonym, action, occurred_at, appended_at) VALUES {}",
+            estate_store::value_rows(conn, chunk.len(), 11)
+        );
+        let mut q = sqlx::query::<Any>(sqlx::AssertSqlSafe(sql));
+        for row in chunk {
+            q = q
+                .bind(tenant.to_owned())
+                .bind(row.idx)
+                .bind(row.prepared.event.event_id.clone())
+                .bind(row.prepared.bytes_hex.clone())
+                .bind(hex::encode(row.prepared.leaf))
+                .bind(hex::encode(row.chain))
+                .bind(row.prepared.event.estate_id.clone())
+                .bind(row.prepared.event.person_pseudonym.clone())
+                .bind(row.prepared.event.action.clone())
+                .bind(row.occurred)
+                .bind(now);
+        }
+        q.execute(&mut *conn).await.map_err(|e| {
+            if estate_store::is_unique_violation(&e) {
+                Error::AlreadyExists("an event of the batch is already in the log".into())
+            } else {
+                db_error(e)
+            }
+        })?;
+    }
+    Ok(out)
+}
+
+/// One entry about to be inserted.
+struct Row<'a> {
+    idx: i64,
+    prepared: &'a PreparedEvent,
+    chain: Hash,
+    occurred: i64,
+}
+
+/// The PostgreSQL advisory lock key of a tenant's log: the first eight bytes
+/// of SHA-256("estate.audit.append" ‖ tenant).
+fn append_lock_key(tenant: &str) -> i64 {
+    use sha2::Digest;
+    let digest = sha2::Sha256::new().chain_update(b"estate.audit.append\0").chain_update(tenant.as_bytes()).finalize();
+    let mut first = [0u8; 8];
+    first.copy_from_slice(&digest[..8]);
+    i64::from_be_bytes(first)
 }
 
 /// Rows per multi-row INSERT. SQLite finds each `$n` parameter by a linear
@@ -58,6 +246,7 @@ impl AuditLog {
             trees: Arc::new(Mutex::new(HashMap::new())),
             checkpoint_every: checkpoint_every.max(1),
             checkpoint_interval_ms: i64::try_from(checkpoint_interval_secs.saturating_mul(1000)).unwrap_or(i64::MAX),
+            since_checkpoint: Arc::new(std::sync::Mutex::new(HashMap::new())),
         }
     }
 
@@ -94,123 +283,13 @@ impl AuditLog {
     }
 
     async fn append_tenant_with(&self, tenant: &str, events: &[&RawEvent], exhaustive: bool) -> Result<Appended> {
+        let prepared: Vec<PreparedEvent> = events.iter().map(|(bytes, event)| prepare(bytes, event.clone())).collect();
+        let list: Vec<&PreparedEvent> = prepared.iter().collect();
         let mut tx = self.db.begin().await?;
-        let head: Option<(i64, String)> = sqlx::query_as::<Any, (i64, String)>(
-            "SELECT idx, chain_hash FROM audit_entries WHERE tenant_id = $1 ORDER BY idx DESC LIMIT 1",
-        )
-        .bind(tenant)
-        .fetch_optional(&mut *tx)
-        .await
-        .map_err(db_error)?;
-        let (mut next, mut chain) = match head {
-            Some((idx, c)) => (idx + 1, hash_of(&c)?),
-            None => (0, [0u8; 32]),
-        };
-        let mut out = Appended::default();
-        let now = now_ms();
-        // Which of these events the log already holds. Normally none: the
-        // relay marks what it shipped. Only a retry after a crash between an
-        // append and its mark resends events the log has; their unique index
-        // (tenant, event id) then fails this attempt, and the second attempt
-        // looks each event up. (Reading the log's tail — a thousand event ids
-        // and more — on every append to catch that case cost 15–20% of the
-        // all-in-one gate's decision throughput: BENCHMARKS.md.)
-        let mut seen: std::collections::HashSet<String> = std::collections::HashSet::new();
-        if exhaustive {
-            for e in events {
-                let hit: Option<(String,)> = sqlx::query_as::<Any, (String,)>(
-                    "SELECT event_id FROM audit_entries WHERE tenant_id = $1 AND event_id = $2",
-                )
-                .bind(tenant)
-                .bind(&e.1.event_id)
-                .fetch_optional(&mut *tx)
-                .await
-                .map_err(db_error)?;
-                if let Some((id,)) = hit {
-                    seen.insert(id);
-                }
-            }
-        }
-        // One multi-row INSERT per INSERT_ROWS new entries (11 values each, well under
-        // the parameter limits of SQLite and PostgreSQL).
-        let mut rows: Vec<[String; 9]> = Vec::new();
-        let mut numbers: Vec<(i64, i64)> = Vec::new();
-        for (bytes, event) in events.iter().map(|e| (&e.0, &e.1)) {
-            if seen.contains(&event.event_id) {
-                out.duplicates += 1;
-                continue;
-            }
-            seen.insert(event.event_id.clone());
-            let leaf = leaf_hash(bytes);
-            chain = chain_next(&chain, &leaf);
-            let occurred =
-                event.occurred_at.as_ref().map_or(now, |t| t.seconds * 1000 + i64::from(t.nanos / 1_000_000));
-            rows.push([
-                tenant.to_owned(),
-                event.event_id.clone(),
-                hex::encode(bytes),
-                hex::encode(leaf),
-                hex::encode(chain),
-                event.estate_id.clone(),
-                event.person_pseudonym.clone(),
-                event.action.clone(),
-                String::new(),
-            ]);
-            numbers.push((next, occurred));
-            next += 1;
-            out.appended += 1;
-        }
-        for (chunk, nums) in rows.chunks(INSERT_ROWS).zip(numbers.chunks(INSERT_ROWS)) {
-            let mut values = Vec::with_capacity(chunk.len());
-            for i in 0..chunk.len() {
-                let b = i * 11;
-                values.push(format!(
-                    "(${}, ${}, ${}, ${}, ${}, ${}, ${}, ${}, ${}, ${}, ${})",
-                    b + 1,
-                    b + 2,
-                    b + 3,
-                    b + 4,
-                    b + 5,
-                    b + 6,
-                    b + 7,
-                    b + 8,
-                    b + 9,
-                    b + 10,
-                    b + 11
-                ));
-            }
-            let sql = format!(
-                "INSERT INTO audit_entries (tenant_id, idx, event_id, event_hex, leaf_hash, chain_hash, estate_id, \
-                 person_pseudonym, action, occurred_at, appended_at) VALUES {}",
-                values.join(", ")
-            );
-            let mut q = sqlx::query::<Any>(sqlx::AssertSqlSafe(sql));
-            for (row, (idx, occurred)) in chunk.iter().zip(nums) {
-                q = q
-                    .bind(row[0].clone())
-                    .bind(*idx)
-                    .bind(row[1].clone())
-                    .bind(row[2].clone())
-                    .bind(row[3].clone())
-                    .bind(row[4].clone())
-                    .bind(row[5].clone())
-                    .bind(row[6].clone())
-                    .bind(row[7].clone())
-                    .bind(*occurred)
-                    .bind(now);
-            }
-            q.execute(&mut *tx).await.map_err(|e| {
-                if estate_store::is_unique_violation(&e) {
-                    Error::AlreadyExists("an event of the batch is already in the log".into())
-                } else {
-                    db_error(e)
-                }
-            })?;
-        }
+        let out = append_in(&mut tx, tenant, &list, exhaustive).await?;
         tx.commit().await.map_err(db_error)?;
         Ok(out)
     }
-
     /// The tenant's tree, brought up to date with the stored entries.
     pub async fn tree(&self, tenant: &str) -> Result<Arc<Mutex<Tree>>> {
         let handle = {
@@ -293,6 +372,10 @@ impl AuditLog {
         };
         drop(tree);
         let signed = sign_checkpoint(&self.key, &checkpoint);
+        // In a write transaction, so that on SQLite it takes its turn with
+        // the process's other writers instead of meeting a busy database and
+        // holding up the next writer in SQLite's busy handler.
+        let mut tx = self.db.begin().await?;
         sqlx::query::<Any>(
             "INSERT INTO audit_checkpoints (tenant_id, tree_size, root_hash, chain_hash, timestamp_unix, key_id, checkpoint_hex, signature_hex) \
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (tenant_id, tree_size) DO NOTHING",
@@ -305,9 +388,10 @@ impl AuditLog {
         .bind(&signed.key_id)
         .bind(hex::encode(&signed.checkpoint))
         .bind(hex::encode(&signed.signature))
-        .execute(self.db.pool())
+        .execute(&mut *tx)
         .await
         .map_err(db_error)?;
+        tx.commit().await.map_err(db_error)?;
         Ok(Some(signed))
     }
 
@@ -335,10 +419,16 @@ impl AuditLog {
         Ok(())
     }
 
-    /// Tenants whose log grew since their latest checkpoint.
+    /// Tenants with entries in the log. A skip scan of the primary key (one
+    /// index lookup per tenant): `SELECT DISTINCT` read every entry, every
+    /// five seconds, in a log that only grows.
     pub async fn tenants_with_entries(&self) -> Result<Vec<String>> {
-        let rows: Vec<(String,)> = sqlx::query_as::<Any, (String,)>("SELECT DISTINCT tenant_id FROM audit_entries")
-            .fetch_all(self.db.pool())
+        let rows: Vec<(String,)> = sqlx::query_as::<Any, (String,)>(
+            "WITH RECURSIVE t(id) AS (SELECT MIN(tenant_id) FROM audit_entries \
+             UNION ALL SELECT (SELECT MIN(tenant_id) FROM audit_entries WHERE tenant_id > t.id) FROM t WHERE t.id IS NOT NULL) \
+             SELECT id FROM t WHERE id IS NOT NULL",
+        )
+        .fetch_all(self.db.pool())
             .await
             .map_err(db_error)?;
         Ok(rows.into_iter().map(|(t,)| t).collect())

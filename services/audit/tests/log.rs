@@ -50,3 +50,68 @@ async fn duplicates_near_and_far_are_skipped() -> anyhow::Result<()> {
     db.close().await;
     test_db.drop().await
 }
+
+fn event_of(tenant: &str, id: String) -> AuditEvent {
+    AuditEvent { event_id: id, tenant_id: tenant.into(), action: "gate.decide".into(), ..Default::default() }
+}
+
+/// Appends inside callers' transactions (the all-in-one gate's decisions)
+/// and the relay's appends, concurrently and for the same tenants, leave
+/// each tenant's log contiguous and chained: SQLite's write turn or
+/// PostgreSQL's per-tenant advisory lock serialises them.
+#[tokio::test]
+async fn appends_in_callers_transactions_interleave_with_the_relay() -> anyhow::Result<()> {
+    use estate_store::outbox::AuditSink;
+    let dir = tempfile::tempdir()?;
+    let test_db = TestDatabase::create(dir.path()).await?;
+    let db = Db::connect(&DbOptions {
+        url: test_db.url().to_owned(),
+        max_connections: 6,
+        acquire_timeout: Duration::from_secs(10),
+        statement_timeout_ms: 0,
+    })
+    .await?;
+    db.migrate_outbox().await?;
+    estate_audit::migrate(&db).await?;
+    let log = AuditLog::new(db.clone(), estate_crypto::SigningKeyPair::generate()?, 50, 60);
+    let tenants = ["tenant-c", "tenant-a", "tenant-b"];
+    let mut tasks = Vec::new();
+    for worker in 0..4 {
+        let (log, db) = (log.clone(), db.clone());
+        tasks.push(tokio::spawn(async move {
+            for round in 0..10 {
+                // Every batch holds events of all three tenants, in an order
+                // that differs between workers.
+                let events: Vec<AuditEvent> =
+                    (0..12).map(|i| event_of(tenants[(i + worker) % 3], format!("w{worker}-r{round}-{i}"))).collect();
+                if worker % 2 == 0 {
+                    let prepared: Vec<_> = events.into_iter().map(|e| log.prepare(e)).collect();
+                    let mut tx = db.begin().await?;
+                    log.append_in(&mut tx, &prepared).await?;
+                    tx.commit().await?;
+                    log.committed(&prepared);
+                } else {
+                    let raw: Vec<(Vec<u8>, AuditEvent)> = events.into_iter().map(|e| (e.encode_to_vec(), e)).collect();
+                    log.append(&raw).await?;
+                }
+            }
+            anyhow::Ok(())
+        }));
+    }
+    for t in tasks {
+        t.await??;
+    }
+    let mut listed = log.tenants_with_entries().await?;
+    listed.sort();
+    assert_eq!(listed, ["tenant-a", "tenant-b", "tenant-c"]);
+    for tenant in tenants {
+        // 4 workers × 10 rounds × 4 events of each tenant, numbered 0..160
+        // without a gap (the tree refuses gaps) and chained.
+        let tree = log.tree(tenant).await?;
+        assert_eq!(tree.lock().await.size(), 160, "{tenant}");
+        let cp = log.checkpoint_now(tenant).await?.and_then(|c| c.decoded).map(|d| d.tree_size);
+        assert_eq!(cp, Some(160));
+    }
+    db.close().await;
+    test_db.drop().await
+}

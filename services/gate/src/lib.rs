@@ -15,6 +15,7 @@ use estate_facematch::FaceMatcher;
 use estate_proto::gate::gate_service_server::GateServiceServer;
 use estate_runtime::{Runtime, ServiceApp, StartError};
 use estate_store::Db;
+use estate_store::outbox::AuditSink;
 use std::sync::Arc;
 use std::time::Duration;
 use writer::DecisionWriter;
@@ -30,12 +31,18 @@ pub async fn migrate(db: &Db) -> Result<(), estate_store::StoreError> {
 /// The gate service and the background tasks it needs (the decision writer
 /// and the bus follower), built from a runtime: hot-path cache and
 /// anti-passback presence in Redis when configured, in memory otherwise.
-pub fn service(runtime: &Runtime, face: Option<Arc<dyn FaceMatcher>>) -> (GateDesk, Vec<tokio::task::JoinHandle<()>>) {
+/// Decisions are appended to `audit_log` when given (the all-in-one process,
+/// whose audit log is in the runtime's database), else to the outbox.
+pub fn service(
+    runtime: &Runtime,
+    face: Option<Arc<dyn FaceMatcher>>,
+    audit_log: Option<Arc<dyn AuditSink>>,
+) -> (GateDesk, Vec<tokio::task::JoinHandle<()>>) {
     let s = &runtime.settings.gate;
     let cache =
         CredentialCache::new(runtime.redis.clone(), Duration::from_secs(s.cache_ttl_secs.max(1)), s.cache_capacity);
     let presence = Presence::new(runtime.redis.clone());
-    let (writer, writer_task) = DecisionWriter::start(runtime.db.clone(), s.decision_batch);
+    let (writer, writer_task) = DecisionWriter::start(runtime.db.clone(), s.decision_batch, audit_log);
     let desk = GateDesk::new(
         runtime.db.clone(),
         runtime.keys.hasher.clone(),
@@ -73,7 +80,7 @@ pub async fn application(runtime: Runtime) -> Result<ServiceApp, StartError> {
         migrate(&runtime.db).await?;
     }
     let face = estate_runtime::remote_face_matcher(&runtime, "gate")?;
-    let (desk, tasks) = service(&runtime, face);
+    let (desk, tasks) = service(&runtime, face, None);
     let mut routes = tonic::service::RoutesBuilder::default();
     routes.add_service(server(&runtime, desk.clone()));
     let mut app = ServiceApp::build(runtime, routes, &[SERVICE_NAME]).await?.on_shutdown(move || desk.close_streams());

@@ -6,12 +6,19 @@
 //! batch) in a single transaction, with each gate's last-seen time, and
 //! answers every waiting decision once the batch is durable. A failed batch
 //! fails each of its decisions with UNAVAILABLE: no answer without an audit.
+//!
+//! Where the audit log shares the database (the all-in-one process), the
+//! batch is appended to the hash-chained log itself in that transaction
+//! ([`AuditSink`]); otherwise (a gate replica with its own database) it goes
+//! to the outbox, for the relay to ship to the audit service.
 
 use estate_core::{Error, Result};
 use estate_proto::common::AuditEvent;
+use estate_store::outbox::{AuditSink, PreparedEvent};
 use estate_store::{Db, db_error, outbox};
 use sqlx::Any;
 use std::collections::HashMap;
+use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot};
 
 /// One decision to make durable.
@@ -25,7 +32,9 @@ pub struct Pending {
     pub trace_parent: Option<String>,
 }
 
-type Job = (Pending, oneshot::Sender<Result<()>>);
+/// A queued decision: its event prepared for the audit log when the writer
+/// appends there, and whom to answer.
+type Job = (Pending, Option<PreparedEvent>, oneshot::Sender<Result<()>>);
 
 /// Scheduler yields the writer makes to gather more decisions into a batch.
 const GATHER_YIELDS: usize = 8;
@@ -34,30 +43,35 @@ const GATHER_YIELDS: usize = 8;
 #[derive(Debug, Clone)]
 pub struct DecisionWriter {
     queue: mpsc::Sender<Job>,
+    log: Option<Arc<dyn AuditSink>>,
 }
 
 impl DecisionWriter {
     /// Starts the writer task on `db`, writing at most `batch` events per
-    /// transaction.
-    pub fn start(db: Db, batch: usize) -> (Self, tokio::task::JoinHandle<()>) {
+    /// transaction, to `log` when given (it must share `db`), else to the
+    /// outbox.
+    pub fn start(db: Db, batch: usize, log: Option<Arc<dyn AuditSink>>) -> (Self, tokio::task::JoinHandle<()>) {
         let batch = batch.clamp(1, 10_000);
         let (queue, rx) = mpsc::channel(batch * 8);
-        let task = tokio::spawn(run(db, rx, batch));
-        (Self { queue }, task)
+        let task = tokio::spawn(run(db, log.clone(), rx, batch));
+        (Self { queue, log }, task)
     }
 
     /// Queues `pending` and waits until it is committed.
-    pub async fn write(&self, pending: Pending) -> Result<()> {
+    pub async fn write(&self, mut pending: Pending) -> Result<()> {
+        // Encoding and hashing happen here, on the decision's own task, so
+        // that the single writer's transaction only chains and inserts.
+        let prepared = self.log.as_ref().map(|log| log.prepare(std::mem::take(&mut pending.event)));
         let (tx, rx) = oneshot::channel();
         self.queue
-            .send((pending, tx))
+            .send((pending, prepared, tx))
             .await
             .map_err(|_| Error::Unavailable("the gate service is shutting down".into()))?;
         rx.await.map_err(|_| Error::Unavailable("the decision log stopped; retry".into()))?
     }
 }
 
-async fn run(db: Db, mut rx: mpsc::Receiver<Job>, batch: usize) {
+async fn run(db: Db, log: Option<Arc<dyn AuditSink>>, mut rx: mpsc::Receiver<Job>, batch: usize) {
     let mut jobs: Vec<Job> = Vec::with_capacity(batch);
     while rx.recv_many(&mut jobs, batch).await > 0 {
         // Let the decisions already under way join this batch: a few yields
@@ -74,11 +88,14 @@ async fn run(db: Db, mut rx: mpsc::Receiver<Job>, batch: usize) {
                 }
             }
         }
-        let result = commit(&db, &jobs).await;
+        let result = match &log {
+            Some(log) => commit_to_log(&db, log.as_ref(), &mut jobs).await,
+            None => commit(&db, &jobs).await,
+        };
         if let Err(e) = &result {
             tracing::error!(error = %e, decisions = jobs.len(), "decision batch not committed");
         }
-        for (_, reply) in jobs.drain(..) {
+        for (_, _, reply) in jobs.drain(..) {
             let r = match &result {
                 Ok(()) => Ok(()),
                 Err(_) => Err(Error::Unavailable("the decision could not be recorded; retry".into())),
@@ -90,20 +107,58 @@ async fn run(db: Db, mut rx: mpsc::Receiver<Job>, batch: usize) {
 
 async fn commit(db: &Db, jobs: &[Job]) -> Result<()> {
     let mut tx = db.begin().await?;
-    let mut seen: HashMap<(&str, &str), (&str, i64)> = HashMap::new();
     let events: Vec<(&AuditEvent, Option<String>)> =
-        jobs.iter().map(|(p, _)| (&p.event, p.trace_parent.clone())).collect();
+        jobs.iter().map(|(p, _, _)| (&p.event, p.trace_parent.clone())).collect();
     outbox::record_many(&mut tx, &events).await?;
-    for (p, _) in jobs {
+    touch_all(&mut tx, last_seen(jobs.iter().map(|(p, _, _)| (p, &p.event)))).await?;
+    tx.commit().await.map_err(db_error)
+}
+
+/// The batch straight into the audit log, with one `audit.append` span per
+/// traced decision (in its call's trace) lasting until the entry is durable,
+/// as the relay's spans do for outbox events.
+async fn commit_to_log(db: &Db, log: &dyn AuditSink, jobs: &mut [Job]) -> Result<()> {
+    let events: Vec<PreparedEvent> = jobs.iter_mut().filter_map(|(_, prepared, _)| prepared.take()).collect();
+    let spans: Vec<tracing::Span> = jobs
+        .iter()
+        .zip(&events)
+        .filter_map(|((p, _, _), e)| {
+            let parent = p.trace_parent.as_deref()?;
+            let span = tracing::info_span!("audit.append", otel.name = "audit.append", event_id = %e.event.event_id);
+            estate_telemetry::set_parent(&span, parent);
+            Some(span)
+        })
+        .collect();
+    let seen = last_seen(jobs.iter().zip(&events).map(|((p, _, _), e)| (p, &e.event)));
+    let mut tx = db.begin().await?;
+    log.append_in(&mut tx, &events).await?;
+    touch_all(&mut tx, seen).await?;
+    tx.commit().await.map_err(db_error)?;
+    log.committed(&events);
+    drop(spans);
+    Ok(())
+}
+
+/// Each gate's latest decision time in the batch: (tenant, gate) -> (estate, ms).
+type LastSeen = HashMap<(String, String), (String, i64)>;
+
+fn last_seen<'a>(decisions: impl Iterator<Item = (&'a Pending, &'a AuditEvent)>) -> LastSeen {
+    let mut seen = LastSeen::new();
+    for (p, event) in decisions {
         if let Some((gate, estate)) = &p.gate {
-            let at = p.event.occurred_at.as_ref().map(|t| t.seconds * 1000 + i64::from(t.nanos / 1_000_000));
-            seen.insert((p.event.tenant_id.as_str(), gate.as_str()), (estate.as_str(), at.unwrap_or(0)));
+            let at = event.occurred_at.as_ref().map_or(0, |t| t.seconds * 1000 + i64::from(t.nanos / 1_000_000));
+            seen.insert((event.tenant_id.clone(), gate.clone()), (estate.clone(), at));
         }
     }
+    seen
+}
+
+/// Updates each gate's last-seen time once per batch.
+async fn touch_all(conn: &mut sqlx::AnyConnection, seen: LastSeen) -> Result<()> {
     for ((tenant, gate), (estate, at)) in seen {
-        touch(&mut tx, tenant, gate, estate, at).await?;
+        touch(&mut *conn, &tenant, &gate, &estate, at).await?;
     }
-    tx.commit().await.map_err(db_error)
+    Ok(())
 }
 
 /// Records that a gate was heard from at `at` (ms).

@@ -75,7 +75,7 @@ async fn gate_sim_decides_online_then_offline_and_uploads() -> anyhow::Result<()
     assert!(ok, "{err}");
     let u: serde_json::Value = serde_json::from_str(out.trim())?;
     assert_eq!((u["uploaded"].as_i64(), u["duplicates"].as_i64()), (Some(1), Some(0)));
-    let rows = estate_store::outbox::for_tenant(mesh.db().pool(), &w.tenant.id).await?;
+    let rows = estate_test_support::fixtures::recorded_events(&mesh, &w.tenant.id).await?;
     assert_eq!(rows.iter().filter(|r| r.event.action == "gate.decide.offline").count(), 1);
 
     // A bad presentation is refused with a hint, not sent.

@@ -877,3 +877,44 @@ async fn visitor_entries_used_offline_count_once_uploaded() -> anyhow::Result<()
     assert_eq!(reason(&mut g, visitor()).await?, Reason::Exhausted);
     mesh.stop().await
 }
+
+/// In the all-in-one process a card decision is appended to the
+/// hash-chained audit log in the transaction that records it: the entry is
+/// there when the answer arrives (no relay in between), with the decision's
+/// id, and no outbox row stands for it.
+#[tokio::test]
+async fn a_card_decision_is_in_the_audit_log_when_it_is_answered() -> anyhow::Result<()> {
+    let mesh = TestMesh::spawn().await?;
+    let w = world(&mesh, "Direct", "120101").await?;
+    let mut op = mesh.credentials(&w.operator_token)?;
+    op.issue_credential(card_request(&w.person.id, &[w.estate.id.as_str()], "0A0B0C0D")).await?;
+    let mut north = mesh.gate(&gate(&mesh, &w)?)?;
+    let mut audit = mesh.audit(&w.operator_token)?;
+    for (uid, verdict) in [("0A0B0C0D", Verdict::Admit), ("0F0F0F0F", Verdict::Deny), ("0A0B0C0D", Verdict::Admit)] {
+        let d = north.decide(card(uid)).await?.into_inner();
+        assert_eq!(d.verdict, verdict as i32);
+        // Asked at once: no waiting for a relay.
+        let entries = audit
+            .query_entries(estate_proto::audit::QueryEntriesRequest {
+                action: "gate.decide".into(),
+                page_size: 100,
+                ..Default::default()
+            })
+            .await?
+            .into_inner()
+            .entries;
+        let found = entries.iter().filter_map(|e| e.decoded.as_ref()).find(|ev| {
+            ev.attributes.get("decision_id") == Some(&d.decision_id)
+                && ev.person_pseudonym == d.person_pseudonym
+                && ev.tenant_id == w.tenant.id
+        });
+        assert!(found.is_some(), "decision {} is not in the log when answered", d.decision_id);
+    }
+    let outbox = estate_store::outbox::for_tenant(mesh.db().pool(), &w.tenant.id).await?;
+    assert!(!outbox.iter().any(|r| r.event.action == "gate.decide"), "a card decision went through the outbox");
+    // The log's chain and tree hold: a checkpoint covers every entry.
+    let cp =
+        audit.get_latest_checkpoint(estate_proto::audit::GetLatestCheckpointRequest::default()).await?.into_inner();
+    assert!(cp.decoded.is_some_and(|c| c.tree_size >= 3));
+    mesh.stop().await
+}

@@ -474,18 +474,21 @@ mod tests {
         store.release("k").await;
         assert_eq!(store.get("k").await?, None);
         assert_eq!(map.lock().map(|m| m.bytes).unwrap_or(1), 0, "released keys give their bytes back");
-        // Full: a new key is refused until expired ones are pruned.
+        // Full: a new key is refused until expired ones are pruned. The keys
+        // live long enough (3 s) that none expires while the store fills, even
+        // on a loaded machine (with 50 ms, a slow fill let early keys expire
+        // and the count overshot).
         let big = vec![0u8; MAX_KEPT_ANSWER];
         let mut n = 0;
         let full = loop {
-            match store.reserve(&format!("f{n}"), &big, Duration::from_millis(50)).await {
+            match store.reserve(&format!("f{n}"), &big, Duration::from_secs(3)).await {
                 Ok(true) => n += 1,
                 other => break other,
             }
         };
         assert_eq!(full.map_err(|s| s.code()), Err(tonic::Code::ResourceExhausted));
         assert!(n > 900 && n < 1100, "{n} answers of 64 KiB in 64 MiB");
-        tokio::time::sleep(Duration::from_millis(60)).await;
+        tokio::time::sleep(Duration::from_millis(3100)).await;
         assert!(store.reserve("after", b"P", Duration::from_millis(50)).await?);
         Ok(())
     }

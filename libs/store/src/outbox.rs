@@ -360,7 +360,7 @@ mod tests {
 /// high-volume writer (the gate's decisions) can append its events to the
 /// hash-chained log in the transaction that records them, instead of to the
 /// outbox for the relay to copy, mark and later prune — the same guarantee
-/// (no answer without a durable audit entry) for a third of the writes.
+/// (no answer without a durable audit entry) for about a third of the writes.
 pub trait AuditSink: Send + Sync + std::fmt::Debug {
     /// Encodes and hashes `event` for [`AuditSink::append_in`]: the work that
     /// does not depend on the log's head, done by the caller's task (in

@@ -23,7 +23,7 @@ pub async fn record_once(conn: &mut AnyConnection, event: &AuditEvent) -> Result
 }
 
 /// The time of `event` in ms, or now.
-fn occurred_ms(event: &AuditEvent) -> i64 {
+pub fn occurred_ms(event: &AuditEvent) -> i64 {
     event
         .occurred_at
         .as_ref()

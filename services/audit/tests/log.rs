@@ -18,19 +18,26 @@ fn event(i: usize) -> (Vec<u8>, AuditEvent) {
     (e.encode_to_vec(), e)
 }
 
-#[tokio::test]
-async fn duplicates_near_and_far_are_skipped() -> anyhow::Result<()> {
-    let dir = tempfile::tempdir()?;
-    let test_db = TestDatabase::create(dir.path()).await?;
+/// A fresh database (SQLite, or PostgreSQL when the tests are pointed at
+/// it) with the outbox and audit tables, and a pool of `connections`.
+async fn migrated(dir: &std::path::Path, connections: u32) -> anyhow::Result<(TestDatabase, Db)> {
+    let test_db = TestDatabase::create(dir).await?;
     let db = Db::connect(&DbOptions {
         url: test_db.url().to_owned(),
-        max_connections: 2,
+        max_connections: connections,
         acquire_timeout: Duration::from_secs(10),
         statement_timeout_ms: 0,
     })
     .await?;
     db.migrate_outbox().await?;
     estate_audit::migrate(&db).await?;
+    Ok((test_db, db))
+}
+
+#[tokio::test]
+async fn duplicates_near_and_far_are_skipped() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (test_db, db) = migrated(dir.path(), 2).await?;
     let log = AuditLog::new(db.clone(), estate_crypto::SigningKeyPair::generate()?, 1000, 60);
     let events: Vec<_> = (0..3000).map(event).collect();
     for chunk in events.chunks(500) {
@@ -63,16 +70,7 @@ fn event_of(tenant: &str, id: String) -> AuditEvent {
 async fn appends_in_callers_transactions_interleave_with_the_relay() -> anyhow::Result<()> {
     use estate_store::outbox::AuditSink;
     let dir = tempfile::tempdir()?;
-    let test_db = TestDatabase::create(dir.path()).await?;
-    let db = Db::connect(&DbOptions {
-        url: test_db.url().to_owned(),
-        max_connections: 6,
-        acquire_timeout: Duration::from_secs(10),
-        statement_timeout_ms: 0,
-    })
-    .await?;
-    db.migrate_outbox().await?;
-    estate_audit::migrate(&db).await?;
+    let (test_db, db) = migrated(dir.path(), 6).await?;
     let log = AuditLog::new(db.clone(), estate_crypto::SigningKeyPair::generate()?, 50, 60);
     let tenants = ["tenant-c", "tenant-a", "tenant-b"];
     let mut tasks = Vec::new();

@@ -146,8 +146,7 @@ fn last_seen<'a>(decisions: impl Iterator<Item = (&'a Pending, &'a AuditEvent)>)
     let mut seen = LastSeen::new();
     for (p, event) in decisions {
         if let Some((gate, estate)) = &p.gate {
-            let at = event.occurred_at.as_ref().map_or(0, |t| t.seconds * 1000 + i64::from(t.nanos / 1_000_000));
-            seen.insert((event.tenant_id.clone(), gate.clone()), (estate.clone(), at));
+            seen.insert((event.tenant_id.clone(), gate.clone()), (estate.clone(), outbox::occurred_ms(event)));
         }
     }
     seen

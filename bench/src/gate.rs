@@ -97,7 +97,7 @@ struct Mesh {
 
 impl Mesh {
     async fn in_process(args: &Args, dir: &std::path::Path) -> anyhow::Result<Self> {
-        let mut settings = estate_config::Settings::load_with_env(None, Vec::new())?;
+        let mut settings = estate_config::Settings::load(None)?;
         settings.data_dir = dir.to_path_buf();
         settings.listen = "127.0.0.1:0".parse()?;
         settings.telemetry.log_filter = "error".into();

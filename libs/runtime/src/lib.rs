@@ -286,7 +286,11 @@ impl GrpcApp {
 
     /// Serves until `shutdown` resolves, then drains in-flight calls.
     pub async fn run_until(self, shutdown: impl Future<Output = ()>) -> Result<(), StartError> {
-        let incoming = tokio_stream::wrappers::TcpListenerStream::new(self.listener);
+        // `Server::tcp_nodelay` applies only to listeners tonic binds itself;
+        // accepted sockets here get it from the incoming stream. Without it,
+        // Nagle's algorithm holds back small HTTP/2 frames until the peer's
+        // delayed ACK (40 ms), which showed as a 40 ms p99 even for no-op calls.
+        let incoming = tonic::transport::server::TcpIncoming::from(self.listener).with_nodelay(Some(true));
         let served = self.router.serve_with_incoming_shutdown(incoming, shutdown).await;
         if let Some((_, task)) = self.metrics {
             task.abort();

@@ -171,7 +171,11 @@ pub async fn serve(
         .layer(estate_auth::AuthLayer::new(token_keys))
         .add_service(health)
         .add_service(server(&settings, registry.clone()))
-        .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), shutdown)
+        .serve_with_incoming_shutdown(
+            // Accepted sockets need TCP_NODELAY set here (see estate_runtime's `run_until`).
+            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
+            shutdown,
+        )
         .await
         .map_err(|e| StartError::Serve(e.to_string()));
     registry.close().await;

@@ -348,28 +348,34 @@ impl Load {
     }
 
     /// Calls at a fixed `rate` for `secs`, latency measured from each call's
-    /// scheduled start (no coordinated omission).
+    /// scheduled start (no coordinated omission). The pacer is its own
+    /// thread sleeping 100 µs at a time: tokio's timer fires on whole
+    /// milliseconds, so a runtime pacer released calls up to a millisecond
+    /// after their scheduled start and counted that wait in every latency
+    /// (the no-op's p50 at 14k/s read 1.9 ms against 0.8 ms at 75k/s).
     async fn open(self: &Arc<Self>, call: Call, rate: f64, secs: u64) -> Summary {
-        let start = Instant::now();
         let total = (rate * secs as f64) as u64;
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Option<u64>>();
-        let mut sent = 0u64;
-        let mut tick = tokio::time::interval(Duration::from_millis(1));
-        while sent < total {
-            tick.tick().await;
-            let due = ((start.elapsed().as_secs_f64() * rate) as u64).min(total);
-            while sent < due {
-                let scheduled = start + Duration::from_secs_f64(sent as f64 / rate);
-                let (load, tx) = (self.clone(), tx.clone());
-                let lane = sent as usize;
-                tokio::spawn(async move {
-                    let ok = load.one(call, lane).await;
-                    let _ = tx.send(ok.then(|| scheduled.elapsed().as_micros() as u64));
-                });
-                sent += 1;
+        let runtime = tokio::runtime::Handle::current();
+        let load = self.clone();
+        let start = Instant::now();
+        let pacer = std::thread::spawn(move || {
+            let mut sent = 0u64;
+            while sent < total {
+                let due = ((start.elapsed().as_secs_f64() * rate) as u64).min(total);
+                while sent < due {
+                    let scheduled = start + Duration::from_secs_f64(sent as f64 / rate);
+                    let (load, tx) = (load.clone(), tx.clone());
+                    let lane = sent as usize;
+                    runtime.spawn(async move {
+                        let ok = load.one(call, lane).await;
+                        let _ = tx.send(ok.then(|| scheduled.elapsed().as_micros() as u64));
+                    });
+                    sent += 1;
+                }
+                std::thread::sleep(Duration::from_micros(100));
             }
-        }
-        drop(tx);
+        });
         let (mut lat, mut errors) = (Vec::with_capacity(total as usize), 0);
         while let Some(r) = rx.recv().await {
             match r {
@@ -377,6 +383,7 @@ impl Load {
                 None => errors += 1,
             }
         }
+        let _ = pacer.join();
         summarise(lat, start.elapsed(), errors)
     }
 }

@@ -80,8 +80,8 @@ const WAL_RESTART_PAGES: i64 = 16_384;
 /// So when the WAL holds more than `restart_pages` pages, the checkpointer
 /// makes two more passes, then copies the few frames written meanwhile
 /// holding the writers' turn: then everything is copied when the next writer
-/// begins, and
-/// that writer restarts the log (`journal_size_limit` truncates the file).
+/// begins, and that writer restarts the log (`journal_size_limit` truncates
+/// the file).
 /// The turn is held for that short copy only: 3–4 ms in gate-bench (20 ms
 /// when it followed a single pass; a RESTART checkpoint would also wait for
 /// readers, in SQLite's busy handler). If a reader still uses the old

@@ -99,6 +99,16 @@ async fn new_gate(
     Ok((gate, client))
 }
 
+/// The first 100 audit entries of `action`, as the operator of `audit` sees them.
+async fn entries_of(
+    audit: &mut estate_test_support::AuditClient,
+    action: &str,
+) -> anyhow::Result<Vec<estate_proto::audit::Entry>> {
+    let request =
+        estate_proto::audit::QueryEntriesRequest { action: action.into(), page_size: 100, ..Default::default() };
+    Ok(audit.query_entries(request).await?.into_inner().entries)
+}
+
 fn gate_decisions(rows: &[estate_test_support::fixtures::Recorded], action: &str) -> usize {
     rows.iter().filter(|r| r.event.action == action).count()
 }
@@ -513,15 +523,7 @@ async fn a_gate_that_loses_the_mesh_decides_from_its_bundle_and_uploads_exactly_
     let mut audit = mesh.audit(&w.operator_token)?;
     let mut offline = Vec::new();
     for _ in 0..100 {
-        offline = audit
-            .query_entries(estate_proto::audit::QueryEntriesRequest {
-                action: "gate.decide.offline".into(),
-                page_size: 100,
-                ..Default::default()
-            })
-            .await?
-            .into_inner()
-            .entries;
+        offline = entries_of(&mut audit, "gate.decide.offline").await?;
         if offline.len() >= expected {
             break;
         }
@@ -894,15 +896,7 @@ async fn a_card_decision_is_in_the_audit_log_when_it_is_answered() -> anyhow::Re
         let d = north.decide(card(uid)).await?.into_inner();
         assert_eq!(d.verdict, verdict as i32);
         // Asked at once: no waiting for a relay.
-        let entries = audit
-            .query_entries(estate_proto::audit::QueryEntriesRequest {
-                action: "gate.decide".into(),
-                page_size: 100,
-                ..Default::default()
-            })
-            .await?
-            .into_inner()
-            .entries;
+        let entries = entries_of(&mut audit, "gate.decide").await?;
         let found = entries.iter().filter_map(|e| e.decoded.as_ref()).find(|ev| {
             ev.attributes.get("decision_id") == Some(&d.decision_id)
                 && ev.person_pseudonym == d.person_pseudonym

@@ -18,6 +18,7 @@ use sqlx::migrate::Migrator;
 use sqlx::{AnyPool, Executor};
 use std::str::FromStr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 pub use sqlx;
@@ -86,7 +87,7 @@ const WAL_RESTART_PAGES: i64 = 16_384;
 /// when it followed a single pass; a RESTART checkpoint would also wait for
 /// readers, in SQLite's busy handler). If a reader still uses the old
 /// frames, the restart waits for a later tick.
-fn spawn_checkpointer(pool: AnyPool, writer: Arc<tokio::sync::Mutex<()>>, restart_pages: i64) {
+fn spawn_checkpointer(pool: AnyPool, writer: Arc<tokio::sync::Mutex<WriterSlot>>, restart_pages: i64) {
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(CHECKPOINT_EVERY);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -130,11 +131,177 @@ async fn wal_checkpoint(pool: &AnyPool) -> Result<(i64, i64, i64), sqlx::Error> 
 pub struct Db {
     pool: AnyPool,
     backend: Backend,
-    /// SQLite: write transactions of this process take turns here, in order,
-    /// instead of meeting SQLITE_BUSY and sleeping in SQLite's busy handler
-    /// (1, 2, 5, … 100 ms steps), which made a gate decision wait 100+ ms
-    /// behind the audit relay. Other processes still meet the busy timeout.
-    writer: Option<Arc<tokio::sync::Mutex<()>>>,
+    /// SQLite: where write transactions run.
+    writer: Option<Writer>,
+}
+
+/// SQLite's write path. Write transactions of this process take turns, in
+/// order, instead of meeting SQLITE_BUSY and sleeping in SQLite's busy
+/// handler (1, 2, 5, … 100 ms steps), which made a gate decision wait 100+ ms
+/// behind the audit relay (other processes still meet the busy timeout).
+/// And they all run on one connection of their own: a SQLite connection
+/// drops its whole page cache when it begins a transaction after another
+/// connection wrote, so writes that went round the pool re-read every page
+/// they touched, each a system call and a copy (a quarter of the SQLite
+/// thread's time in the gate benchmark's profile). One connection that alone
+/// writes keeps its cache from one transaction to the next.
+#[derive(Debug, Clone)]
+struct Writer {
+    /// The writing connection; holding the lock is holding the turn. `None`
+    /// until the first write, and after the connection failed.
+    slot: Arc<tokio::sync::Mutex<WriterSlot>>,
+    /// Opens the writing connection (one connection, set up like the others).
+    writes: AnyPool,
+    /// A transaction was left open on the connection (its [`WriteTx`] was
+    /// dropped, or its COMMIT failed): roll it back before the next begins.
+    dirty: Arc<AtomicBool>,
+}
+
+#[derive(Debug)]
+struct WriterSlot {
+    conn: Option<sqlx::AnyConnection>,
+}
+
+impl Writer {
+    /// Takes the turn and the writing connection (opened first if needed),
+    /// armed to roll back whatever it begins unless told otherwise.
+    async fn acquire(&self) -> Result<WriterTx, Error> {
+        let mut slot = self.slot.clone().lock_owned().await;
+        self.clean(&mut slot).await;
+        if slot.conn.is_none() {
+            slot.conn = Some(self.writes.acquire().await.map_err(db_error)?.detach());
+        }
+        let conn = tokio::sync::OwnedMutexGuard::try_map(slot, |s| s.conn.as_mut())
+            .map_err(|_| Error::Unavailable("the database is unavailable, retry shortly".into()))?;
+        Ok(WriterTx { pending: RollbackOnDrop { writer: self.clone(), armed: true }, conn })
+    }
+
+    /// Takes the turn and begins a transaction on the writing connection.
+    async fn begin(&self) -> Result<WriterTx, Error> {
+        let mut tx = self.acquire().await?;
+        if let Err(e) = tx.conn.execute("BEGIN IMMEDIATE").await {
+            // Nothing began; busy (another process writes) leaves the
+            // connection as it was, anything else may have left it unusable:
+            // a rollback attempt finds out and reopens it.
+            tx.pending.armed = !matches!(e, sqlx::Error::Database(_));
+            return Err(db_error(e));
+        }
+        Ok(tx)
+    }
+
+    /// Rolls back a transaction left open, if any; a connection that cannot
+    /// be told to roll back is dropped (the next write opens a new one).
+    async fn clean(&self, slot: &mut WriterSlot) {
+        if !self.dirty.swap(false, Ordering::SeqCst) {
+            return;
+        }
+        if let Some(conn) = slot.conn.as_mut() {
+            match conn.execute("ROLLBACK").await {
+                // Rolled back, or SQLite says no transaction was open.
+                Ok(_) | Err(sqlx::Error::Database(_)) => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, "the SQLite writing connection failed; reopening it");
+                    slot.conn = None;
+                }
+            }
+        }
+    }
+}
+
+/// Rolls the writing connection's transaction back when its [`WriteTx`] is
+/// dropped without a commit or rollback (an error or a cancelled call). It
+/// is the first field of [`WriterTx`], so it marks the connection dirty
+/// before the turn is released: the next writer rolls back first if this
+/// task has not yet run.
+#[derive(Debug)]
+struct RollbackOnDrop {
+    writer: Writer,
+    armed: bool,
+}
+
+impl Drop for RollbackOnDrop {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        self.writer.dirty.store(true, Ordering::SeqCst);
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            let writer = self.writer.clone();
+            runtime.spawn(async move {
+                let mut slot = writer.slot.lock().await;
+                writer.clean(&mut slot).await;
+            });
+        }
+    }
+}
+
+/// A write transaction on the SQLite writing connection.
+#[derive(Debug)]
+struct WriterTx {
+    // Drop order matters: `pending` before `conn` (see `RollbackOnDrop`).
+    pending: RollbackOnDrop,
+    conn: tokio::sync::OwnedMappedMutexGuard<WriterSlot, sqlx::AnyConnection>,
+}
+
+/// Page cache of the writing connection (SQLite's default is 2 MiB): the
+/// index pages that writes touch stay in memory.
+const WRITER_CACHE_KIB: i64 = 32 * 1024;
+
+/// Pool options for `backend`: at most `max` connections, each set up for
+/// this mesh when it connects; on SQLite a `cache_kib` page cache when not 0.
+fn pool_options(
+    backend: Backend,
+    opts: &DbOptions,
+    wal_restart_pages: i64,
+    max: u32,
+    cache_kib: i64,
+) -> AnyPoolOptions {
+    let statement_timeout_ms = opts.statement_timeout_ms;
+    AnyPoolOptions::new()
+        .max_connections(max)
+        .acquire_timeout(opts.acquire_timeout)
+        // A ping before each use finds a PostgreSQL connection the server
+        // dropped; a SQLite connection is a file handle in this process,
+        // and its ping was one more hop to the connection's thread on
+        // every statement.
+        .test_before_acquire(backend == Backend::Postgres)
+        .after_connect(move |conn, _meta| {
+            Box::pin(async move {
+                match backend {
+                    Backend::Sqlite => {
+                        conn.execute("PRAGMA journal_mode = WAL").await?;
+                        conn.execute("PRAGMA busy_timeout = 5000").await?;
+                        conn.execute("PRAGMA foreign_keys = ON").await?;
+                        conn.execute("PRAGMA synchronous = NORMAL").await?;
+                        // Statement journals (a multi-row INSERT into
+                        // indexed tables needs one) stay in memory
+                        // instead of spilling to a temporary file.
+                        conn.execute("PRAGMA temp_store = MEMORY").await?;
+                        // Checkpoints run in the background (see
+                        // `spawn_checkpointer`), not inside some writer's
+                        // commit, which they used to stall for tens of ms.
+                        conn.execute("PRAGMA wal_autocheckpoint = 0").await?;
+                        let limit = format!("PRAGMA journal_size_limit = {}", wal_restart_pages * 4096);
+                        conn.execute(sqlx::AssertSqlSafe(limit)).await?;
+                        if cache_kib > 0 {
+                            let cache = format!("PRAGMA cache_size = -{cache_kib}");
+                            conn.execute(sqlx::AssertSqlSafe(cache)).await?;
+                        }
+                    }
+                    Backend::Postgres => {
+                        // Plans cached while a table was small (a seq scan)
+                        // would stay in use as it grows; plan each query
+                        // with the table as it is now.
+                        conn.execute("SET plan_cache_mode = force_custom_plan").await?;
+                        if statement_timeout_ms > 0 {
+                            let sql = format!("SET statement_timeout = {statement_timeout_ms}");
+                            conn.execute(sqlx::AssertSqlSafe(sql)).await?;
+                        }
+                    }
+                }
+                Ok(())
+            })
+        })
 }
 
 /// A write transaction (see [`Db::begin`]); derefs to the connection. Its
@@ -144,33 +311,63 @@ pub struct Db {
 /// a worker thread outside any span.
 #[derive(Debug)]
 pub struct WriteTx {
-    tx: sqlx::Transaction<'static, sqlx::Any>,
-    _turn: Option<tokio::sync::OwnedMutexGuard<()>>,
+    tx: Tx,
     _span: tracing::Span,
+}
+
+#[derive(Debug)]
+enum Tx {
+    /// PostgreSQL (and SQLite without a writing connection): a pooled
+    /// connection's transaction.
+    Pooled(sqlx::Transaction<'static, sqlx::Any>),
+    /// SQLite: the writing connection, held for the transaction.
+    Writer(WriterTx),
 }
 
 impl WriteTx {
     /// Commits.
     pub async fn commit(self) -> Result<(), sqlx::Error> {
-        self.tx.commit().await
+        self.finish("COMMIT").await
     }
 
     /// Rolls back.
     pub async fn rollback(self) -> Result<(), sqlx::Error> {
-        self.tx.rollback().await
+        self.finish("ROLLBACK").await
+    }
+
+    async fn finish(self, statement: &'static str) -> Result<(), sqlx::Error> {
+        match self.tx {
+            Tx::Pooled(tx) if statement == "COMMIT" => tx.commit().await,
+            Tx::Pooled(tx) => tx.rollback().await,
+            Tx::Writer(WriterTx { mut pending, mut conn }) => {
+                // On failure the transaction stays armed: dropping it rolls
+                // back before the next writer begins.
+                conn.execute(statement).await?;
+                pending.armed = false;
+                drop(pending);
+                drop(conn);
+                Ok(())
+            }
+        }
     }
 }
 
 impl std::ops::Deref for WriteTx {
     type Target = sqlx::AnyConnection;
     fn deref(&self) -> &Self::Target {
-        &self.tx
+        match &self.tx {
+            Tx::Pooled(tx) => tx,
+            Tx::Writer(w) => &w.conn,
+        }
     }
 }
 
 impl std::ops::DerefMut for WriteTx {
     fn deref_mut(&mut self) -> &mut Self::Target {
-        &mut self.tx
+        match &mut self.tx {
+            Tx::Pooled(tx) => tx,
+            Tx::Writer(w) => &mut w.conn,
+        }
     }
 }
 
@@ -197,55 +394,18 @@ impl Db {
             return Err(StoreError::UnsupportedUrl);
         };
         let connect_opts = AnyConnectOptions::from_str(&url).map_err(StoreError::Connect)?;
-        let statement_timeout_ms = opts.statement_timeout_ms;
-        let pool = AnyPoolOptions::new()
-            .max_connections(opts.max_connections.max(1))
-            .acquire_timeout(opts.acquire_timeout)
-            // A ping before each use finds a PostgreSQL connection the server
-            // dropped; a SQLite connection is a file handle in this process,
-            // and its ping was one more hop to the connection's thread on
-            // every statement.
-            .test_before_acquire(backend == Backend::Postgres)
-            .after_connect(move |conn, _meta| {
-                Box::pin(async move {
-                    match backend {
-                        Backend::Sqlite => {
-                            conn.execute("PRAGMA journal_mode = WAL").await?;
-                            conn.execute("PRAGMA busy_timeout = 5000").await?;
-                            conn.execute("PRAGMA foreign_keys = ON").await?;
-                            conn.execute("PRAGMA synchronous = NORMAL").await?;
-                            // Statement journals (a multi-row INSERT into
-                            // indexed tables needs one) stay in memory
-                            // instead of spilling to a temporary file.
-                            conn.execute("PRAGMA temp_store = MEMORY").await?;
-                            // Checkpoints run in the background (see
-                            // `spawn_checkpointer`), not inside some writer's
-                            // commit, which they used to stall for tens of ms.
-                            conn.execute("PRAGMA wal_autocheckpoint = 0").await?;
-                            let limit = format!("PRAGMA journal_size_limit = {}", wal_restart_pages * 4096);
-                            conn.execute(sqlx::AssertSqlSafe(limit)).await?;
-                        }
-                        Backend::Postgres => {
-                            // Plans cached while a table was small (a seq scan)
-                            // would stay in use as it grows; plan each query
-                            // with the table as it is now.
-                            conn.execute("SET plan_cache_mode = force_custom_plan").await?;
-                            if statement_timeout_ms > 0 {
-                                let sql = format!("SET statement_timeout = {statement_timeout_ms}");
-                                conn.execute(sqlx::AssertSqlSafe(sql)).await?;
-                            }
-                        }
-                    }
-                    Ok(())
-                })
-            })
-            .connect_with(connect_opts)
+        let pool = pool_options(backend, opts, wal_restart_pages, opts.max_connections.max(1), 0)
+            .connect_with(connect_opts.clone())
             .await
             .map_err(StoreError::Connect)?;
         let writer = if backend == Backend::Sqlite {
-            let writer = Arc::new(tokio::sync::Mutex::new(()));
-            spawn_checkpointer(pool.clone(), writer.clone(), wal_restart_pages);
-            Some(writer)
+            let writes = pool_options(backend, opts, wal_restart_pages, 1, WRITER_CACHE_KIB)
+                .connect_with(connect_opts)
+                .await
+                .map_err(StoreError::Connect)?;
+            let slot = Arc::new(tokio::sync::Mutex::new(WriterSlot { conn: None }));
+            spawn_checkpointer(pool.clone(), slot.clone(), wal_restart_pages);
+            Some(Writer { slot, writes, dirty: Arc::new(AtomicBool::new(false)) })
         } else {
             None
         };
@@ -289,25 +449,51 @@ impl Db {
             Backend::Postgres => "postgresql",
         };
         let span = tracing::info_span!("db.transaction", otel.kind = "client", db.system = system);
-        match (&self.writer, self.backend) {
-            (Some(turn), Backend::Sqlite) => {
-                let turn = turn.clone().lock_owned().await;
-                let tx = self.pool.begin_with("BEGIN IMMEDIATE").await.map_err(db_error)?;
-                Ok(WriteTx { tx, _turn: Some(turn), _span: span })
-            }
-            (_, Backend::Sqlite) => Ok(WriteTx {
-                tx: self.pool.begin_with("BEGIN IMMEDIATE").await.map_err(db_error)?,
-                _turn: None,
-                _span: span,
-            }),
-            (_, Backend::Postgres) => {
-                Ok(WriteTx { tx: self.pool.begin().await.map_err(db_error)?, _turn: None, _span: span })
-            }
+        let tx = match (&self.writer, self.backend) {
+            (Some(writer), Backend::Sqlite) => Tx::Writer(writer.begin().await?),
+            (_, Backend::Sqlite) => Tx::Pooled(self.pool.begin_with("BEGIN IMMEDIATE").await.map_err(db_error)?),
+            (_, Backend::Postgres) => Tx::Pooled(self.pool.begin().await.map_err(db_error)?),
+        };
+        Ok(WriteTx { tx, _span: span })
+    }
+
+    /// SQLite: runs `script`, statements from `BEGIN IMMEDIATE` to `COMMIT`,
+    /// on the writing connection in its turn, in one call to the
+    /// connection's thread where a [`WriteTx`] makes one per statement (each
+    /// call waits for that thread to be scheduled and then for the caller's
+    /// task: about 0.1 ms under load). SQLite stops at a failing statement;
+    /// what the script began is then rolled back before the next write.
+    /// The outer error is the connection's (UNAVAILABLE; or INTERNAL on
+    /// PostgreSQL, which has no writing connection), the inner the script's.
+    pub async fn write_script(
+        &self,
+        script: sqlx::query::Query<'_, sqlx::Any, sqlx::any::AnyArguments>,
+    ) -> Result<Result<(), sqlx::Error>, Error> {
+        use tracing::Instrument;
+        let Some(writer) = &self.writer else {
+            return Err(Error::Internal("write scripts need SQLite's writing connection".into()));
+        };
+        let span = tracing::info_span!("db.transaction", otel.kind = "client", db.system = "sqlite");
+        async move {
+            let mut tx = writer.acquire().await?;
+            let ran = script.execute(&mut *tx.conn).await.map(|_| ());
+            tx.pending.armed = ran.is_err();
+            Ok(ran)
         }
+        .instrument(span)
+        .await
     }
 
     /// Closes the pool, waiting for connections to be returned.
     pub async fn close(&self) {
+        if let Some(writer) = &self.writer {
+            let mut slot = writer.slot.lock().await;
+            writer.clean(&mut slot).await;
+            if let Some(conn) = slot.conn.take() {
+                let _ = sqlx::Connection::close(conn).await;
+            }
+            writer.writes.close().await;
+        }
         self.pool.close().await;
     }
 }
@@ -376,6 +562,43 @@ pub fn value_rows(conn: &sqlx::AnyConnection, rows: usize, cols: usize) -> Strin
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// SQLite's writing connection: a transaction dropped without a commit,
+    /// or a script that fails part-way, leaves nothing behind, and the next
+    /// write begins as usual.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn abandoned_writes_are_rolled_back_before_the_next() -> Result<(), Box<dyn std::error::Error>> {
+        let dir = tempfile::tempdir()?;
+        let opts = DbOptions {
+            url: format!("sqlite://{}", dir.path().join("w.db").display()),
+            max_connections: 2,
+            acquire_timeout: Duration::from_secs(10),
+            statement_timeout_ms: 0,
+        };
+        let db = Db::connect(&opts).await?;
+        sqlx::query("CREATE TABLE t (id INTEGER PRIMARY KEY)").execute(db.pool()).await?;
+        {
+            let mut tx = db.begin().await?;
+            sqlx::query("INSERT INTO t (id) VALUES (1)").execute(&mut *tx).await?;
+            // Dropped: an error or a cancelled call.
+        }
+        let script = sqlx::query::<sqlx::Any>(
+            "BEGIN IMMEDIATE; INSERT INTO t (id) VALUES (?); INSERT INTO t (id) VALUES (?); COMMIT",
+        )
+        .bind(2i64)
+        .bind(2i64);
+        let failed = db.write_script(script).await?;
+        assert!(failed.as_ref().is_err_and(is_unique_violation), "{failed:?}");
+        let mut tx = db.begin().await?;
+        sqlx::query("INSERT INTO t (id) VALUES (3)").execute(&mut *tx).await?;
+        tx.commit().await?;
+        let ok = db.write_script(sqlx::query("BEGIN IMMEDIATE; INSERT INTO t (id) VALUES (4); COMMIT")).await?;
+        assert!(ok.is_ok(), "{ok:?}");
+        let ids: Vec<i64> = sqlx::query_scalar("SELECT id FROM t ORDER BY id").fetch_all(db.pool()).await?;
+        assert_eq!(ids, vec![3, 4]);
+        db.close().await;
+        Ok(())
+    }
 
     /// Under commits that never pause, the WAL is still reset and cut back:
     /// its file shrinks during the run and never holds everything written.

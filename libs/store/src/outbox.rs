@@ -181,15 +181,19 @@ pub async fn mark_delivered(db: &crate::Db, seqs: &[i64]) -> Result<()> {
 pub async fn prune_delivered(db: &crate::Db, before_ms: i64) -> Result<u64> {
     let mut removed = 0;
     loop {
+        // A write transaction of its own, so that on SQLite it takes its turn
+        // on the writing connection like every other write.
+        let mut tx = db.begin().await?;
         let done = sqlx::query::<Any>(
             "DELETE FROM outbox_events WHERE seq IN (SELECT seq FROM outbox_events \
              WHERE delivered_at IS NOT NULL AND delivered_at < $1 ORDER BY delivered_at LIMIT 1000)",
         )
         .bind(before_ms)
-        .execute(db.pool())
+        .execute(&mut *tx)
         .await
         .map_err(db_error)?
         .rows_affected();
+        tx.commit().await.map_err(db_error)?;
         removed += done;
         if done < 1000 {
             return Ok(removed);
@@ -376,6 +380,14 @@ pub trait AuditSink: Send + Sync + std::fmt::Debug {
 
     /// Called after the transaction of an [`AuditSink::append_in`] committed.
     fn committed(&self, events: &[PreparedEvent]);
+
+    /// Appends `events` in a write transaction of its own on `db` (the
+    /// database the log is in) and commits it; then as [`AuditSink::committed`].
+    fn append_committed<'a>(
+        &'a self,
+        db: &'a crate::Db,
+        events: &'a [PreparedEvent],
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<()>> + Send + 'a>>;
 }
 
 /// An event ready to append: its exact bytes (hex, as the log stores them)

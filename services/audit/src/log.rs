@@ -7,7 +7,7 @@ use estate_merkle::{Hash, Tree, leaf_hash};
 use estate_proto::audit::{Checkpoint, SignedCheckpoint};
 use estate_proto::common::AuditEvent;
 use estate_store::outbox::{AuditSink, PreparedEvent};
-use estate_store::{Db, db_error};
+use estate_store::{Backend, Db, db_error};
 use prost::Message;
 use sqlx::{Any, AnyConnection};
 use std::collections::HashMap;
@@ -38,7 +38,18 @@ pub struct AuditLog {
     /// Entries appended through [`AuditSink`] per tenant since a checkpoint
     /// was last considered for it.
     since_checkpoint: Arc<std::sync::Mutex<HashMap<String, u64>>>,
+    /// Each tenant's head (last index, chain hash) as this process last
+    /// committed it, so that a SQLite append can skip reading it (see
+    /// [`AuditSink::append_committed`]). Only ever set after a commit; a head
+    /// that another writer moved on is found out by the primary key.
+    heads: Arc<std::sync::Mutex<HashMap<String, Head>>>,
 }
+
+/// A log's last entry: its index and chain hash.
+type Head = (i64, Hash);
+
+/// A statement with its parameters bound.
+type Statement = sqlx::query::Query<'static, Any, sqlx::any::AnyArguments>;
 
 fn hash_of(hex_text: &str) -> Result<Hash> {
     hex::decode(hex_text)
@@ -88,6 +99,46 @@ impl AuditSink for AuditLog {
         })
     }
 
+    /// On SQLite, with every tenant's head known, the whole append is one
+    /// script (`Db::write_script`): BEGIN, one INSERT per tenant, COMMIT,
+    /// a single call to the database's thread instead of four. If another
+    /// writer moved a head on, the insert at the expected index meets the
+    /// primary key, the script is rolled back and the append is made again
+    /// the usual way, reading the heads.
+    fn append_committed<'a>(
+        &'a self,
+        db: &'a Db,
+        events: &'a [PreparedEvent],
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<()>> + Send + 'a>> {
+        Box::pin(async move {
+            let mut groups = by_tenant(events, |e| e.event.tenant_id.as_str());
+            groups.sort_by(|a, b| a.0.cmp(b.0));
+            if db.backend() == Backend::Sqlite
+                && let Some((script, heads)) = self.script(&groups)
+            {
+                match db.write_script(script).await? {
+                    Ok(()) => {
+                        self.publish(heads);
+                        self.committed(events);
+                        return Ok(());
+                    }
+                    Err(e) if estate_store::is_unique_violation(&e) => self.forget(groups.iter().map(|g| g.0)),
+                    Err(e) => return Err(db_error(e)),
+                }
+            }
+            let mut tx = db.begin().await?;
+            let mut heads = Vec::with_capacity(groups.len());
+            for (tenant, list) in &groups {
+                let (_, head) = append_in(&mut tx, tenant, list, false).await?;
+                heads.extend(head.map(|h| (tenant.to_string(), h)));
+            }
+            tx.commit().await.map_err(db_error)?;
+            self.publish(heads);
+            self.committed(events);
+            Ok(())
+        })
+    }
+
     /// Signs a checkpoint in the background for each tenant that gained
     /// `checkpoint_every` entries this way (the relay's sweep signs the
     /// time-based ones).
@@ -131,7 +182,7 @@ async fn append_in(
     tenant: &str,
     events: &[&PreparedEvent],
     exhaustive: bool,
-) -> Result<Appended> {
+) -> Result<(Appended, Option<Head>)> {
     if !conn.backend_name().eq_ignore_ascii_case("sqlite") {
         sqlx::query::<Any>("SELECT pg_advisory_xact_lock($1)")
             .bind(append_lock_key(tenant))
@@ -189,26 +240,8 @@ async fn append_in(
         out.appended += 1;
     }
     for chunk in rows.chunks(INSERT_ROWS) {
-        let sql = format!(
-            "INSERT INTO audit_entries (tenant_id, idx, event_id, event_hex, leaf_hash, chain_hash, estate_id, \
-             person_pseudonym, action, occurred_at, appended_at) VALUES {}",
-            estate_store::value_rows(conn, chunk.len(), 11)
-        );
-        let mut q = sqlx::query::<Any>(sqlx::AssertSqlSafe(sql));
-        for row in chunk {
-            q = q
-                .bind(tenant.to_owned())
-                .bind(row.idx)
-                .bind(row.prepared.event.event_id.clone())
-                .bind(row.prepared.bytes_hex.clone())
-                .bind(hex::encode(row.prepared.leaf))
-                .bind(hex::encode(row.chain))
-                .bind(row.prepared.event.estate_id.clone())
-                .bind(row.prepared.event.person_pseudonym.clone())
-                .bind(row.prepared.event.action.clone())
-                .bind(row.occurred)
-                .bind(now);
-        }
+        let sql = insert_sql(&estate_store::value_rows(conn, chunk.len(), 11));
+        let q = bind_rows(sqlx::query::<Any>(sqlx::AssertSqlSafe(sql)), tenant, chunk, now);
         q.execute(&mut *conn).await.map_err(|e| {
             if estate_store::is_unique_violation(&e) {
                 Error::AlreadyExists("an event of the batch is already in the log".into())
@@ -217,7 +250,40 @@ async fn append_in(
             }
         })?;
     }
-    Ok(out)
+    let head = (next > 0).then_some((next - 1, chain));
+    Ok((out, head))
+}
+
+/// The INSERT of entries with these `VALUES` groups.
+fn insert_sql(values: &str) -> String {
+    format!(
+        "INSERT INTO audit_entries (tenant_id, idx, event_id, event_hex, leaf_hash, chain_hash, estate_id, \
+         person_pseudonym, action, occurred_at, appended_at) VALUES {values}"
+    )
+}
+
+/// Binds `rows` of `tenant` in the order of [`insert_sql`]'s columns.
+fn bind_rows<'q>(
+    mut q: sqlx::query::Query<'q, Any, sqlx::any::AnyArguments>,
+    tenant: &str,
+    rows: &[Row<'_>],
+    now: i64,
+) -> sqlx::query::Query<'q, Any, sqlx::any::AnyArguments> {
+    for row in rows {
+        q = q
+            .bind(tenant.to_owned())
+            .bind(row.idx)
+            .bind(row.prepared.event.event_id.clone())
+            .bind(row.prepared.bytes_hex.clone())
+            .bind(hex::encode(row.prepared.leaf))
+            .bind(hex::encode(row.chain))
+            .bind(row.prepared.event.estate_id.clone())
+            .bind(row.prepared.event.person_pseudonym.clone())
+            .bind(row.prepared.event.action.clone())
+            .bind(row.occurred)
+            .bind(now);
+    }
+    q
 }
 
 /// One entry about to be inserted.
@@ -238,9 +304,11 @@ fn append_lock_key(tenant: &str) -> i64 {
     i64::from_be_bytes(first)
 }
 
-/// Rows per multi-row INSERT (11 parameters each, well under both engines'
-/// limits; on SQLite they are anonymous `?`, see `estate_store::params`).
-const INSERT_ROWS: usize = 50;
+/// Rows per multi-row INSERT (11 parameters each: 2,816, well under both
+/// engines' limits; on SQLite they are anonymous `?`, see
+/// `estate_store::params`). The gate's batches (up to 256 decisions) are one
+/// statement, so one round trip to the database.
+const INSERT_ROWS: usize = 256;
 
 impl AuditLog {
     /// A log over `db`, signing checkpoints with `key`.
@@ -252,6 +320,65 @@ impl AuditLog {
             checkpoint_every: checkpoint_every.max(1),
             checkpoint_interval_ms: i64::try_from(checkpoint_interval_secs.saturating_mul(1000)).unwrap_or(i64::MAX),
             since_checkpoint: Arc::new(std::sync::Mutex::new(HashMap::new())),
+            heads: Arc::new(std::sync::Mutex::new(HashMap::new())),
+        }
+    }
+
+    /// The append script of [`AuditSink::append_committed`] and the heads it
+    /// leaves, if every tenant's head is known.
+    fn script(&self, groups: &[(&str, Vec<&PreparedEvent>)]) -> Option<(Statement, Vec<(String, Head)>)> {
+        let known: Vec<Head> = {
+            let heads = match self.heads.lock() {
+                Ok(h) => h,
+                Err(poisoned) => poisoned.into_inner(),
+            };
+            groups.iter().map(|(tenant, _)| heads.get(*tenant).copied()).collect::<Option<Vec<_>>>()?
+        };
+        let now = now_ms();
+        let mut tenants: Vec<(&str, Vec<Row>)> = Vec::with_capacity(groups.len());
+        let mut after = Vec::with_capacity(groups.len());
+        for ((tenant, list), (last, mut chain)) in groups.iter().zip(known) {
+            let mut rows = Vec::with_capacity(list.len());
+            for (idx, prepared) in (last + 1..).zip(list) {
+                chain = chain_next(&chain, &prepared.leaf);
+                rows.push(Row { idx, prepared, chain, occurred: estate_store::outbox::occurred_ms(&prepared.event) });
+            }
+            after.push((tenant.to_string(), (last + list.len() as i64, chain)));
+            tenants.push((tenant, rows));
+        }
+        let mut sql = String::from("BEGIN IMMEDIATE;\n");
+        for (_, rows) in &tenants {
+            for chunk in rows.chunks(INSERT_ROWS) {
+                let row = format!("({})", ["?"; 11].join(", "));
+                sql.push_str(&insert_sql(&vec![row; chunk.len()].join(", ")));
+                sql.push_str(";\n");
+            }
+        }
+        sql.push_str("COMMIT");
+        let mut q = sqlx::query::<Any>(sqlx::AssertSqlSafe(sql));
+        for (tenant, rows) in &tenants {
+            q = bind_rows(q, tenant, rows, now);
+        }
+        Some((q, after))
+    }
+
+    /// Records heads a commit left.
+    fn publish(&self, committed: impl IntoIterator<Item = (String, Head)>) {
+        let mut heads = match self.heads.lock() {
+            Ok(h) => h,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        heads.extend(committed);
+    }
+
+    /// Forgets the heads of `tenants` (another writer moved them on).
+    fn forget<'a>(&self, tenants: impl IntoIterator<Item = &'a str>) {
+        let mut heads = match self.heads.lock() {
+            Ok(h) => h,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        for t in tenants {
+            heads.remove(t);
         }
     }
 
@@ -284,8 +411,9 @@ impl AuditLog {
         let prepared: Vec<PreparedEvent> = events.iter().map(|(bytes, event)| prepare(bytes, event.clone())).collect();
         let list: Vec<&PreparedEvent> = prepared.iter().collect();
         let mut tx = self.db.begin().await?;
-        let out = append_in(&mut tx, tenant, &list, exhaustive).await?;
+        let (out, head) = append_in(&mut tx, tenant, &list, exhaustive).await?;
         tx.commit().await.map_err(db_error)?;
+        self.publish(head.map(|h| (tenant.to_owned(), h)));
         Ok(out)
     }
 

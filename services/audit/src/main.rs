@@ -15,6 +15,11 @@ struct Cli {
     migrate_only: bool,
 }
 
+/// mimalloc: with the system allocator, malloc and free took about 12% of
+/// the CPU in a profile of the gate benchmark (BENCHMARKS.md).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();

@@ -113,3 +113,53 @@ async fn appends_in_callers_transactions_interleave_with_the_relay() -> anyhow::
     db.close().await;
     test_db.drop().await
 }
+
+/// The stored chain of `tenant`, recomputed from its leaf hashes in order:
+/// the number of entries, each numbered in turn and chained to the one
+/// before.
+async fn chained_entries(db: &Db, tenant: &str) -> anyhow::Result<usize> {
+    let rows: Vec<(i64, String, String)> = sqlx::query_as::<sqlx::Any, (i64, String, String)>(
+        "SELECT idx, leaf_hash, chain_hash FROM audit_entries WHERE tenant_id = $1 ORDER BY idx",
+    )
+    .bind(tenant)
+    .fetch_all(db.pool())
+    .await?;
+    let mut chain = [0u8; 32];
+    for (i, (idx, leaf, stored)) in rows.iter().enumerate() {
+        assert_eq!(*idx, i as i64, "entry {i} is numbered {idx}");
+        let leaf: [u8; 32] = hex::decode(leaf)?.try_into().map_err(|_| anyhow::anyhow!("leaf hash size"))?;
+        chain = estate_audit_bundle::chain_next(&chain, &leaf);
+        assert_eq!(&hex::encode(chain), stored, "entry {idx} is not chained to the one before");
+    }
+    Ok(rows.len())
+}
+
+/// `append_committed` remembers each tenant's head and, on SQLite, appends
+/// without reading it. When another writer (here another log over the same
+/// database, as a second process would be) has moved the head on, the
+/// append finds out, appends after the real head and the chain stays whole.
+#[tokio::test]
+async fn a_head_moved_by_another_writer_is_found_and_the_chain_stays_whole() -> anyhow::Result<()> {
+    use estate_store::outbox::AuditSink;
+    let dir = tempfile::tempdir()?;
+    let (test_db, db) = migrated(dir.path(), 2).await?;
+    let log = AuditLog::new(db.clone(), estate_crypto::SigningKeyPair::generate()?, 1000, 60);
+    let other = AuditLog::new(db.clone(), estate_crypto::SigningKeyPair::generate()?, 1000, 60);
+    let prepared = |from: usize, to: usize| -> Vec<_> {
+        (from..to).map(|i| log.prepare(event_of("tenant-a", format!("e{i}")))).collect()
+    };
+    // The first append reads the head; the second uses the one remembered.
+    log.append_committed(&db, &prepared(0, 10)).await?;
+    log.append_committed(&db, &prepared(10, 20)).await?;
+    // Another writer appends: the remembered head is now behind.
+    let raw: Vec<(Vec<u8>, AuditEvent)> =
+        (20..25).map(|i| event_of("tenant-a", format!("e{i}"))).map(|e| (e.encode_to_vec(), e)).collect();
+    other.append(&raw).await?;
+    log.append_committed(&db, &prepared(25, 40)).await?;
+    log.append_committed(&db, &prepared(40, 45)).await?;
+    assert_eq!(chained_entries(&db, "tenant-a").await?, 45);
+    let tree = log.tree("tenant-a").await?;
+    assert_eq!(tree.lock().await.size(), 45);
+    db.close().await;
+    test_db.drop().await
+}

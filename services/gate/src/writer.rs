@@ -73,6 +73,7 @@ impl DecisionWriter {
 
 async fn run(db: Db, log: Option<Arc<dyn AuditSink>>, mut rx: mpsc::Receiver<Job>, batch: usize) {
     let mut jobs: Vec<Job> = Vec::with_capacity(batch);
+    let mut written = Written::new();
     while rx.recv_many(&mut jobs, batch).await > 0 {
         // Let the decisions already under way join this batch: a few yields
         // cost microseconds and save a transaction per handful of decisions.
@@ -88,6 +89,8 @@ async fn run(db: Db, log: Option<Arc<dyn AuditSink>>, mut rx: mpsc::Receiver<Job
                 }
             }
         }
+        // Each gate's latest decision, read before the log takes the events.
+        let seen = last_seen(jobs.iter().map(|(p, prepared, _)| (p, prepared.as_ref().map_or(&p.event, |e| &e.event))));
         let result = match &log {
             Some(log) => commit_to_log(&db, log.as_ref(), &mut jobs).await,
             None => commit(&db, &jobs).await,
@@ -102,6 +105,9 @@ async fn run(db: Db, log: Option<Arc<dyn AuditSink>>, mut rx: mpsc::Receiver<Job
             };
             let _ = reply.send(r);
         }
+        if result.is_ok() {
+            touch_due(&db, seen, &mut written).await;
+        }
     }
 }
 
@@ -110,7 +116,6 @@ async fn commit(db: &Db, jobs: &[Job]) -> Result<()> {
     let events: Vec<(&AuditEvent, Option<String>)> =
         jobs.iter().map(|(p, _, _)| (&p.event, p.trace_parent.clone())).collect();
     outbox::record_many(&mut tx, &events).await?;
-    touch_all(&mut tx, last_seen(jobs.iter().map(|(p, _, _)| (p, &p.event)))).await?;
     tx.commit().await.map_err(db_error)
 }
 
@@ -129,14 +134,28 @@ async fn commit_to_log(db: &Db, log: &dyn AuditSink, jobs: &mut [Job]) -> Result
             Some(span)
         })
         .collect();
-    let seen = last_seen(jobs.iter().zip(&events).map(|((p, _, _), e)| (p, &e.event)));
-    let mut tx = db.begin().await?;
-    log.append_in(&mut tx, &events).await?;
-    touch_all(&mut tx, seen).await?;
-    tx.commit().await.map_err(db_error)?;
-    log.committed(&events);
+    log.append_committed(db, &events).await?;
     drop(spans);
     Ok(())
+}
+
+/// Records the last-seen times of a batch's gates that are due (once a
+/// second per gate), after the decisions were answered, in a transaction of its
+/// own; a failure is only logged.
+async fn touch_due(db: &Db, seen: LastSeen, written: &mut Written) {
+    let seen = due(seen, written);
+    if seen.is_empty() {
+        return;
+    }
+    let touched = async {
+        let mut tx = db.begin().await?;
+        touch_all(&mut tx, &seen).await?;
+        tx.commit().await.map_err(db_error)
+    };
+    match touched.await {
+        Ok(()) => remember(written, seen),
+        Err(e) => tracing::warn!(error = %e, "gates' last-seen times not recorded"),
+    }
 }
 
 /// Each gate's latest decision time in the batch: (tenant, gate) -> (estate, ms).
@@ -152,10 +171,39 @@ fn last_seen<'a>(decisions: impl Iterator<Item = (&'a Pending, &'a AuditEvent)>)
     seen
 }
 
-/// Updates each gate's last-seen time once per batch.
-async fn touch_all(conn: &mut sqlx::AnyConnection, seen: LastSeen) -> Result<()> {
+/// How often a gate's stored last-seen time is brought up to date while it
+/// keeps deciding: operators read it to the second, and rewriting it with
+/// every batch cost a statement (a round trip to the database) per batch.
+const LAST_SEEN_EVERY_MS: i64 = 1_000;
+
+/// The last-seen time last committed per (tenant, gate).
+type Written = HashMap<(String, String), i64>;
+
+/// The gates of `seen` whose stored time is [`LAST_SEEN_EVERY_MS`] or more
+/// behind (or never written by this writer).
+fn due(mut seen: LastSeen, written: &Written) -> LastSeen {
+    seen.retain(|key, (_, at)| written.get(key).is_none_or(|w| *at - *w >= LAST_SEEN_EVERY_MS));
+    seen
+}
+
+/// Records what a committed batch wrote. The map is pruned of gates silent
+/// for a minute, so it holds the gates deciding now.
+fn remember(written: &mut Written, seen: LastSeen) {
+    let newest = seen.values().map(|(_, at)| *at).max();
+    for (key, (_, at)) in seen {
+        written.insert(key, at);
+    }
+    if let Some(now) = newest
+        && written.len() > 1024
+    {
+        written.retain(|_, at| now - *at < 60_000);
+    }
+}
+
+/// Updates each gate's last-seen time.
+async fn touch_all(conn: &mut sqlx::AnyConnection, seen: &LastSeen) -> Result<()> {
     for ((tenant, gate), (estate, at)) in seen {
-        touch(&mut *conn, &tenant, &gate, &estate, at).await?;
+        touch(&mut *conn, tenant, gate, estate, *at).await?;
     }
     Ok(())
 }

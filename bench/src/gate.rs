@@ -243,6 +243,10 @@ enum Call {
 
 struct Summary {
     rate: f64,
+    /// CPU time of this whole process (server and load generator) per
+    /// call, in µs: less sensitive than `rate` to a VM whose capacity
+    /// changes from minute to minute.
+    cpu_us: f64,
     p50: f64,
     p99: f64,
     p999: f64,
@@ -257,10 +261,26 @@ fn percentile(sorted: &[u64], p: f64) -> f64 {
     sorted[i.min(sorted.len() - 1)] as f64 / 1000.0
 }
 
-fn summarise(mut lat_us: Vec<u64>, elapsed: Duration, errors: u64) -> Summary {
+/// CPU time this process has used (all threads, user and system), in
+/// seconds, from /proc/self/stat (clock ticks of 10 ms).
+fn cpu_seconds() -> f64 {
+    std::fs::read_to_string("/proc/self/stat")
+        .ok()
+        .and_then(|s| {
+            // Fields after the command name, which is in parentheses.
+            let rest = s.rsplit_once(')')?.1.split_whitespace().collect::<Vec<_>>();
+            let ticks = rest.get(11)?.parse::<f64>().ok()? + rest.get(12)?.parse::<f64>().ok()?;
+            Some(ticks / 100.0)
+        })
+        .unwrap_or(0.0)
+}
+
+fn summarise(mut lat_us: Vec<u64>, elapsed: Duration, errors: u64, cpu_from: f64) -> Summary {
     lat_us.sort_unstable();
+    let calls = (lat_us.len() as f64).max(1.0);
     Summary {
         rate: lat_us.len() as f64 / elapsed.as_secs_f64(),
+        cpu_us: (cpu_seconds() - cpu_from) * 1e6 / calls,
         p50: percentile(&lat_us, 0.50),
         p99: percentile(&lat_us, 0.99),
         p999: percentile(&lat_us, 0.999),
@@ -319,7 +339,7 @@ impl Load {
 
     /// As many calls as `concurrency` workers can make in `secs`.
     async fn closed(self: &Arc<Self>, call: Call, concurrency: usize, secs: u64) -> Summary {
-        let start = Instant::now();
+        let (start, cpu_from) = (Instant::now(), cpu_seconds());
         let deadline = start + Duration::from_secs(secs);
         let mut tasks = Vec::new();
         for lane in 0..concurrency {
@@ -344,7 +364,7 @@ impl Load {
                 errors += e;
             }
         }
-        summarise(all, start.elapsed(), errors)
+        summarise(all, start.elapsed(), errors, cpu_from)
     }
 
     /// Calls at a fixed `rate` for `secs`, latency measured from each call's
@@ -358,7 +378,7 @@ impl Load {
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Option<u64>>();
         let runtime = tokio::runtime::Handle::current();
         let load = self.clone();
-        let start = Instant::now();
+        let (start, cpu_from) = (Instant::now(), cpu_seconds());
         let pacer = std::thread::spawn(move || {
             let mut sent = 0u64;
             while sent < total {
@@ -384,16 +404,20 @@ impl Load {
             }
         }
         let _ = pacer.join();
-        summarise(lat, start.elapsed(), errors)
+        summarise(lat, start.elapsed(), errors, cpu_from)
     }
 }
 
 fn line(name: &str, s: &Summary) {
     println!(
-        "{name:<44} {:>9.0} calls/s   p50 {:>6.2} ms   p99 {:>6.2} ms   p99.9 {:>6.2} ms   errors {}",
-        s.rate, s.p50, s.p99, s.p999, s.errors
+        "{name:<44} {:>9.0} calls/s   p50 {:>6.2} ms   p99 {:>6.2} ms   p99.9 {:>6.2} ms   cpu {:>5.1} µs/call   errors {}",
+        s.rate, s.p50, s.p99, s.p999, s.cpu_us, s.errors
     );
 }
+
+/// The allocator the mesh's binaries use (see services/mesh/src/main.rs).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
@@ -558,6 +582,8 @@ async fn main() -> anyhow::Result<()> {
     line("card decision (GateService/Decide)", &decide);
     line("no-op unary (Health/Check), after", &noop_b);
     println!("ratio decide / no-op (closed loop): {:.2}", decide.rate / noop_rate);
+    let noop_cpu = (noop_a.cpu_us + noop_b.cpu_us) / 2.0;
+    println!("ratio of CPU per call, no-op / decide: {:.2}", noop_cpu / decide.cpu_us);
     if let Some(n) = backlog {
         // Rows the relay had not yet put into the hash-chained log when the
         // decision phase ended: a large number means the phase's rate was
@@ -651,8 +677,8 @@ async fn main() -> anyhow::Result<()> {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         let n = latencies.len();
-        let s = summarise(latencies, Duration::from_secs(1), 0);
-        let r = summarise(rpc, Duration::from_secs(1), 0);
+        let s = summarise(latencies, Duration::from_secs(1), 0, 0.0);
+        let r = summarise(rpc, Duration::from_secs(1), 0, 0.0);
         println!(
             "revoke-to-gate, {} gates x {} revocations ({n} deliveries, {missing} missing): p50 {:.2} ms, p99 {:.2} ms, p99.9 {:.2} ms",
             created.len(),

@@ -317,8 +317,7 @@ pub struct WriteTx {
 
 #[derive(Debug)]
 enum Tx {
-    /// PostgreSQL (and SQLite without a writing connection): a pooled
-    /// connection's transaction.
+    /// PostgreSQL: a pooled connection's transaction.
     Pooled(sqlx::Transaction<'static, sqlx::Any>),
     /// SQLite: the writing connection, held for the transaction.
     Writer(WriterTx),
@@ -449,10 +448,10 @@ impl Db {
             Backend::Postgres => "postgresql",
         };
         let span = tracing::info_span!("db.transaction", otel.kind = "client", db.system = system);
-        let tx = match (&self.writer, self.backend) {
-            (Some(writer), Backend::Sqlite) => Tx::Writer(writer.begin().await?),
-            (_, Backend::Sqlite) => Tx::Pooled(self.pool.begin_with("BEGIN IMMEDIATE").await.map_err(db_error)?),
-            (_, Backend::Postgres) => Tx::Pooled(self.pool.begin().await.map_err(db_error)?),
+        // SQLite always has a writing connection; PostgreSQL never does.
+        let tx = match &self.writer {
+            Some(writer) => Tx::Writer(writer.begin().await?),
+            None => Tx::Pooled(self.pool.begin().await.map_err(db_error)?),
         };
         Ok(WriteTx { tx, _span: span })
     }

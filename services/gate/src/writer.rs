@@ -3,13 +3,14 @@
 //! Every decision is audited before its answer leaves the service, but one
 //! transaction per decision would make the database's commit rate the gate's
 //! ceiling. Decisions queue here; one task writes whatever is queued (up to a
-//! batch) in a single transaction, with each gate's last-seen time, and
-//! answers every waiting decision once the batch is durable. A failed batch
-//! fails each of its decisions with UNAVAILABLE: no answer without an audit.
+//! batch) in a single transaction and answers every waiting decision once the
+//! batch is durable. A failed batch fails each of its decisions with
+//! UNAVAILABLE: no answer without an audit. Gates' last-seen times follow,
+//! at most once a second per gate, after the answers.
 //!
 //! Where the audit log shares the database (the all-in-one process), the
-//! batch is appended to the hash-chained log itself in that transaction
-//! ([`AuditSink`]); otherwise (a gate replica with its own database) it goes
+//! batch is appended to the hash-chained log itself
+//! ([`AuditSink::append_committed`]); otherwise (a gate replica with its own database) it goes
 //! to the outbox, for the relay to ship to the audit service.
 
 use estate_core::{Error, Result};

@@ -286,29 +286,6 @@ fn bind_rows<'q>(
     q
 }
 
-/// The INSERT of person index rows from these `VALUES` groups (tenant,
-/// pseudonym, index): entries that name nobody, and rows already there, are
-/// skipped. Every entry of a step is bound, so that a full step is always
-/// the same statement (the statement cache is the writing connection's,
-/// shared with the gate's appends).
-fn person_insert_sql(values: &str) -> String {
-    format!(
-        "INSERT INTO audit_person_entries (tenant_id, person_pseudonym, idx) \
-         SELECT column1, column2, column3 FROM (VALUES {values}) AS v WHERE column2 <> '' \
-         ON CONFLICT (tenant_id, person_pseudonym, idx) DO NOTHING"
-    )
-}
-
-/// Moves a tenant's person index mark forward (never back) to `next`.
-fn person_mark_sql(tenant: &str, next: &str) -> String {
-    format!(
-        "INSERT INTO audit_person_indexed (tenant_id, next_idx) VALUES ({tenant}, {next}) \
-         ON CONFLICT (tenant_id) DO UPDATE SET next_idx = CASE \
-         WHEN excluded.next_idx > audit_person_indexed.next_idx THEN excluded.next_idx \
-         ELSE audit_person_indexed.next_idx END"
-    )
-}
-
 /// One entry about to be inserted.
 struct Row<'a> {
     idx: i64,
@@ -333,15 +310,13 @@ fn append_lock_key(tenant: &str) -> i64 {
 /// statement, so one round trip to the database.
 const INSERT_ROWS: usize = 256;
 
-/// Entries the person indexer takes per write transaction. The gate's
-/// decisions wait while it holds the write turn: in gate-bench a step of
-/// 1,000 held it 5.6 ms on average (decision p99 12.7 ms), one of 250
-/// 1.7 ms (p99 8.6 ms) at the same throughput.
-const PERSON_INDEX_STEP: i64 = 250;
+/// Entries the person indexer takes per write transaction: large enough
+/// that entries of the same person share pages, small enough that a gate
+/// decision waiting for its turn waits a few milliseconds at most.
+const PERSON_INDEX_STEP: i64 = 1_000;
 
-/// Rows per INSERT of the person index (3 parameters each): a step is one
-/// statement.
-const PERSON_INSERT_ROWS: usize = PERSON_INDEX_STEP as usize;
+/// Rows per INSERT of the person index (3 parameters each).
+const PERSON_INSERT_ROWS: usize = 300;
 
 impl AuditLog {
     /// A log over `db`, signing checkpoints with `key`.
@@ -600,40 +575,32 @@ impl AuditLog {
             .await
             .map_err(db_error)?;
             let Some(&(last, _)) = rows.last() else { break };
-            if self.db.backend() == Backend::Sqlite {
-                // One call to the writing connection's thread: the write
-                // turn is held for the inserts, not for round trips.
-                let mut sql = String::from("BEGIN IMMEDIATE;\n");
-                for chunk in rows.chunks(PERSON_INSERT_ROWS) {
-                    sql.push_str(&person_insert_sql(&vec!["(?, ?, ?)"; chunk.len()].join(", ")));
-                    sql.push_str(";\n");
-                }
-                sql.push_str(&person_mark_sql("?", "?"));
-                sql.push_str(";\nCOMMIT");
+            let people: Vec<&(i64, String)> = rows.iter().filter(|(_, p)| !p.is_empty()).collect();
+            let mut tx = self.db.begin().await?;
+            for chunk in people.chunks(PERSON_INSERT_ROWS) {
+                let sql = format!(
+                    "INSERT INTO audit_person_entries (tenant_id, person_pseudonym, idx) VALUES {} \
+                     ON CONFLICT (tenant_id, person_pseudonym, idx) DO NOTHING",
+                    estate_store::value_rows(&tx, chunk.len(), 3)
+                );
                 let mut q = sqlx::query::<Any>(sqlx::AssertSqlSafe(sql));
-                for (idx, person) in &rows {
+                for (idx, person) in chunk {
                     q = q.bind(tenant.to_owned()).bind(person.clone()).bind(*idx);
                 }
-                q = q.bind(tenant.to_owned()).bind(last + 1);
-                self.db.write_script(q).await?.map_err(db_error)?;
-            } else {
-                let mut tx = self.db.begin().await?;
-                for chunk in rows.chunks(PERSON_INSERT_ROWS) {
-                    let sql = person_insert_sql(&estate_store::value_rows(&tx, chunk.len(), 3));
-                    let mut q = sqlx::query::<Any>(sqlx::AssertSqlSafe(sql));
-                    for (idx, person) in chunk {
-                        q = q.bind(tenant.to_owned()).bind(person.clone()).bind(*idx);
-                    }
-                    q.execute(&mut *tx).await.map_err(db_error)?;
-                }
-                sqlx::query::<Any>(sqlx::AssertSqlSafe(person_mark_sql("$1", "$2")))
-                    .bind(tenant)
-                    .bind(last + 1)
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(db_error)?;
-                tx.commit().await.map_err(db_error)?;
+                q.execute(&mut *tx).await.map_err(db_error)?;
             }
+            sqlx::query::<Any>(
+                "INSERT INTO audit_person_indexed (tenant_id, next_idx) VALUES ($1, $2) \
+                 ON CONFLICT (tenant_id) DO UPDATE SET next_idx = CASE \
+                 WHEN excluded.next_idx > audit_person_indexed.next_idx THEN excluded.next_idx \
+                 ELSE audit_person_indexed.next_idx END",
+            )
+            .bind(tenant)
+            .bind(last + 1)
+            .execute(&mut *tx)
+            .await
+            .map_err(db_error)?;
+            tx.commit().await.map_err(db_error)?;
             total += rows.len();
             if rows.len() < usize::try_from(PERSON_INDEX_STEP).unwrap_or(usize::MAX) {
                 break;

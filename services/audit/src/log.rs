@@ -310,14 +310,6 @@ fn append_lock_key(tenant: &str) -> i64 {
 /// statement, so one round trip to the database.
 const INSERT_ROWS: usize = 256;
 
-/// Entries the person indexer takes per write transaction: large enough
-/// that entries of the same person share pages, small enough that a gate
-/// decision waiting for its turn waits a few milliseconds at most.
-const PERSON_INDEX_STEP: i64 = 1_000;
-
-/// Rows per INSERT of the person index (3 parameters each).
-const PERSON_INSERT_ROWS: usize = 300;
-
 impl AuditLog {
     /// A log over `db`, signing checkpoints with `key`.
     pub fn new(db: Db, key: SigningKeyPair, checkpoint_every: u64, checkpoint_interval_secs: u64) -> Self {
@@ -552,74 +544,6 @@ impl AuditLog {
             self.checkpoint_now(tenant).await?;
         }
         Ok(())
-    }
-
-    /// Brings the tenant's person index (`audit_person_entries`) up to the
-    /// log's head, [`PERSON_INDEX_STEP`] entries per write transaction;
-    /// returns how many entries it went past. The entries are read before
-    /// the write turn is taken, so that a writer waiting behind the indexer
-    /// (a gate decision) waits for the inserts only. Safe to run in several
-    /// processes at once: entries already indexed are skipped and the mark
-    /// only moves forward.
-    pub async fn index_persons(&self, tenant: &str) -> Result<usize> {
-        let mut total = 0;
-        loop {
-            let next = self.persons_indexed_below(tenant).await?;
-            let rows: Vec<(i64, String)> = sqlx::query_as::<Any, (i64, String)>(
-                "SELECT idx, person_pseudonym FROM audit_entries WHERE tenant_id = $1 AND idx >= $2 ORDER BY idx LIMIT $3",
-            )
-            .bind(tenant)
-            .bind(next)
-            .bind(PERSON_INDEX_STEP)
-            .fetch_all(self.db.pool())
-            .await
-            .map_err(db_error)?;
-            let Some(&(last, _)) = rows.last() else { break };
-            let people: Vec<&(i64, String)> = rows.iter().filter(|(_, p)| !p.is_empty()).collect();
-            let mut tx = self.db.begin().await?;
-            for chunk in people.chunks(PERSON_INSERT_ROWS) {
-                let sql = format!(
-                    "INSERT INTO audit_person_entries (tenant_id, person_pseudonym, idx) VALUES {} \
-                     ON CONFLICT (tenant_id, person_pseudonym, idx) DO NOTHING",
-                    estate_store::value_rows(&tx, chunk.len(), 3)
-                );
-                let mut q = sqlx::query::<Any>(sqlx::AssertSqlSafe(sql));
-                for (idx, person) in chunk {
-                    q = q.bind(tenant.to_owned()).bind(person.clone()).bind(*idx);
-                }
-                q.execute(&mut *tx).await.map_err(db_error)?;
-            }
-            sqlx::query::<Any>(
-                "INSERT INTO audit_person_indexed (tenant_id, next_idx) VALUES ($1, $2) \
-                 ON CONFLICT (tenant_id) DO UPDATE SET next_idx = CASE \
-                 WHEN excluded.next_idx > audit_person_indexed.next_idx THEN excluded.next_idx \
-                 ELSE audit_person_indexed.next_idx END",
-            )
-            .bind(tenant)
-            .bind(last + 1)
-            .execute(&mut *tx)
-            .await
-            .map_err(db_error)?;
-            tx.commit().await.map_err(db_error)?;
-            total += rows.len();
-            if rows.len() < usize::try_from(PERSON_INDEX_STEP).unwrap_or(usize::MAX) {
-                break;
-            }
-            // Let the writers waiting for their turn go first.
-            tokio::task::yield_now().await;
-        }
-        Ok(total)
-    }
-
-    /// Every entry of the tenant below this index is in the person index.
-    pub async fn persons_indexed_below(&self, tenant: &str) -> Result<i64> {
-        let next: Option<(i64,)> =
-            sqlx::query_as::<Any, (i64,)>("SELECT next_idx FROM audit_person_indexed WHERE tenant_id = $1")
-                .bind(tenant)
-                .fetch_optional(self.db.pool())
-                .await
-                .map_err(db_error)?;
-        Ok(next.map_or(0, |(n,)| n))
     }
 
     /// Tenants with entries in the log. A skip scan of the primary key (one

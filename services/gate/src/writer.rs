@@ -40,10 +40,6 @@ type Job = (Pending, Option<PreparedEvent>, oneshot::Sender<Result<()>>);
 /// Scheduler yields the writer makes to gather more decisions into a batch.
 const GATHER_YIELDS: usize = 8;
 
-/// Queued decisions below which the writer gathers with yields before it
-/// commits; with this many or more it commits at once.
-const GATHER_BELOW: usize = 4;
-
 /// Handle to the writer task; cheap to clone.
 #[derive(Debug, Clone)]
 pub struct DecisionWriter {
@@ -80,15 +76,9 @@ async fn run(db: Db, log: Option<Arc<dyn AuditSink>>, mut rx: mpsc::Receiver<Job
     let mut jobs: Vec<Job> = Vec::with_capacity(batch);
     let mut written = Written::new();
     while rx.recv_many(&mut jobs, batch).await > 0 {
-        // At light load, let the decisions already under way join this
-        // batch: a few yields cost microseconds and save a transaction per
-        // handful of decisions. When several were queued already, the gate
-        // is busy and the commit in progress was the gathering window:
-        // under load each yield waits for every ready task to run (~0.15 ms
-        // measured), and eight of them held the database idle longer than
-        // the commit that followed (BENCHMARKS.md, session 9).
-        let yields = if jobs.len() < GATHER_BELOW { GATHER_YIELDS } else { 0 };
-        for _ in 0..yields {
+        // Let the decisions already under way join this batch: a few yields
+        // cost microseconds and save a transaction per handful of decisions.
+        for _ in 0..GATHER_YIELDS {
             if jobs.len() >= batch {
                 break;
             }

@@ -326,19 +326,20 @@ enum Tx {
 impl WriteTx {
     /// Commits.
     pub async fn commit(self) -> Result<(), sqlx::Error> {
-        self.finish("COMMIT").await
+        self.finish(true).await
     }
 
     /// Rolls back.
     pub async fn rollback(self) -> Result<(), sqlx::Error> {
-        self.finish("ROLLBACK").await
+        self.finish(false).await
     }
 
-    async fn finish(self, statement: &'static str) -> Result<(), sqlx::Error> {
+    async fn finish(self, commit: bool) -> Result<(), sqlx::Error> {
         match self.tx {
-            Tx::Pooled(tx) if statement == "COMMIT" => tx.commit().await,
+            Tx::Pooled(tx) if commit => tx.commit().await,
             Tx::Pooled(tx) => tx.rollback().await,
             Tx::Writer(WriterTx { mut pending, mut conn }) => {
+                let statement = if commit { "COMMIT" } else { "ROLLBACK" };
                 // On failure the transaction stays armed: dropping it rolls
                 // back before the next writer begins.
                 conn.execute(statement).await?;

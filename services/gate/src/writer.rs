@@ -90,8 +90,9 @@ async fn run(db: Db, log: Option<Arc<dyn AuditSink>>, mut rx: mpsc::Receiver<Job
                 }
             }
         }
-        // Each gate's latest decision, read before the log takes the events.
-        let seen = last_seen(jobs.iter().map(|(p, prepared, _)| (p, prepared.as_ref().map_or(&p.event, |e| &e.event))));
+        // The gates due a last-seen update, read before the log takes the events.
+        let due =
+            due(jobs.iter().map(|(p, prepared, _)| (p, prepared.as_ref().map_or(&p.event, |e| &e.event))), &written);
         let result = match &log {
             Some(log) => commit_to_log(&db, log.as_ref(), &mut jobs).await,
             None => commit(&db, &jobs).await,
@@ -107,7 +108,7 @@ async fn run(db: Db, log: Option<Arc<dyn AuditSink>>, mut rx: mpsc::Receiver<Job
             let _ = reply.send(r);
         }
         if result.is_ok() {
-            touch_due(&db, seen, &mut written).await;
+            touch_due(&db, due, &mut written).await;
         }
     }
 }
@@ -144,7 +145,6 @@ async fn commit_to_log(db: &Db, log: &dyn AuditSink, jobs: &mut [Job]) -> Result
 /// second per gate), after the decisions were answered, in a transaction of its
 /// own; a failure is only logged.
 async fn touch_due(db: &Db, seen: LastSeen, written: &mut Written) {
-    let seen = due(seen, written);
     if seen.is_empty() {
         return;
     }
@@ -159,40 +159,42 @@ async fn touch_due(db: &Db, seen: LastSeen, written: &mut Written) {
     }
 }
 
-/// Each gate's latest decision time in the batch: (tenant, gate) -> (estate, ms).
-type LastSeen = HashMap<(String, String), (String, i64)>;
-
-fn last_seen<'a>(decisions: impl Iterator<Item = (&'a Pending, &'a AuditEvent)>) -> LastSeen {
-    let mut seen = LastSeen::new();
-    for (p, event) in decisions {
-        if let Some((gate, estate)) = &p.gate {
-            seen.insert((event.tenant_id.clone(), gate.clone()), (estate.clone(), outbox::occurred_ms(event)));
-        }
-    }
-    seen
-}
+/// The gates of a batch whose stored last-seen time is due: gate ->
+/// (tenant, estate, its latest decision in the batch, ms).
+type LastSeen = HashMap<String, (String, String, i64)>;
 
 /// How often a gate's stored last-seen time is brought up to date while it
 /// keeps deciding: operators read it to the second, and rewriting it with
 /// every batch cost a statement (a round trip to the database) per batch.
 const LAST_SEEN_EVERY_MS: i64 = 1_000;
 
-/// The last-seen time last committed per (tenant, gate).
-type Written = HashMap<(String, String), i64>;
+/// The last-seen time last committed per gate (gate ids are unique across
+/// tenants).
+type Written = HashMap<String, i64>;
 
-/// The gates of `seen` whose stored time is [`LAST_SEEN_EVERY_MS`] or more
-/// behind (or never written by this writer).
-fn due(mut seen: LastSeen, written: &Written) -> LastSeen {
-    seen.retain(|key, (_, at)| written.get(key).is_none_or(|w| *at - *w >= LAST_SEEN_EVERY_MS));
+/// The gates of a batch whose stored time is [`LAST_SEEN_EVERY_MS`] or more
+/// behind their latest decision (or that this writer never wrote). A gate
+/// that is not due costs two lookups and no copy: this runs for every batch.
+fn due<'a>(decisions: impl Iterator<Item = (&'a Pending, &'a AuditEvent)>, written: &Written) -> LastSeen {
+    let mut seen = LastSeen::new();
+    for (p, event) in decisions {
+        let Some((gate, estate)) = &p.gate else { continue };
+        let at = outbox::occurred_ms(event);
+        if let Some(entry) = seen.get_mut(gate.as_str()) {
+            entry.2 = entry.2.max(at);
+        } else if written.get(gate.as_str()).is_none_or(|w| at - *w >= LAST_SEEN_EVERY_MS) {
+            seen.insert(gate.clone(), (event.tenant_id.clone(), estate.clone(), at));
+        }
+    }
     seen
 }
 
 /// Records what a committed batch wrote. The map is pruned of gates silent
 /// for a minute, so it holds the gates deciding now.
 fn remember(written: &mut Written, seen: LastSeen) {
-    let newest = seen.values().map(|(_, at)| *at).max();
-    for (key, (_, at)) in seen {
-        written.insert(key, at);
+    let newest = seen.values().map(|(_, _, at)| *at).max();
+    for (gate, (_, _, at)) in seen {
+        written.insert(gate, at);
     }
     if let Some(now) = newest
         && written.len() > 1024
@@ -203,7 +205,7 @@ fn remember(written: &mut Written, seen: LastSeen) {
 
 /// Updates each gate's last-seen time.
 async fn touch_all(conn: &mut sqlx::AnyConnection, seen: &LastSeen) -> Result<()> {
-    for ((tenant, gate), (estate, at)) in seen {
+    for (gate, (tenant, estate, at)) in seen {
         touch(&mut *conn, tenant, gate, estate, *at).await?;
     }
     Ok(())

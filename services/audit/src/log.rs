@@ -286,6 +286,25 @@ fn bind_rows<'q>(
     q
 }
 
+/// The INSERT of person index rows from these `VALUES` groups (tenant,
+/// pseudonym, index); rows already there (another indexer's) are skipped.
+fn person_insert_sql(values: &str) -> String {
+    format!(
+        "INSERT INTO audit_person_entries (tenant_id, person_pseudonym, idx) VALUES {values} \
+         ON CONFLICT (tenant_id, person_pseudonym, idx) DO NOTHING"
+    )
+}
+
+/// Moves a tenant's person index mark forward (never back) to `next`.
+fn person_mark_sql(tenant: &str, next: &str) -> String {
+    format!(
+        "INSERT INTO audit_person_indexed (tenant_id, next_idx) VALUES ({tenant}, {next}) \
+         ON CONFLICT (tenant_id) DO UPDATE SET next_idx = CASE \
+         WHEN excluded.next_idx > audit_person_indexed.next_idx THEN excluded.next_idx \
+         ELSE audit_person_indexed.next_idx END"
+    )
+}
+
 /// One entry about to be inserted.
 struct Row<'a> {
     idx: i64,
@@ -309,6 +328,21 @@ fn append_lock_key(tenant: &str) -> i64 {
 /// `estate_store::params`). The gate's batches (up to 256 decisions) are one
 /// statement, so one round trip to the database.
 const INSERT_ROWS: usize = 256;
+
+/// Entries the person indexer reads at a time (a window). It sorts them by
+/// person before inserting, so that a person's entries of the window land
+/// together: with 1,000 people and a window of 16,384 entries a B-tree page
+/// takes about sixteen rows per write, where indexing each entry as it was
+/// appended (or in log order, a few hundred at a time: session 9) wrote
+/// nearly one page per entry. A larger window writes fewer pages per entry,
+/// costs memory, and leaves more entries for a query by person to read
+/// unindexed.
+const PERSON_INDEX_WINDOW: i64 = 16_384;
+
+/// Sorted rows per write transaction of the person indexer (3 parameters
+/// each, one statement). The gate's decisions wait while it holds the write
+/// turn, so a window is written in many short transactions.
+const PERSON_INSERT_ROWS: usize = 512;
 
 impl AuditLog {
     /// A log over `db`, signing checkpoints with `key`.
@@ -544,6 +578,113 @@ impl AuditLog {
             self.checkpoint_now(tenant).await?;
         }
         Ok(())
+    }
+
+    /// Brings the tenant's person index (`audit_person_entries`) up to the
+    /// log's head and returns how many entries it went past. A window of
+    /// [`PERSON_INDEX_WINDOW`] entries is read (outside the write turn),
+    /// sorted by person and written [`PERSON_INSERT_ROWS`] rows per write
+    /// transaction; the last of them moves the tenant's mark past the
+    /// window. A window cut short (a crash, an error) leaves the mark where
+    /// it was and is written again next time; queries read the index only
+    /// below the mark. Safe to run in several processes at once: rows
+    /// already there are skipped and the mark only moves forward.
+    pub async fn index_persons(&self, tenant: &str) -> Result<usize> {
+        self.index_persons_by(tenant, PERSON_INDEX_WINDOW, PERSON_INSERT_ROWS).await
+    }
+
+    /// [`Self::index_persons`] with windows of `window` entries and `per_tx`
+    /// rows per transaction.
+    pub(crate) async fn index_persons_by(&self, tenant: &str, window: i64, per_tx: usize) -> Result<usize> {
+        let per_tx = per_tx.max(1);
+        let mut total = 0;
+        loop {
+            let next = self.persons_indexed_below(tenant).await?;
+            let mut rows: Vec<(i64, String)> = sqlx::query_as::<Any, (i64, String)>(
+                "SELECT idx, person_pseudonym FROM audit_entries WHERE tenant_id = $1 AND idx >= $2 ORDER BY idx LIMIT $3",
+            )
+            .bind(tenant)
+            .bind(next)
+            .bind(window)
+            .fetch_all(self.db.pool())
+            .await
+            .map_err(db_error)?;
+            let Some(&(last, _)) = rows.last() else { break };
+            let went = rows.len();
+            rows.retain(|(_, person)| !person.is_empty());
+            rows.sort_unstable_by(|a, b| a.1.cmp(&b.1).then(a.0.cmp(&b.0)));
+            let chunks: Vec<&[(i64, String)]> = rows.chunks(per_tx).collect();
+            if chunks.is_empty() {
+                self.write_persons(tenant, &[], Some(last + 1)).await?;
+            }
+            for (i, chunk) in chunks.iter().enumerate() {
+                let mark = (i + 1 == chunks.len()).then_some(last + 1);
+                self.write_persons(tenant, chunk, mark).await?;
+                // Let the writers waiting for their turn go first.
+                tokio::task::yield_now().await;
+            }
+            total += went;
+            if went < usize::try_from(window).unwrap_or(usize::MAX) {
+                break;
+            }
+        }
+        Ok(total)
+    }
+
+    /// Inserts person index `rows` of `tenant` and, when given, moves its
+    /// mark to `mark` (a mark already past it stays), in one write
+    /// transaction; on SQLite in one call to the writing connection's
+    /// thread, so the write turn is held for the inserts, not for round trips.
+    pub(crate) async fn write_persons(&self, tenant: &str, rows: &[(i64, String)], mark: Option<i64>) -> Result<()> {
+        if self.db.backend() == Backend::Sqlite {
+            let mut sql = String::from("BEGIN IMMEDIATE;\n");
+            if !rows.is_empty() {
+                sql.push_str(&person_insert_sql(&vec!["(?, ?, ?)"; rows.len()].join(", ")));
+                sql.push_str(";\n");
+            }
+            if mark.is_some() {
+                sql.push_str(&person_mark_sql("?", "?"));
+                sql.push_str(";\n");
+            }
+            sql.push_str("COMMIT");
+            let mut q = sqlx::query::<Any>(sqlx::AssertSqlSafe(sql));
+            for (idx, person) in rows {
+                q = q.bind(tenant.to_owned()).bind(person.clone()).bind(*idx);
+            }
+            if let Some(mark) = mark {
+                q = q.bind(tenant.to_owned()).bind(mark);
+            }
+            return self.db.write_script(q).await?.map_err(db_error);
+        }
+        let mut tx = self.db.begin().await?;
+        if !rows.is_empty() {
+            let sql = person_insert_sql(&estate_store::value_rows(&tx, rows.len(), 3));
+            let mut q = sqlx::query::<Any>(sqlx::AssertSqlSafe(sql));
+            for (idx, person) in rows {
+                q = q.bind(tenant.to_owned()).bind(person.clone()).bind(*idx);
+            }
+            q.execute(&mut *tx).await.map_err(db_error)?;
+        }
+        if let Some(mark) = mark {
+            sqlx::query::<Any>(sqlx::AssertSqlSafe(person_mark_sql("$1", "$2")))
+                .bind(tenant)
+                .bind(mark)
+                .execute(&mut *tx)
+                .await
+                .map_err(db_error)?;
+        }
+        tx.commit().await.map_err(db_error)
+    }
+
+    /// Every entry of the tenant below this index is in the person index.
+    pub async fn persons_indexed_below(&self, tenant: &str) -> Result<i64> {
+        let next: Option<(i64,)> =
+            sqlx::query_as::<Any, (i64,)>("SELECT next_idx FROM audit_person_indexed WHERE tenant_id = $1")
+                .bind(tenant)
+                .fetch_optional(self.db.pool())
+                .await
+                .map_err(db_error)?;
+        Ok(next.map_or(0, |(n,)| n))
     }
 
     /// Tenants with entries in the log. A skip scan of the primary key (one

@@ -33,9 +33,28 @@ pub async fn relay_once(db: &Db, log: &AuditLog, batch: i64) -> Result<usize> {
     Ok(rows.len())
 }
 
+/// How often the person index is brought up to the log's head.
+const PERSON_INDEX_EVERY: Duration = Duration::from_secs(1);
+
+/// Brings every tenant's person index up to date; failures are only logged
+/// (queries by person read the entries not yet indexed themselves).
+pub async fn index_persons(log: &AuditLog) {
+    match log.tenants_with_entries().await {
+        Ok(tenants) => {
+            for t in tenants {
+                if let Err(e) = log.index_persons(&t).await {
+                    tracing::warn!(error = %e, "person index not brought up to date; will retry");
+                }
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "person index sweep failed; will retry"),
+    }
+}
+
 /// Runs the relay until the pool closes: ships batches as fast as they come,
-/// signs time-based checkpoints when a tenant's log grew, and deletes
-/// delivered outbox rows older than `retention` (zero: keeps them).
+/// signs time-based checkpoints when a tenant's log grew, brings the person
+/// index up to date every second, and deletes delivered outbox rows older
+/// than `retention` (zero: keeps them).
 pub fn spawn_relay(
     db: Db,
     log: AuditLog,
@@ -45,10 +64,15 @@ pub fn spawn_relay(
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let mut last_sweep = tokio::time::Instant::now();
+        let mut last_index = tokio::time::Instant::now();
         let mut pruner = outbox::Pruner::new(retention);
         loop {
             if db.pool().is_closed() {
                 return;
+            }
+            if last_index.elapsed() >= PERSON_INDEX_EVERY {
+                last_index = tokio::time::Instant::now();
+                index_persons(&log).await;
             }
             match relay_once(&db, &log, batch).await {
                 Ok(n) if n as i64 >= batch => continue,

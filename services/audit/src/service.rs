@@ -53,39 +53,100 @@ fn entry_of(r: EntryRow) -> Result<Entry> {
     Ok(Entry { index: r.idx, event, chain_hash: r.chain_hash, appended_at: ts(r.appended_at), decoded })
 }
 
-/// Entry filter: `$1` tenant, then optional estate, person, action, period.
+/// Entry filter: tenant, then optional estate, person, action, period.
 struct EntryQuery {
-    sql: String,
-    strings: Vec<String>,
+    tenant: String,
+    estate: String,
+    person: String,
+    action: String,
     from_ms: i64,
     until_ms: i64,
 }
 
 fn entry_query(tenant: &str, estate: &str, person: &str, action: &str, from_ms: i64, until_ms: i64) -> EntryQuery {
-    let mut sql = String::from(
-        "SELECT idx, event_hex, chain_hash, appended_at FROM audit_entries WHERE tenant_id = $1 AND occurred_at >= $2 AND occurred_at < $3",
-    );
-    let mut strings = vec![tenant.to_owned()];
-    for (col, v) in [("estate_id", estate), ("person_pseudonym", person), ("action", action)] {
-        if !v.is_empty() {
-            strings.push(v.to_owned());
-            sql.push_str(&format!(" AND {col} = ${}", strings.len() + 2));
-        }
+    EntryQuery {
+        tenant: tenant.to_owned(),
+        estate: estate.to_owned(),
+        person: person.to_owned(),
+        action: action.to_owned(),
+        from_ms,
+        until_ms,
     }
-    sql.push_str(&format!(" AND idx > ${} ORDER BY idx LIMIT ${}", strings.len() + 3, strings.len() + 4));
-    EntryQuery { sql, strings, from_ms, until_ms }
+}
+
+/// Which entries a page statement reads.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Source {
+    /// `audit_entries` itself, from `idx > after`.
+    Entries,
+    /// The person's entries listed in `audit_person_entries`, below the
+    /// indexer's mark.
+    PersonIndex,
 }
 
 impl EntryQuery {
-    async fn page(&self, db: &Db, after: i64, limit: i64) -> Result<Vec<EntryRow>> {
-        let mut q = sqlx::query_as::<Any, EntryRow>(sqlx::AssertSqlSafe(self.sql.clone()))
-            .bind(self.strings[0].clone())
+    /// The page statement. Parameters: `$1` tenant, `$2`/`$3` period, the
+    /// filters' strings, then `after`, (the person index's mark,) `limit`.
+    fn sql(&self, source: Source) -> (String, Vec<String>) {
+        let mut sql = String::from("SELECT e.idx, e.event_hex, e.chain_hash, e.appended_at FROM ");
+        sql.push_str(match source {
+            Source::Entries => "audit_entries e WHERE e.tenant_id = $1",
+            Source::PersonIndex => {
+                "audit_person_entries p JOIN audit_entries e ON e.tenant_id = p.tenant_id AND e.idx = p.idx \
+                 WHERE p.tenant_id = $1"
+            }
+        });
+        sql.push_str(" AND e.occurred_at >= $2 AND e.occurred_at < $3");
+        let person_col = if source == Source::PersonIndex { "p.person_pseudonym" } else { "e.person_pseudonym" };
+        let mut strings = Vec::new();
+        for (col, v) in [("e.estate_id", &self.estate), (person_col, &self.person), ("e.action", &self.action)] {
+            if !v.is_empty() {
+                strings.push(v.clone());
+                sql.push_str(&format!(" AND {col} = ${}", strings.len() + 3));
+            }
+        }
+        let n = strings.len() + 3;
+        match source {
+            Source::Entries => sql.push_str(&format!(" AND e.idx > ${} ORDER BY e.idx LIMIT ${}", n + 1, n + 2)),
+            Source::PersonIndex => {
+                sql.push_str(&format!(" AND p.idx > ${} AND p.idx < ${} ORDER BY p.idx LIMIT ${}", n + 1, n + 2, n + 3))
+            }
+        }
+        (sql, strings)
+    }
+
+    async fn fetch(&self, db: &Db, source: Source, after: i64, mark: i64, limit: i64) -> Result<Vec<EntryRow>> {
+        let (sql, strings) = self.sql(source);
+        let mut q = sqlx::query_as::<Any, EntryRow>(sqlx::AssertSqlSafe(sql))
+            .bind(self.tenant.clone())
             .bind(self.from_ms)
             .bind(self.until_ms);
-        for s in &self.strings[1..] {
-            q = q.bind(s.clone());
+        for s in strings {
+            q = q.bind(s);
         }
-        q.bind(after).bind(limit).fetch_all(db.pool()).await.map_err(db_error)
+        q = q.bind(after);
+        if source == Source::PersonIndex {
+            q = q.bind(mark);
+        }
+        q.bind(limit).fetch_all(db.pool()).await.map_err(db_error)
+    }
+
+    /// Up to `limit` entries after index `after`, in log order. By person:
+    /// from the person index below its mark, then from the entries the
+    /// indexer has not reached yet (the mark is read first, and everything
+    /// below it is indexed, so no entry is missed or read twice).
+    async fn page(&self, db: &Db, log: &AuditLog, after: i64, limit: i64) -> Result<Vec<EntryRow>> {
+        if self.person.is_empty() {
+            return self.fetch(db, Source::Entries, after, 0, limit).await;
+        }
+        let mark = log.persons_indexed_below(&self.tenant).await?;
+        let mut rows =
+            if after + 1 < mark { self.fetch(db, Source::PersonIndex, after, mark, limit).await? } else { Vec::new() };
+        let got = i64::try_from(rows.len()).unwrap_or(i64::MAX);
+        if got < limit {
+            rows.extend(self.fetch(db, Source::Entries, after.max(mark - 1), 0, limit - got).await?);
+        }
+        Ok(rows)
     }
 }
 
@@ -121,7 +182,7 @@ impl AuditDesk {
         };
         let q =
             entry_query(&tenant, &r.estate_id, &r.person_pseudonym, &r.action, ms(&r.from, 0), ms(&r.until, i64::MAX));
-        let rows = q.page(&self.db, after, size + 1).await?;
+        let rows = q.page(&self.db, &self.log, after, size + 1).await?;
         let more = rows.len() as i64 > size;
         let entries: Vec<Entry> = rows.into_iter().take(size as usize).map(entry_of).collect::<Result<_>>()?;
         let next = match (more, entries.last()) {
@@ -145,7 +206,7 @@ impl AuditDesk {
         let mut lines = Vec::new();
         let mut after = -1;
         loop {
-            let rows = q.page(&self.db, after, PAGE).await?;
+            let rows = q.page(&self.db, &self.log, after, PAGE).await?;
             let Some(last) = rows.last().map(|r| r.idx) else { break };
             for row in rows {
                 let entry = entry_of(row)?;
@@ -233,7 +294,7 @@ impl AuditDesk {
         let mut after = -1;
         let mut indexes = Vec::new();
         loop {
-            let rows = q.page(&self.db, after, PAGE).await?;
+            let rows = q.page(&self.db, &self.log, after, PAGE).await?;
             let rows: Vec<EntryRow> = rows.into_iter().filter(|e| e.idx < size).collect();
             let Some(last) = rows.last().map(|r| r.idx) else { break };
             let mut batch = Vec::with_capacity(rows.len());
@@ -371,5 +432,112 @@ impl AuditService for AuditDesk {
     ) -> Result<Response<AccessReportResponse>, Status> {
         let caller = caller(&request)?;
         AuditDesk::access_report(self, &caller, request.into_inner()).await.map(Response::new).map_err(Status::from)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use estate_store::DbOptions;
+    use estate_test_support::TestDatabase;
+    use std::time::Duration;
+
+    /// Events for three people (and some for nobody) at two estates.
+    fn events(from: usize, to: usize) -> Vec<(Vec<u8>, AuditEvent)> {
+        (from..to)
+            .map(|i| {
+                let e = AuditEvent {
+                    event_id: format!("evt-{i:06}"),
+                    tenant_id: "tenant-a".into(),
+                    estate_id: ["estate-1", "estate-2"][i % 2].into(),
+                    person_pseudonym: ["p-ann", "p-bo", "p-cy", ""][i % 4].into(),
+                    action: "gate.decide".into(),
+                    ..Default::default()
+                };
+                (e.encode_to_vec(), e)
+            })
+            .collect()
+    }
+
+    /// The indexes of `person`'s entries (at `estate`, when given) among the
+    /// first `n`, as [`events`] makes them.
+    fn expected(person: &str, estate: Option<&str>, n: usize) -> Vec<i64> {
+        events(0, n)
+            .into_iter()
+            .enumerate()
+            .filter(|(_, (_, e))| e.person_pseudonym == person && estate.is_none_or(|s| e.estate_id == s))
+            .map(|(i, _)| i64::try_from(i).unwrap_or(-1))
+            .collect()
+    }
+
+    /// Every page of the query, `limit` entries at a time.
+    async fn all(q: &EntryQuery, db: &Db, log: &AuditLog, limit: i64) -> anyhow::Result<Vec<i64>> {
+        let mut got = Vec::new();
+        let mut after = -1;
+        loop {
+            let rows = q.page(db, log, after, limit).await?;
+            anyhow::ensure!(i64::try_from(rows.len())? <= limit, "a page longer than asked for");
+            let Some(last) = rows.last().map(|r| r.idx) else { break };
+            got.extend(rows.iter().map(|r| r.idx));
+            after = last;
+        }
+        Ok(got)
+    }
+
+    /// A query by person finds each of the person's entries exactly once,
+    /// in log order, before the person index has been built, once it is
+    /// complete, and when pages cross from the index to the entries it has
+    /// not reached yet; other filters still apply. Indexing twice at once,
+    /// or again, changes nothing.
+    #[tokio::test]
+    async fn queries_by_person_see_every_entry_while_the_index_catches_up() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let test_db = TestDatabase::create(dir.path()).await?;
+        let db = Db::connect(&DbOptions {
+            url: test_db.url().to_owned(),
+            max_connections: 4,
+            acquire_timeout: Duration::from_secs(10),
+            statement_timeout_ms: 0,
+        })
+        .await?;
+        db.migrate_outbox().await?;
+        crate::migrate(&db).await?;
+        let log = AuditLog::new(db.clone(), estate_crypto::SigningKeyPair::generate()?, 100_000, 3600);
+        log.append(&events(0, 2500)).await?;
+        let bo = entry_query("tenant-a", "", "p-bo", "", 0, i64::MAX);
+        let bo_at_2 = entry_query("tenant-a", "estate-2", "p-bo", "", 0, i64::MAX);
+        assert_eq!(log.persons_indexed_below("tenant-a").await?, 0);
+        assert_eq!(all(&bo, &db, &log, 7).await?, expected("p-bo", None, 2500));
+
+        // Two indexers at once (two processes on one database) overlap
+        // harmlessly; small windows and transactions, so that both cross
+        // several of each.
+        let (a, b) = tokio::join!(log.index_persons_by("tenant-a", 700, 64), log.index_persons_by("tenant-a", 700, 64));
+        assert!(a? + b? >= 2500);
+        assert_eq!(log.persons_indexed_below("tenant-a").await?, 2500);
+        let (indexed,): (i64,) =
+            sqlx::query_as::<Any, (i64,)>("SELECT COUNT(*) FROM audit_person_entries").fetch_one(db.pool()).await?;
+        assert_eq!(indexed, 1875, "one row per entry that names a person");
+        assert_eq!(all(&bo, &db, &log, 7).await?, expected("p-bo", None, 2500));
+        assert_eq!(all(&bo_at_2, &db, &log, 1000).await?, expected("p-bo", Some("estate-2"), 2500));
+
+        log.append(&events(2500, 2800)).await?;
+        // A window cut short (a crash between its transactions): rows past
+        // the mark are in the index, the mark has not moved. Queries must
+        // not read them twice.
+        let cut: Vec<(i64, String)> = (2500..2800).filter(|i| i % 4 == 1).map(|i| (i, "p-bo".to_owned())).collect();
+        log.write_persons("tenant-a", &cut, None).await?;
+        for limit in [1, 7, 1000] {
+            assert_eq!(all(&bo, &db, &log, limit).await?, expected("p-bo", None, 2800), "pages of {limit}");
+        }
+        assert_eq!(all(&bo_at_2, &db, &log, 3).await?, expected("p-bo", Some("estate-2"), 2800));
+        assert_eq!(log.index_persons("tenant-a").await?, 300);
+        assert_eq!(log.index_persons("tenant-a").await?, 0);
+        assert_eq!(log.persons_indexed_below("tenant-a").await?, 2800);
+        assert_eq!(all(&bo, &db, &log, 7).await?, expected("p-bo", None, 2800));
+        let nobody = entry_query("tenant-a", "", "p-nobody", "", 0, i64::MAX);
+        assert!(all(&nobody, &db, &log, 7).await?.is_empty());
+        db.close().await;
+        test_db.drop().await
     }
 }

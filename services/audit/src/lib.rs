@@ -11,7 +11,7 @@ mod relay;
 mod service;
 
 pub use log::{Appended, AuditLog};
-pub use relay::{index_persons, relay_once, spawn_relay};
+pub use relay::{relay_once, spawn_relay};
 pub use service::AuditDesk;
 
 use estate_proto::audit::audit_service_server::AuditServiceServer;

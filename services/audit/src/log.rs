@@ -295,6 +295,18 @@ fn person_insert_sql(values: &str) -> String {
     )
 }
 
+/// Binds person index `rows` of `tenant` in [`person_insert_sql`]'s order.
+fn bind_persons<'q>(
+    mut q: sqlx::query::Query<'q, Any, sqlx::any::AnyArguments>,
+    tenant: &str,
+    rows: &[(i64, String)],
+) -> sqlx::query::Query<'q, Any, sqlx::any::AnyArguments> {
+    for (idx, person) in rows {
+        q = q.bind(tenant.to_owned()).bind(person.clone()).bind(*idx);
+    }
+    q
+}
+
 /// Moves a tenant's person index mark forward (never back) to `next`.
 fn person_mark_sql(tenant: &str, next: &str) -> String {
     format!(
@@ -613,9 +625,10 @@ impl AuditLog {
             let went = rows.len();
             rows.retain(|(_, person)| !person.is_empty());
             rows.sort_unstable_by(|a, b| a.1.cmp(&b.1).then(a.0.cmp(&b.0)));
-            let chunks: Vec<&[(i64, String)]> = rows.chunks(per_tx).collect();
+            // A window that names nobody still moves the mark: one empty chunk.
+            let mut chunks: Vec<&[(i64, String)]> = rows.chunks(per_tx).collect();
             if chunks.is_empty() {
-                self.write_persons(tenant, &[], Some(last + 1)).await?;
+                chunks.push(&[]);
             }
             for (i, chunk) in chunks.iter().enumerate() {
                 let mark = (i + 1 == chunks.len()).then_some(last + 1);
@@ -647,10 +660,7 @@ impl AuditLog {
                 sql.push_str(";\n");
             }
             sql.push_str("COMMIT");
-            let mut q = sqlx::query::<Any>(sqlx::AssertSqlSafe(sql));
-            for (idx, person) in rows {
-                q = q.bind(tenant.to_owned()).bind(person.clone()).bind(*idx);
-            }
+            let mut q = bind_persons(sqlx::query::<Any>(sqlx::AssertSqlSafe(sql)), tenant, rows);
             if let Some(mark) = mark {
                 q = q.bind(tenant.to_owned()).bind(mark);
             }
@@ -659,11 +669,10 @@ impl AuditLog {
         let mut tx = self.db.begin().await?;
         if !rows.is_empty() {
             let sql = person_insert_sql(&estate_store::value_rows(&tx, rows.len(), 3));
-            let mut q = sqlx::query::<Any>(sqlx::AssertSqlSafe(sql));
-            for (idx, person) in rows {
-                q = q.bind(tenant.to_owned()).bind(person.clone()).bind(*idx);
-            }
-            q.execute(&mut *tx).await.map_err(db_error)?;
+            bind_persons(sqlx::query::<Any>(sqlx::AssertSqlSafe(sql)), tenant, rows)
+                .execute(&mut *tx)
+                .await
+                .map_err(db_error)?;
         }
         if let Some(mark) = mark {
             sqlx::query::<Any>(sqlx::AssertSqlSafe(person_mark_sql("$1", "$2")))

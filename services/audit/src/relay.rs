@@ -38,7 +38,7 @@ const PERSON_INDEX_EVERY: Duration = Duration::from_secs(1);
 
 /// Brings every tenant's person index up to date; failures are only logged
 /// (queries by person read the entries not yet indexed themselves).
-pub async fn index_persons(log: &AuditLog) {
+async fn index_persons(log: &AuditLog) {
     match log.tenants_with_entries().await {
         Ok(tenants) => {
             for t in tenants {

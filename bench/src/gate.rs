@@ -66,6 +66,10 @@ struct Args {
     /// Only run closed-loop decisions for this many seconds (for profiling).
     #[arg(long)]
     profile_decide: Option<u64>,
+    /// Only run decisions paced at this rate (calls/s) for `--seconds`, then
+    /// the no-op at the same rate (for profiling the open loop's tail).
+    #[arg(long)]
+    profile_paced: Option<f64>,
     /// The distributed mode as deployed: identity, credentials, audit and
     /// TWO gate replicas as separate processes (the release binaries beside
     /// this one) on `--database-url` (PostgreSQL) and `--redis-url`; the load
@@ -570,6 +574,14 @@ async fn main() -> anyhow::Result<()> {
     if let Some(secs) = args.profile_decide {
         eprintln!("profiling window starts");
         line("card decision (GateService/Decide)", &load.closed(Call::Decide, args.concurrency, secs).await);
+        mesh.stop().await;
+        return Ok(());
+    }
+    if let Some(rate) = args.profile_paced {
+        eprintln!("profiling window starts");
+        line(&format!("card decision at {rate:.0}/s"), &load.open(Call::Decide, rate, args.seconds).await);
+        eprintln!("profiling window ends");
+        line(&format!("no-op unary at {rate:.0}/s"), &load.open(Call::Noop, rate, args.seconds).await);
         mesh.stop().await;
         return Ok(());
     }

@@ -365,6 +365,11 @@ mod tests {
 /// hash-chained log in the transaction that records them, instead of to the
 /// outbox for the relay to copy, mark and later prune — the same guarantee
 /// (no answer without a durable audit entry) for about a third of the writes.
+///
+/// Events given to a sink are appended exactly once by construction: each
+/// is new (a fresh id) and never also sent through an outbox. The log does
+/// not check their ids for duplicates (it does for relayed events, which a
+/// relay may resend after a crash).
 pub trait AuditSink: Send + Sync + std::fmt::Debug {
     /// Encodes and hashes `event` for [`AuditSink::append_in`]: the work that
     /// does not depend on the log's head, done by the caller's task (in

@@ -93,7 +93,7 @@ impl AuditSink for AuditLog {
             let mut by_tenant = by_tenant(events, |e| e.event.tenant_id.as_str());
             by_tenant.sort_by(|a, b| a.0.cmp(b.0));
             for (tenant, list) in by_tenant {
-                append_in(&mut *conn, tenant, &list, false).await?;
+                append_in(&mut *conn, tenant, &list, Arrival::Direct, false).await?;
             }
             Ok(())
         })
@@ -129,7 +129,7 @@ impl AuditSink for AuditLog {
             let mut tx = db.begin().await?;
             let mut heads = Vec::with_capacity(groups.len());
             for (tenant, list) in &groups {
-                let (_, head) = append_in(&mut tx, tenant, list, false).await?;
+                let (_, head) = append_in(&mut tx, tenant, list, Arrival::Direct, false).await?;
                 heads.extend(head.map(|h| (tenant.to_string(), h)));
             }
             tx.commit().await.map_err(db_error)?;
@@ -176,11 +176,12 @@ impl AuditSink for AuditLog {
 /// and processes (relays, audit replicas, the all-in-one gate's decisions)
 /// queue instead of reading the same head; on SQLite every write transaction
 /// already holds the database's single write lock. `exhaustive` looks each
-/// event up first (a retry after a unique-index failure).
+/// relayed event up first (a retry after a unique-index failure).
 async fn append_in(
     conn: &mut AnyConnection,
     tenant: &str,
     events: &[&PreparedEvent],
+    arrival: Arrival,
     exhaustive: bool,
 ) -> Result<(Appended, Option<Head>)> {
     if !conn.backend_name().eq_ignore_ascii_case("sqlite") {
@@ -205,17 +206,18 @@ async fn append_in(
     let now = now_ms();
     // Which of these events the log already holds. Normally none: the
     // relay marks what it shipped. Only a retry after a crash between an
-    // append and its mark resends events the log has; their unique index
-    // (tenant, event id) then fails this attempt, and the second attempt
-    // looks each event up. (Reading the log's tail — a thousand event ids
+    // append and its mark resends events the log has; the unique index of
+    // relayed events' ids (tenant, event id) then fails this attempt, and
+    // the second attempt looks each event up. Direct appends are never
+    // resent and their ids are not indexed (migration 5002). (Reading the log's tail — a thousand event ids
     // and more — on every append to catch that case cost 15–20% of the
     // all-in-one gate's decision throughput: BENCHMARKS.md.)
     let mut seen: std::collections::HashSet<&str> = std::collections::HashSet::new();
     let mut present: std::collections::HashSet<String> = std::collections::HashSet::new();
-    if exhaustive {
+    if exhaustive && arrival == Arrival::Relayed {
         for e in events {
             let hit: Option<(String,)> = sqlx::query_as::<Any, (String,)>(
-                "SELECT event_id FROM audit_entries WHERE tenant_id = $1 AND event_id = $2",
+                "SELECT event_id FROM audit_entries WHERE tenant_id = $1 AND event_id = $2 AND relayed = 1",
             )
             .bind(tenant)
             .bind(&e.event.event_id)
@@ -240,8 +242,8 @@ async fn append_in(
         out.appended += 1;
     }
     for chunk in rows.chunks(INSERT_ROWS) {
-        let sql = insert_sql(&estate_store::value_rows(conn, chunk.len(), 11));
-        let q = bind_rows(sqlx::query::<Any>(sqlx::AssertSqlSafe(sql)), tenant, chunk, now);
+        let sql = insert_sql(&estate_store::value_rows(conn, chunk.len(), INSERT_COLUMNS));
+        let q = bind_rows(sqlx::query::<Any>(sqlx::AssertSqlSafe(sql)), tenant, chunk, arrival, now);
         q.execute(&mut *conn).await.map_err(|e| {
             if estate_store::is_unique_violation(&e) {
                 Error::AlreadyExists("an event of the batch is already in the log".into())
@@ -258,7 +260,7 @@ async fn append_in(
 fn insert_sql(values: &str) -> String {
     format!(
         "INSERT INTO audit_entries (tenant_id, idx, event_id, event_hex, leaf_hash, chain_hash, estate_id, \
-         person_pseudonym, action, occurred_at, appended_at) VALUES {values}"
+         person_pseudonym, action, occurred_at, appended_at, relayed) VALUES {values}"
     )
 }
 
@@ -267,8 +269,10 @@ fn bind_rows<'q>(
     mut q: sqlx::query::Query<'q, Any, sqlx::any::AnyArguments>,
     tenant: &str,
     rows: &[Row<'_>],
+    arrival: Arrival,
     now: i64,
 ) -> sqlx::query::Query<'q, Any, sqlx::any::AnyArguments> {
+    let relayed = i64::from(arrival == Arrival::Relayed);
     for row in rows {
         q = q
             .bind(tenant.to_owned())
@@ -281,7 +285,8 @@ fn bind_rows<'q>(
             .bind(row.prepared.event.person_pseudonym.clone())
             .bind(row.prepared.event.action.clone())
             .bind(row.occurred)
-            .bind(now);
+            .bind(now)
+            .bind(relayed);
     }
     q
 }
@@ -317,6 +322,19 @@ fn person_mark_sql(tenant: &str, next: &str) -> String {
     )
 }
 
+/// How events reach the log, which decides whether their ids are indexed
+/// against duplicates (migration 5002).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Arrival {
+    /// Through a relay (an outbox, the Append call), which may send an
+    /// event again after a crash: the id is indexed unique and a resent
+    /// event is skipped.
+    Relayed,
+    /// In the transaction that made the event (the all-in-one gate's
+    /// decisions): exactly once, with a fresh id, by construction.
+    Direct,
+}
+
 /// One entry about to be inserted.
 struct Row<'a> {
     idx: i64,
@@ -335,7 +353,10 @@ fn append_lock_key(tenant: &str) -> i64 {
     i64::from_be_bytes(first)
 }
 
-/// Rows per multi-row INSERT (11 parameters each: 2,816, well under both
+/// Columns of an entry's INSERT ([`insert_sql`]).
+const INSERT_COLUMNS: usize = 12;
+
+/// Rows per multi-row INSERT (12 parameters each: 3,072, well under both
 /// engines' limits; on SQLite they are anonymous `?`, see
 /// `estate_store::params`). The gate's batches (up to 256 decisions) are one
 /// statement, so one round trip to the database.
@@ -395,7 +416,7 @@ impl AuditLog {
         let mut sql = String::from("BEGIN IMMEDIATE;\n");
         for (_, rows) in &tenants {
             for chunk in rows.chunks(INSERT_ROWS) {
-                let row = format!("({})", ["?"; 11].join(", "));
+                let row = format!("({})", ["?"; INSERT_COLUMNS].join(", "));
                 sql.push_str(&insert_sql(&vec![row; chunk.len()].join(", ")));
                 sql.push_str(";\n");
             }
@@ -403,7 +424,7 @@ impl AuditLog {
         sql.push_str("COMMIT");
         let mut q = sqlx::query::<Any>(sqlx::AssertSqlSafe(sql));
         for (tenant, rows) in &tenants {
-            q = bind_rows(q, tenant, rows, now);
+            q = bind_rows(q, tenant, rows, Arrival::Direct, now);
         }
         Some((q, after))
     }
@@ -457,7 +478,7 @@ impl AuditLog {
         let prepared: Vec<PreparedEvent> = events.iter().map(|(bytes, event)| prepare(bytes, event.clone())).collect();
         let list: Vec<&PreparedEvent> = prepared.iter().collect();
         let mut tx = self.db.begin().await?;
-        let (out, head) = append_in(&mut tx, tenant, &list, exhaustive).await?;
+        let (out, head) = append_in(&mut tx, tenant, &list, Arrival::Relayed, exhaustive).await?;
         tx.commit().await.map_err(db_error)?;
         self.publish(head.map(|h| (tenant.to_owned(), h)));
         Ok(out)

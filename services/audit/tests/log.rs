@@ -163,3 +163,48 @@ async fn a_head_moved_by_another_writer_is_found_and_the_chain_stays_whole() -> 
     db.close().await;
     test_db.drop().await
 }
+
+/// Event ids are checked for duplicates where a duplicate can arrive: a
+/// relayed event sent again (even after direct appends moved the head on)
+/// is skipped, and its id stays unique in the log; a direct append
+/// (`append_committed`, fresh events) is written without the id index
+/// (migration 5002), and is not mistaken for a relayed one.
+#[tokio::test]
+async fn only_relayed_event_ids_are_checked_for_duplicates() -> anyhow::Result<()> {
+    use estate_store::outbox::AuditSink;
+    let dir = tempfile::tempdir()?;
+    let (test_db, db) = migrated(dir.path(), 2).await?;
+    let log = AuditLog::new(db.clone(), estate_crypto::SigningKeyPair::generate()?, 1000, 60);
+    let relayed: Vec<(Vec<u8>, AuditEvent)> =
+        (0..5).map(|i| event_of("tenant-a", format!("r{i}"))).map(|e| (e.encode_to_vec(), e)).collect();
+    assert_eq!(log.append(&relayed).await?.appended, 5);
+    let direct: Vec<_> = (0..7).map(|i| log.prepare(event_of("tenant-a", format!("d{i}")))).collect();
+    log.append_committed(&db, &direct).await?;
+    // The relay resends after a crash, with one new event.
+    let mut resent = relayed.clone();
+    resent.push({
+        let e = event_of("tenant-a", "r5".into());
+        (e.encode_to_vec(), e)
+    });
+    let got = log.append(&resent).await?;
+    assert_eq!((got.appended, got.duplicates), (1, 5));
+    let by_way: Vec<(i64, i64)> = sqlx::query_as::<sqlx::Any, (i64, i64)>(
+        "SELECT relayed, COUNT(*) FROM audit_entries WHERE tenant_id = $1 GROUP BY relayed ORDER BY relayed",
+    )
+    .bind("tenant-a")
+    .fetch_all(db.pool())
+    .await?;
+    assert_eq!(by_way, [(0, 7), (1, 6)]);
+    // A relayed id is unique in the log even when inserted by hand.
+    let forged = sqlx::query::<sqlx::Any>(
+        "INSERT INTO audit_entries (tenant_id, idx, event_id, event_hex, leaf_hash, chain_hash, estate_id, \
+         person_pseudonym, action, occurred_at, appended_at, relayed) \
+         VALUES ('tenant-a', 999, 'r0', '', '', '', '', '', 'x', 0, 0, 1)",
+    )
+    .execute(db.pool())
+    .await;
+    assert!(forged.is_err(), "a second relayed entry with id r0 was accepted");
+    assert_eq!(chained_entries(&db, "tenant-a").await?, 13);
+    db.close().await;
+    test_db.drop().await
+}

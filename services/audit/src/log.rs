@@ -291,29 +291,46 @@ fn bind_rows<'q>(
     q
 }
 
-/// The INSERT of person index rows from these `VALUES` groups (tenant,
-/// pseudonym, index); rows already there (another indexer's) are skipped.
-fn person_insert_sql(values: &str) -> String {
+/// The derived indexes of the log that [`AuditLog::index_entries`] fills.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) enum IndexOf {
+    /// Entries by person pseudonym (`audit_person_entries`, migration 5001).
+    Person,
+    /// Entries by estate (`audit_estate_entries`, migration 5003).
+    Estate,
+}
+
+/// A row of a derived index: which index, its key (a pseudonym or an estate
+/// id) and the entry's index.
+pub(crate) type IndexRow = (IndexOf, String, i64);
+
+/// The INSERT of `which` index's rows from these `VALUES` groups (tenant,
+/// key, index); rows already there (another indexer's) are skipped.
+fn index_insert_sql(which: IndexOf, values: &str) -> String {
+    let (table, key) = match which {
+        IndexOf::Person => ("audit_person_entries", "person_pseudonym"),
+        IndexOf::Estate => ("audit_estate_entries", "estate_id"),
+    };
     format!(
-        "INSERT INTO audit_person_entries (tenant_id, person_pseudonym, idx) VALUES {values} \
-         ON CONFLICT (tenant_id, person_pseudonym, idx) DO NOTHING"
+        "INSERT INTO {table} (tenant_id, {key}, idx) VALUES {values} \
+         ON CONFLICT (tenant_id, {key}, idx) DO NOTHING"
     )
 }
 
-/// Binds person index `rows` of `tenant` in [`person_insert_sql`]'s order.
-fn bind_persons<'q>(
+/// Binds index `rows` of `tenant` in [`index_insert_sql`]'s order.
+fn bind_index<'q, 'r>(
     mut q: sqlx::query::Query<'q, Any, sqlx::any::AnyArguments>,
     tenant: &str,
-    rows: &[(i64, String)],
+    rows: impl IntoIterator<Item = &'r IndexRow>,
 ) -> sqlx::query::Query<'q, Any, sqlx::any::AnyArguments> {
-    for (idx, person) in rows {
-        q = q.bind(tenant.to_owned()).bind(person.clone()).bind(*idx);
+    for (_, key, idx) in rows {
+        q = q.bind(tenant.to_owned()).bind(key.clone()).bind(*idx);
     }
     q
 }
 
-/// Moves a tenant's person index mark forward (never back) to `next`.
-fn person_mark_sql(tenant: &str, next: &str) -> String {
+/// Moves a tenant's index mark forward (never back) to `next`.
+fn index_mark_sql(tenant: &str, next: &str) -> String {
     format!(
         "INSERT INTO audit_person_indexed (tenant_id, next_idx) VALUES ({tenant}, {next}) \
          ON CONFLICT (tenant_id) DO UPDATE SET next_idx = CASE \
@@ -362,20 +379,20 @@ const INSERT_COLUMNS: usize = 12;
 /// statement, so one round trip to the database.
 const INSERT_ROWS: usize = 256;
 
-/// Entries the person indexer reads at a time (a window). It sorts them by
-/// person before inserting, so that a person's entries of the window land
+/// Entries the indexer reads at a time (a window). It sorts them by
+/// person (and by estate) before inserting, so that a person's entries of the window land
 /// together: with 1,000 people and a window of 16,384 entries a B-tree page
 /// takes about sixteen rows per write, where indexing each entry as it was
 /// appended (or in log order, a few hundred at a time: session 9) wrote
 /// nearly one page per entry. A larger window writes fewer pages per entry,
 /// costs memory, and leaves more entries for a query by person to read
 /// unindexed.
-const PERSON_INDEX_WINDOW: i64 = 16_384;
+const INDEX_WINDOW: i64 = 16_384;
 
-/// Sorted rows per write transaction of the person indexer (3 parameters
+/// Sorted rows per write transaction of the indexer (3 parameters
 /// each, one statement). The gate's decisions wait while it holds the write
 /// turn, so a window is written in many short transactions.
-const PERSON_INSERT_ROWS: usize = 512;
+const INDEX_ROWS_PER_TX: usize = 512;
 
 impl AuditLog {
     /// A log over `db`, signing checkpoints with `key`.
@@ -613,28 +630,30 @@ impl AuditLog {
         Ok(())
     }
 
-    /// Brings the tenant's person index (`audit_person_entries`) up to the
-    /// log's head and returns how many entries it went past. A window of
-    /// [`PERSON_INDEX_WINDOW`] entries is read (outside the write turn),
-    /// sorted by person and written [`PERSON_INSERT_ROWS`] rows per write
-    /// transaction; the last of them moves the tenant's mark past the
-    /// window. A window cut short (a crash, an error) leaves the mark where
-    /// it was and is written again next time; queries read the index only
-    /// below the mark. Safe to run in several processes at once: rows
-    /// already there are skipped and the mark only moves forward.
-    pub async fn index_persons(&self, tenant: &str) -> Result<usize> {
-        self.index_persons_by(tenant, PERSON_INDEX_WINDOW, PERSON_INSERT_ROWS).await
+    /// Brings the tenant's derived indexes (`audit_person_entries`,
+    /// `audit_estate_entries`) up to the log's head and returns how many
+    /// entries it went past. A window of [`INDEX_WINDOW`] entries is
+    /// read (outside the write turn), its rows sorted by index, then key,
+    /// and written [`INDEX_ROWS_PER_TX`] rows per write transaction; the
+    /// last of them moves the tenant's mark past the window. A window cut
+    /// short (a crash, an error) leaves the mark where it was and is
+    /// written again next time; queries read the indexes only below the
+    /// mark. Safe to run in several processes at once: rows already there
+    /// are skipped and the mark only moves forward.
+    pub async fn index_entries(&self, tenant: &str) -> Result<usize> {
+        self.index_entries_by(tenant, INDEX_WINDOW, INDEX_ROWS_PER_TX).await
     }
 
-    /// [`Self::index_persons`] with windows of `window` entries and `per_tx`
+    /// [`Self::index_entries`] with windows of `window` entries and `per_tx`
     /// rows per transaction.
-    pub(crate) async fn index_persons_by(&self, tenant: &str, window: i64, per_tx: usize) -> Result<usize> {
+    pub(crate) async fn index_entries_by(&self, tenant: &str, window: i64, per_tx: usize) -> Result<usize> {
         let per_tx = per_tx.max(1);
         let mut total = 0;
         loop {
-            let next = self.persons_indexed_below(tenant).await?;
-            let mut rows: Vec<(i64, String)> = sqlx::query_as::<Any, (i64, String)>(
-                "SELECT idx, person_pseudonym FROM audit_entries WHERE tenant_id = $1 AND idx >= $2 ORDER BY idx LIMIT $3",
+            let next = self.indexed_below(tenant).await?;
+            let entries: Vec<(i64, String, String)> = sqlx::query_as::<Any, (i64, String, String)>(
+                "SELECT idx, person_pseudonym, estate_id FROM audit_entries WHERE tenant_id = $1 AND idx >= $2 \
+                 ORDER BY idx LIMIT $3",
             )
             .bind(tenant)
             .bind(next)
@@ -642,18 +661,27 @@ impl AuditLog {
             .fetch_all(self.db.pool())
             .await
             .map_err(db_error)?;
-            let Some(&(last, _)) = rows.last() else { break };
-            let went = rows.len();
-            rows.retain(|(_, person)| !person.is_empty());
-            rows.sort_unstable_by(|a, b| a.1.cmp(&b.1).then(a.0.cmp(&b.0)));
-            // A window that names nobody still moves the mark: one empty chunk.
-            let mut chunks: Vec<&[(i64, String)]> = rows.chunks(per_tx).collect();
+            let Some(&(last, _, _)) = entries.last() else { break };
+            let went = entries.len();
+            let mut rows: Vec<IndexRow> = Vec::with_capacity(went * 2);
+            for (idx, person, estate) in entries {
+                if !person.is_empty() {
+                    rows.push((IndexOf::Person, person, idx));
+                }
+                if !estate.is_empty() {
+                    rows.push((IndexOf::Estate, estate, idx));
+                }
+            }
+            rows.sort_unstable();
+            // A window that names nobody and no estate still moves the mark:
+            // one empty chunk.
+            let mut chunks: Vec<&[IndexRow]> = rows.chunks(per_tx).collect();
             if chunks.is_empty() {
                 chunks.push(&[]);
             }
             for (i, chunk) in chunks.iter().enumerate() {
                 let mark = (i + 1 == chunks.len()).then_some(last + 1);
-                self.write_persons(tenant, chunk, mark).await?;
+                self.write_index(tenant, chunk, mark).await?;
                 // Let the writers waiting for their turn go first.
                 tokio::task::yield_now().await;
             }
@@ -665,38 +693,46 @@ impl AuditLog {
         Ok(total)
     }
 
-    /// Inserts person index `rows` of `tenant` and, when given, moves its
-    /// mark to `mark` (a mark already past it stays), in one write
-    /// transaction; on SQLite in one call to the writing connection's
-    /// thread, so the write turn is held for the inserts, not for round trips.
-    pub(crate) async fn write_persons(&self, tenant: &str, rows: &[(i64, String)], mark: Option<i64>) -> Result<()> {
+    /// Inserts index `rows` of `tenant` and, when given, moves its mark to
+    /// `mark` (a mark already past it stays), in one write transaction; on
+    /// SQLite in one call to the writing connection's thread, so the write
+    /// turn is held for the inserts, not for round trips.
+    pub(crate) async fn write_index(&self, tenant: &str, rows: &[IndexRow], mark: Option<i64>) -> Result<()> {
+        let parts: Vec<(IndexOf, Vec<&IndexRow>)> = [IndexOf::Person, IndexOf::Estate]
+            .into_iter()
+            .map(|which| (which, rows.iter().filter(|r| r.0 == which).collect::<Vec<_>>()))
+            .filter(|(_, part)| !part.is_empty())
+            .collect();
         if self.db.backend() == Backend::Sqlite {
             let mut sql = String::from("BEGIN IMMEDIATE;\n");
-            if !rows.is_empty() {
-                sql.push_str(&person_insert_sql(&vec!["(?, ?, ?)"; rows.len()].join(", ")));
+            for (which, part) in &parts {
+                sql.push_str(&index_insert_sql(*which, &vec!["(?, ?, ?)"; part.len()].join(", ")));
                 sql.push_str(";\n");
             }
             if mark.is_some() {
-                sql.push_str(&person_mark_sql("?", "?"));
+                sql.push_str(&index_mark_sql("?", "?"));
                 sql.push_str(";\n");
             }
             sql.push_str("COMMIT");
-            let mut q = bind_persons(sqlx::query::<Any>(sqlx::AssertSqlSafe(sql)), tenant, rows);
+            let mut q = sqlx::query::<Any>(sqlx::AssertSqlSafe(sql));
+            for (_, part) in &parts {
+                q = bind_index(q, tenant, part.iter().copied());
+            }
             if let Some(mark) = mark {
                 q = q.bind(tenant.to_owned()).bind(mark);
             }
             return self.db.write_script(q).await?.map_err(db_error);
         }
         let mut tx = self.db.begin().await?;
-        if !rows.is_empty() {
-            let sql = person_insert_sql(&estate_store::value_rows(&tx, rows.len(), 3));
-            bind_persons(sqlx::query::<Any>(sqlx::AssertSqlSafe(sql)), tenant, rows)
+        for (which, part) in &parts {
+            let sql = index_insert_sql(*which, &estate_store::value_rows(&tx, part.len(), 3));
+            bind_index(sqlx::query::<Any>(sqlx::AssertSqlSafe(sql)), tenant, part.iter().copied())
                 .execute(&mut *tx)
                 .await
                 .map_err(db_error)?;
         }
         if let Some(mark) = mark {
-            sqlx::query::<Any>(sqlx::AssertSqlSafe(person_mark_sql("$1", "$2")))
+            sqlx::query::<Any>(sqlx::AssertSqlSafe(index_mark_sql("$1", "$2")))
                 .bind(tenant)
                 .bind(mark)
                 .execute(&mut *tx)
@@ -706,8 +742,9 @@ impl AuditLog {
         tx.commit().await.map_err(db_error)
     }
 
-    /// Every entry of the tenant below this index is in the person index.
-    pub async fn persons_indexed_below(&self, tenant: &str) -> Result<i64> {
+    /// Every entry of the tenant below this index is in the person and
+    /// estate indexes.
+    pub async fn indexed_below(&self, tenant: &str) -> Result<i64> {
         let next: Option<(i64,)> =
             sqlx::query_as::<Any, (i64,)>("SELECT next_idx FROM audit_person_indexed WHERE tenant_id = $1")
                 .bind(tenant)

@@ -33,21 +33,21 @@ pub async fn relay_once(db: &Db, log: &AuditLog, batch: i64) -> Result<usize> {
     Ok(rows.len())
 }
 
-/// How often the person index is brought up to the log's head.
-const PERSON_INDEX_EVERY: Duration = Duration::from_secs(1);
+/// How often the person and estate indexes are brought up to the log's head.
+const INDEX_EVERY: Duration = Duration::from_secs(1);
 
-/// Brings every tenant's person index up to date; failures are only logged
-/// (queries by person read the entries not yet indexed themselves).
-async fn index_persons(log: &AuditLog) {
+/// Brings every tenant's person and estate indexes up to date; failures are
+/// only logged (queries read the entries not yet indexed themselves).
+async fn index_entries(log: &AuditLog) {
     match log.tenants_with_entries().await {
         Ok(tenants) => {
             for t in tenants {
-                if let Err(e) = log.index_persons(&t).await {
-                    tracing::warn!(error = %e, "person index not brought up to date; will retry");
+                if let Err(e) = log.index_entries(&t).await {
+                    tracing::warn!(error = %e, "entry indexes not brought up to date; will retry");
                 }
             }
         }
-        Err(e) => tracing::warn!(error = %e, "person index sweep failed; will retry"),
+        Err(e) => tracing::warn!(error = %e, "entry index sweep failed; will retry"),
     }
 }
 
@@ -70,9 +70,9 @@ pub fn spawn_relay(
             if db.pool().is_closed() {
                 return;
             }
-            if last_index.elapsed() >= PERSON_INDEX_EVERY {
+            if last_index.elapsed() >= INDEX_EVERY {
                 last_index = tokio::time::Instant::now();
-                index_persons(&log).await;
+                index_entries(&log).await;
             }
             match relay_once(&db, &log, batch).await {
                 Ok(n) if n as i64 >= batch => continue,

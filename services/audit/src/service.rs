@@ -82,6 +82,9 @@ enum Source {
     /// The person's entries listed in `audit_person_entries`, below the
     /// indexer's mark.
     PersonIndex,
+    /// The estate's entries listed in `audit_estate_entries`, below the
+    /// indexer's mark.
+    EstateIndex,
 }
 
 impl EntryQuery {
@@ -89,27 +92,32 @@ impl EntryQuery {
     /// filters' strings, then `after`, (the person index's mark,) `limit`.
     fn sql(&self, source: Source) -> (String, Vec<String>) {
         let mut sql = String::from("SELECT e.idx, e.event_hex, e.chain_hash, e.appended_at FROM ");
-        sql.push_str(match source {
-            Source::Entries => "audit_entries e WHERE e.tenant_id = $1",
-            Source::PersonIndex => {
-                "audit_person_entries p JOIN audit_entries e ON e.tenant_id = p.tenant_id AND e.idx = p.idx \
-                 WHERE p.tenant_id = $1"
-            }
-        });
+        let index = match source {
+            Source::Entries => None,
+            Source::PersonIndex => Some("audit_person_entries"),
+            Source::EstateIndex => Some("audit_estate_entries"),
+        };
+        match index {
+            None => sql.push_str("audit_entries e WHERE e.tenant_id = $1"),
+            Some(table) => sql.push_str(&format!(
+                "{table} x JOIN audit_entries e ON e.tenant_id = x.tenant_id AND e.idx = x.idx WHERE x.tenant_id = $1"
+            )),
+        }
         sql.push_str(" AND e.occurred_at >= $2 AND e.occurred_at < $3");
-        let person_col = if source == Source::PersonIndex { "p.person_pseudonym" } else { "e.person_pseudonym" };
+        let person_col = if source == Source::PersonIndex { "x.person_pseudonym" } else { "e.person_pseudonym" };
+        let estate_col = if source == Source::EstateIndex { "x.estate_id" } else { "e.estate_id" };
         let mut strings = Vec::new();
-        for (col, v) in [("e.estate_id", &self.estate), (person_col, &self.person), ("e.action", &self.action)] {
+        for (col, v) in [(estate_col, &self.estate), (person_col, &self.person), ("e.action", &self.action)] {
             if !v.is_empty() {
                 strings.push(v.clone());
                 sql.push_str(&format!(" AND {col} = ${}", strings.len() + 3));
             }
         }
         let n = strings.len() + 3;
-        match source {
-            Source::Entries => sql.push_str(&format!(" AND e.idx > ${} ORDER BY e.idx LIMIT ${}", n + 1, n + 2)),
-            Source::PersonIndex => {
-                sql.push_str(&format!(" AND p.idx > ${} AND p.idx < ${} ORDER BY p.idx LIMIT ${}", n + 1, n + 2, n + 3))
+        match index {
+            None => sql.push_str(&format!(" AND e.idx > ${} ORDER BY e.idx LIMIT ${}", n + 1, n + 2)),
+            Some(_) => {
+                sql.push_str(&format!(" AND x.idx > ${} AND x.idx < ${} ORDER BY x.idx LIMIT ${}", n + 1, n + 2, n + 3))
             }
         }
         (sql, strings)
@@ -125,23 +133,27 @@ impl EntryQuery {
             q = q.bind(s);
         }
         q = q.bind(after);
-        if source == Source::PersonIndex {
+        if source != Source::Entries {
             q = q.bind(mark);
         }
         q.bind(limit).fetch_all(db.pool()).await.map_err(db_error)
     }
 
-    /// Up to `limit` entries after index `after`, in log order. By person:
-    /// from the person index below its mark, then from the entries the
-    /// indexer has not reached yet (the mark is read first, and everything
-    /// below it is indexed, so no entry is missed or read twice).
+    /// Up to `limit` entries after index `after`, in log order. By person
+    /// (or, without one, by estate): from that index below its mark, then
+    /// from the entries the indexer has not reached yet (the mark is read
+    /// first, and everything below it is indexed, so no entry is missed or
+    /// read twice).
     async fn page(&self, db: &Db, log: &AuditLog, after: i64, limit: i64) -> Result<Vec<EntryRow>> {
-        if self.person.is_empty() {
+        let index = if !self.person.is_empty() {
+            Source::PersonIndex
+        } else if !self.estate.is_empty() {
+            Source::EstateIndex
+        } else {
             return self.fetch(db, Source::Entries, after, 0, limit).await;
-        }
-        let mark = log.persons_indexed_below(&self.tenant).await?;
-        let mut rows =
-            if after + 1 < mark { self.fetch(db, Source::PersonIndex, after, mark, limit).await? } else { Vec::new() };
+        };
+        let mark = log.indexed_below(&self.tenant).await?;
+        let mut rows = if after + 1 < mark { self.fetch(db, index, after, mark, limit).await? } else { Vec::new() };
         let got = i64::try_from(rows.len()).unwrap_or(i64::MAX);
         if got < limit {
             rows.extend(self.fetch(db, Source::Entries, after.max(mark - 1), 0, limit - got).await?);
@@ -459,13 +471,15 @@ mod tests {
             .collect()
     }
 
-    /// The indexes of `person`'s entries (at `estate`, when given) among the
-    /// first `n`, as [`events`] makes them.
+    /// The indexes of `person`'s entries (any person's, when empty; at
+    /// `estate`, when given) among the first `n`, as [`events`] makes them.
     fn expected(person: &str, estate: Option<&str>, n: usize) -> Vec<i64> {
         events(0, n)
             .into_iter()
             .enumerate()
-            .filter(|(_, (_, e))| e.person_pseudonym == person && estate.is_none_or(|s| e.estate_id == s))
+            .filter(|(_, (_, e))| {
+                (person.is_empty() || e.person_pseudonym == person) && estate.is_none_or(|s| e.estate_id == s)
+            })
             .map(|(i, _)| i64::try_from(i).unwrap_or(-1))
             .collect()
     }
@@ -484,13 +498,13 @@ mod tests {
         Ok(got)
     }
 
-    /// A query by person finds each of the person's entries exactly once,
-    /// in log order, before the person index has been built, once it is
-    /// complete, and when pages cross from the index to the entries it has
-    /// not reached yet; other filters still apply. Indexing twice at once,
-    /// or again, changes nothing.
+    /// A query by person (or by estate) finds each of its entries exactly
+    /// once, in log order, before the indexes have been built, once they
+    /// are complete, and when pages cross from an index to the entries it
+    /// has not reached yet; other filters still apply. Indexing twice at
+    /// once, or again, changes nothing.
     #[tokio::test]
-    async fn queries_by_person_see_every_entry_while_the_index_catches_up() -> anyhow::Result<()> {
+    async fn queries_by_person_and_estate_see_every_entry_while_the_index_catches_up() -> anyhow::Result<()> {
         let dir = tempfile::tempdir()?;
         let test_db = TestDatabase::create(dir.path()).await?;
         let db = Db::connect(&DbOptions {
@@ -506,35 +520,48 @@ mod tests {
         log.append(&events(0, 2500)).await?;
         let bo = entry_query("tenant-a", "", "p-bo", "", 0, i64::MAX);
         let bo_at_2 = entry_query("tenant-a", "estate-2", "p-bo", "", 0, i64::MAX);
-        assert_eq!(log.persons_indexed_below("tenant-a").await?, 0);
+        let at_2 = entry_query("tenant-a", "estate-2", "", "", 0, i64::MAX);
+        assert_eq!(log.indexed_below("tenant-a").await?, 0);
         assert_eq!(all(&bo, &db, &log, 7).await?, expected("p-bo", None, 2500));
+        assert_eq!(all(&at_2, &db, &log, 7).await?, expected("", Some("estate-2"), 2500));
 
         // Two indexers at once (two processes on one database) overlap
         // harmlessly; small windows and transactions, so that both cross
         // several of each.
-        let (a, b) = tokio::join!(log.index_persons_by("tenant-a", 700, 64), log.index_persons_by("tenant-a", 700, 64));
+        let (a, b) = tokio::join!(log.index_entries_by("tenant-a", 700, 64), log.index_entries_by("tenant-a", 700, 64));
         assert!(a? + b? >= 2500);
-        assert_eq!(log.persons_indexed_below("tenant-a").await?, 2500);
+        assert_eq!(log.indexed_below("tenant-a").await?, 2500);
         let (indexed,): (i64,) =
             sqlx::query_as::<Any, (i64,)>("SELECT COUNT(*) FROM audit_person_entries").fetch_one(db.pool()).await?;
         assert_eq!(indexed, 1875, "one row per entry that names a person");
+        let (indexed,): (i64,) =
+            sqlx::query_as::<Any, (i64,)>("SELECT COUNT(*) FROM audit_estate_entries").fetch_one(db.pool()).await?;
+        assert_eq!(indexed, 2500, "one row per entry at an estate");
         assert_eq!(all(&bo, &db, &log, 7).await?, expected("p-bo", None, 2500));
         assert_eq!(all(&bo_at_2, &db, &log, 1000).await?, expected("p-bo", Some("estate-2"), 2500));
+        assert_eq!(all(&at_2, &db, &log, 7).await?, expected("", Some("estate-2"), 2500));
 
         log.append(&events(2500, 2800)).await?;
         // A window cut short (a crash between its transactions): rows past
         // the mark are in the index, the mark has not moved. Queries must
         // not read them twice.
-        let cut: Vec<(i64, String)> = (2500..2800).filter(|i| i % 4 == 1).map(|i| (i, "p-bo".to_owned())).collect();
-        log.write_persons("tenant-a", &cut, None).await?;
+        use crate::log::IndexOf;
+        let cut: Vec<_> = (2500..2800)
+            .filter(|i| i % 4 == 1)
+            .map(|i| (IndexOf::Person, "p-bo".to_owned(), i))
+            .chain((2500..2800).filter(|i| i % 2 == 1).map(|i| (IndexOf::Estate, "estate-2".to_owned(), i)))
+            .collect();
+        log.write_index("tenant-a", &cut, None).await?;
         for limit in [1, 7, 1000] {
             assert_eq!(all(&bo, &db, &log, limit).await?, expected("p-bo", None, 2800), "pages of {limit}");
+            assert_eq!(all(&at_2, &db, &log, limit).await?, expected("", Some("estate-2"), 2800), "pages of {limit}");
         }
         assert_eq!(all(&bo_at_2, &db, &log, 3).await?, expected("p-bo", Some("estate-2"), 2800));
-        assert_eq!(log.index_persons("tenant-a").await?, 300);
-        assert_eq!(log.index_persons("tenant-a").await?, 0);
-        assert_eq!(log.persons_indexed_below("tenant-a").await?, 2800);
+        assert_eq!(log.index_entries("tenant-a").await?, 300);
+        assert_eq!(log.index_entries("tenant-a").await?, 0);
+        assert_eq!(log.indexed_below("tenant-a").await?, 2800);
         assert_eq!(all(&bo, &db, &log, 7).await?, expected("p-bo", None, 2800));
+        assert_eq!(all(&at_2, &db, &log, 7).await?, expected("", Some("estate-2"), 2800));
         let nobody = entry_query("tenant-a", "", "p-nobody", "", 0, i64::MAX);
         assert!(all(&nobody, &db, &log, 7).await?.is_empty());
         db.close().await;

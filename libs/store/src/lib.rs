@@ -18,8 +18,9 @@ use sqlx::migrate::Migrator;
 use sqlx::{AnyPool, Executor};
 use std::str::FromStr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
+use tokio::sync::Notify;
 
 pub use sqlx;
 
@@ -121,6 +122,56 @@ fn spawn_checkpointer(pool: AnyPool, writer: Arc<tokio::sync::Mutex<WriterSlot>>
     });
 }
 
+/// The shortest time between two background syncs of the SQLite WAL.
+const WAL_SYNC_EVERY: Duration = Duration::from_millis(10);
+
+/// How often the WAL syncer wakes without being told of a write (writes
+/// made on the pool outside the writers' turns), and opens the WAL file
+/// again, in case SQLite made a new one (it deletes the file when its last
+/// connection closes).
+const WAL_IDLE_SYNC_EVERY: Duration = Duration::from_secs(1);
+
+/// Makes the WAL at `wal` durable (fdatasync, on the blocking pool) after
+/// the writers' turns end (`written`), at most once per [`WAL_SYNC_EVERY`],
+/// until the pool closes; counts the syncs in `syncs`.
+///
+/// With `synchronous = NORMAL` a commit writes its frames without an fsync;
+/// they reached the disk only when a checkpoint synced the WAL before
+/// copying it. That sync then wrote everything committed since the last
+/// pass (a quarter second of decisions at the gate benchmark's paced rates)
+/// and took 25–60 ms; when it was the WAL restart's pass, which holds the
+/// writers' turn, commits queued behind it, and those stalls made most of
+/// the paced decisions' p99. Synced in the background, the WAL holds about
+/// 10 ms of unsynced commits: the checkpoint's own sync finds little to
+/// write, and a power loss takes those last milliseconds of commits, not
+/// everything since the last checkpoint (BENCHMARKS.md, session 12). The
+/// sync runs on a file handle of its own and takes none of SQLite's locks.
+fn spawn_wal_syncer(pool: AnyPool, wal: std::path::PathBuf, written: Arc<Notify>, syncs: Arc<AtomicU64>) {
+    tokio::spawn(async move {
+        let mut file: Option<Arc<std::fs::File>> = None;
+        let mut opened = tokio::time::Instant::now();
+        loop {
+            let _ = tokio::time::timeout(WAL_IDLE_SYNC_EVERY, written.notified()).await;
+            if pool.is_closed() {
+                return;
+            }
+            if file.is_none() || opened.elapsed() >= WAL_IDLE_SYNC_EVERY {
+                file = std::fs::File::open(&wal).ok().map(Arc::new);
+                opened = tokio::time::Instant::now();
+            }
+            let Some(f) = file.clone() else { continue };
+            match tokio::task::spawn_blocking(move || f.sync_data()).await {
+                Ok(Ok(())) => {
+                    syncs.fetch_add(1, Ordering::Relaxed);
+                }
+                Ok(Err(e)) => tracing::debug!(error = %e, "wal sync skipped"),
+                Err(_) => return,
+            }
+            tokio::time::sleep(WAL_SYNC_EVERY).await;
+        }
+    });
+}
+
 /// A PASSIVE checkpoint: (busy, pages in the WAL, pages copied).
 async fn wal_checkpoint(pool: &AnyPool) -> Result<(i64, i64, i64), sqlx::Error> {
     sqlx::query_as::<sqlx::Any, (i64, i64, i64)>("PRAGMA wal_checkpoint(PASSIVE)").fetch_one(pool).await
@@ -155,6 +206,11 @@ struct Writer {
     /// A transaction was left open on the connection (its [`WriteTx`] was
     /// dropped, or its COMMIT failed): roll it back before the next begins.
     dirty: Arc<AtomicBool>,
+    /// Told when a turn ends (something may have been written), for the
+    /// WAL syncer ([`spawn_wal_syncer`]).
+    written: Arc<Notify>,
+    /// WAL syncs the syncer made.
+    wal_syncs: Arc<AtomicU64>,
 }
 
 #[derive(Debug)]
@@ -221,6 +277,7 @@ struct RollbackOnDrop {
 
 impl Drop for RollbackOnDrop {
     fn drop(&mut self) {
+        self.writer.written.notify_one();
         if !self.armed {
             return;
         }
@@ -405,7 +462,11 @@ impl Db {
                 .map_err(StoreError::Connect)?;
             let slot = Arc::new(tokio::sync::Mutex::new(WriterSlot { conn: None }));
             spawn_checkpointer(pool.clone(), slot.clone(), wal_restart_pages);
-            Some(Writer { slot, writes, dirty: Arc::new(AtomicBool::new(false)) })
+            let (written, wal_syncs) = (Arc::new(Notify::new()), Arc::new(AtomicU64::new(0)));
+            if let Some(file) = opts.url.strip_prefix("sqlite://").and_then(|p| p.split('?').next()) {
+                spawn_wal_syncer(pool.clone(), format!("{file}-wal").into(), written.clone(), wal_syncs.clone());
+            }
+            Some(Writer { slot, writes, dirty: Arc::new(AtomicBool::new(false)), written, wal_syncs })
         } else {
             None
         };
@@ -482,6 +543,11 @@ impl Db {
         }
         .instrument(span)
         .await
+    }
+
+    /// WAL syncs the background syncer has made (SQLite; 0 on PostgreSQL).
+    pub fn wal_syncs(&self) -> u64 {
+        self.writer.as_ref().map_or(0, |w| w.wal_syncs.load(Ordering::Relaxed))
     }
 
     /// Closes the pool, waiting for connections to be returned.
@@ -597,6 +663,38 @@ mod tests {
         let ids: Vec<i64> = sqlx::query_scalar("SELECT id FROM t ORDER BY id").fetch_all(db.pool()).await?;
         assert_eq!(ids, vec![3, 4]);
         db.close().await;
+        Ok(())
+    }
+
+    /// The WAL is synced in the background while the pool is open, and no
+    /// longer once it is closed.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_wal_is_synced_in_the_background_until_the_pool_closes() -> Result<(), Box<dyn std::error::Error>> {
+        let dir = tempfile::tempdir()?;
+        let opts = DbOptions {
+            url: format!("sqlite://{}", dir.path().join("sync.db").display()),
+            max_connections: 2,
+            acquire_timeout: Duration::from_secs(10),
+            statement_timeout_ms: 0,
+        };
+        let db = Db::connect(&opts).await?;
+        sqlx::query("CREATE TABLE t (id INTEGER PRIMARY KEY)").execute(db.pool()).await?;
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        for id in 0.. {
+            let mut tx = db.begin().await?;
+            sqlx::query("INSERT INTO t (id) VALUES ($1)").bind(id).execute(&mut *tx).await?;
+            tx.commit().await?;
+            if db.wal_syncs() >= 3 || std::time::Instant::now() > deadline {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert!(db.wal_syncs() >= 3, "{} WAL syncs in 10 s of commits", db.wal_syncs());
+        db.close().await;
+        tokio::time::sleep(WAL_SYNC_EVERY * 3).await;
+        let after_close = db.wal_syncs();
+        tokio::time::sleep(WAL_SYNC_EVERY * 10).await;
+        assert_eq!(db.wal_syncs(), after_close, "the syncer went on after the pool closed");
         Ok(())
     }
 

@@ -436,6 +436,8 @@ impl Db {
 
     async fn open(opts: &DbOptions, wal_restart_pages: i64) -> Result<Self, StoreError> {
         sqlx::any::install_default_drivers();
+        // The SQLite file's path, for its directory and its WAL's syncer.
+        let mut sqlite_file = None;
         let (backend, url) = if let Some(path) = opts.url.strip_prefix("sqlite://") {
             let path_only = path.split('?').next().unwrap_or(path);
             if let Some(parent) = std::path::Path::new(path_only).parent()
@@ -444,6 +446,7 @@ impl Db {
                 std::fs::create_dir_all(parent).map_err(|e| StoreError::Connect(sqlx::Error::Io(e)))?;
             }
             let url = if path.contains('?') { opts.url.clone() } else { format!("{}?mode=rwc", opts.url) };
+            sqlite_file = Some(path_only.to_owned());
             (Backend::Sqlite, url)
         } else if opts.url.starts_with("postgres://") || opts.url.starts_with("postgresql://") {
             (Backend::Postgres, opts.url.clone())
@@ -463,7 +466,7 @@ impl Db {
             let slot = Arc::new(tokio::sync::Mutex::new(WriterSlot { conn: None }));
             spawn_checkpointer(pool.clone(), slot.clone(), wal_restart_pages);
             let (written, wal_syncs) = (Arc::new(Notify::new()), Arc::new(AtomicU64::new(0)));
-            if let Some(file) = opts.url.strip_prefix("sqlite://").and_then(|p| p.split('?').next()) {
+            if let Some(file) = sqlite_file {
                 spawn_wal_syncer(pool.clone(), format!("{file}-wal").into(), written.clone(), wal_syncs.clone());
             }
             Some(Writer { slot, writes, dirty: Arc::new(AtomicBool::new(false)), written, wal_syncs })
@@ -629,18 +632,23 @@ pub fn value_rows(conn: &sqlx::AnyConnection, rows: usize, cols: usize) -> Strin
 mod tests {
     use super::*;
 
+    /// Options for a SQLite file at `path` with a pool of `max_connections`.
+    fn sqlite_options(path: &std::path::Path, max_connections: u32) -> DbOptions {
+        DbOptions {
+            url: format!("sqlite://{}", path.display()),
+            max_connections,
+            acquire_timeout: Duration::from_secs(10),
+            statement_timeout_ms: 0,
+        }
+    }
+
     /// SQLite's writing connection: a transaction dropped without a commit,
     /// or a script that fails part-way, leaves nothing behind, and the next
     /// write begins as usual.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn abandoned_writes_are_rolled_back_before_the_next() -> Result<(), Box<dyn std::error::Error>> {
         let dir = tempfile::tempdir()?;
-        let opts = DbOptions {
-            url: format!("sqlite://{}", dir.path().join("w.db").display()),
-            max_connections: 2,
-            acquire_timeout: Duration::from_secs(10),
-            statement_timeout_ms: 0,
-        };
+        let opts = sqlite_options(&dir.path().join("w.db"), 2);
         let db = Db::connect(&opts).await?;
         sqlx::query("CREATE TABLE t (id INTEGER PRIMARY KEY)").execute(db.pool()).await?;
         {
@@ -671,12 +679,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn the_wal_is_synced_in_the_background_until_the_pool_closes() -> Result<(), Box<dyn std::error::Error>> {
         let dir = tempfile::tempdir()?;
-        let opts = DbOptions {
-            url: format!("sqlite://{}", dir.path().join("sync.db").display()),
-            max_connections: 2,
-            acquire_timeout: Duration::from_secs(10),
-            statement_timeout_ms: 0,
-        };
+        let opts = sqlite_options(&dir.path().join("sync.db"), 2);
         let db = Db::connect(&opts).await?;
         sqlx::query("CREATE TABLE t (id INTEGER PRIMARY KEY)").execute(db.pool()).await?;
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
@@ -704,12 +707,7 @@ mod tests {
     async fn the_wal_stays_bounded_under_steady_writes() -> Result<(), Box<dyn std::error::Error>> {
         let dir = tempfile::tempdir()?;
         let path = dir.path().join("wal.db");
-        let opts = DbOptions {
-            url: format!("sqlite://{}", path.display()),
-            max_connections: 4,
-            acquire_timeout: Duration::from_secs(10),
-            statement_timeout_ms: 0,
-        };
+        let opts = sqlite_options(&path, 4);
         // 64 pages: a 256 KiB WAL limit.
         let db = Db::open(&opts, 64).await?;
         sqlx::query("CREATE TABLE blobs (id INTEGER PRIMARY KEY, body BLOB NOT NULL)").execute(db.pool()).await?;

@@ -292,7 +292,19 @@ fn summarise(mut lat_us: Vec<u64>, elapsed: Duration, errors: u64, cpu_from: f64
     }
 }
 
+/// What a load generator needs to open its own connections.
+struct Recipe {
+    /// One gate-service endpoint per connection.
+    gates: Vec<String>,
+    credentials: String,
+    gate_token: String,
+    op_token: String,
+    holder: (String, String),
+    cards: Arc<Vec<String>>,
+}
+
 struct Load {
+    recipe: Arc<Recipe>,
     health: Vec<HealthClient<Channel>>,
     gates: Vec<Gates>,
     operators: Vec<Credentials>,
@@ -302,6 +314,31 @@ struct Load {
 }
 
 impl Load {
+    /// Opens the recipe's connections, on the runtime this runs on.
+    async fn connect(recipe: Arc<Recipe>) -> anyhow::Result<Self> {
+        let mut channels = Vec::new();
+        let mut operator_channels = Vec::new();
+        for endpoint in &recipe.gates {
+            channels.push(Endpoint::from_shared(endpoint.clone())?.connect().await?);
+            operator_channels.push(Endpoint::from_shared(recipe.credentials.clone())?.connect().await?);
+        }
+        Ok(Self {
+            health: channels.iter().map(|c| HealthClient::new(c.clone())).collect(),
+            gates: channels
+                .iter()
+                .map(|c| Ok(GateServiceClient::with_interceptor(c.clone(), bearer(&recipe.gate_token)?)))
+                .collect::<anyhow::Result<Vec<_>>>()?,
+            operators: operator_channels
+                .iter()
+                .map(|c| Ok(CredentialServiceClient::with_interceptor(c.clone(), bearer(&recipe.op_token)?)))
+                .collect::<anyhow::Result<Vec<_>>>()?,
+            holder: recipe.holder.clone(),
+            cards: recipe.cards.clone(),
+            next: Arc::new(AtomicU64::new(0)),
+            recipe,
+        })
+    }
+
     async fn one(&self, call: Call, lane: usize) -> bool {
         match call {
             Call::Noop => {
@@ -372,42 +409,63 @@ impl Load {
     }
 
     /// Calls at a fixed `rate` for `secs`, latency measured from each call's
-    /// scheduled start (no coordinated omission). The pacer is its own
-    /// thread sleeping 100 µs at a time: tokio's timer fires on whole
-    /// milliseconds, so a runtime pacer released calls up to a millisecond
-    /// after their scheduled start and counted that wait in every latency
-    /// (the no-op's p50 at 14k/s read 1.9 ms against 0.8 ms at 75k/s).
-    async fn open(self: &Arc<Self>, call: Call, rate: f64, secs: u64) -> Summary {
-        let total = (rate * secs as f64) as u64;
-        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Option<u64>>();
-        let runtime = tokio::runtime::Handle::current();
-        let load = self.clone();
-        let (start, cpu_from) = (Instant::now(), cpu_seconds());
-        let pacer = std::thread::spawn(move || {
-            let mut sent = 0u64;
-            while sent < total {
-                let due = ((start.elapsed().as_secs_f64() * rate) as u64).min(total);
-                while sent < due {
-                    let scheduled = start + Duration::from_secs_f64(sent as f64 / rate);
-                    let (load, tx) = (load.clone(), tx.clone());
-                    let lane = sent as usize;
-                    runtime.spawn(async move {
-                        let ok = load.one(call, lane).await;
-                        let _ = tx.send(ok.then(|| scheduled.elapsed().as_micros() as u64));
-                    });
-                    sent += 1;
-                }
-                std::thread::sleep(Duration::from_micros(100));
-            }
+    /// scheduled start (no coordinated omission), by a load generator on a
+    /// thread of its own: a single-threaded runtime with connections of its
+    /// own, as a gate fleet's traffic would come from elsewhere. (Until
+    /// session 13 the paced calls ran on the server's runtime, one task
+    /// each: every isolated call then woke sleeping workers on both sides,
+    /// and a paced no-op cost 3–5× the CPU of a closed-loop one; BENCHMARKS.md.)
+    async fn open(self: &Arc<Self>, call: Call, rate: f64, secs: u64) -> anyhow::Result<Summary> {
+        let recipe = self.recipe.clone();
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        std::thread::spawn(move || {
+            let summary = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(anyhow::Error::from)
+                .and_then(|rt| {
+                    rt.block_on(async move { Ok(Arc::new(Load::connect(recipe).await?).pace(call, rate, secs).await) })
+                });
+            let _ = tx.send(summary);
         });
-        let (mut lat, mut errors) = (Vec::with_capacity(total as usize), 0);
-        while let Some(r) = rx.recv().await {
-            match r {
-                Some(us) => lat.push(us),
-                None => errors += 1,
+        rx.await.map_err(|_| anyhow::anyhow!("the paced load generator stopped"))?
+    }
+
+    /// The paced calls: one task starts, each millisecond tick, the calls
+    /// scheduled up to then and awaits them all, so a call waits up to a
+    /// millisecond for its tick, and that wait counts in its latency.
+    async fn pace(self: &Arc<Self>, call: Call, rate: f64, secs: u64) -> Summary {
+        use futures_util::StreamExt;
+        let total = (rate * secs as f64) as u64;
+        let (start, cpu_from) = (Instant::now(), cpu_seconds());
+        let mut tick = tokio::time::interval(Duration::from_millis(1));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut in_flight = futures_util::stream::FuturesUnordered::new();
+        let (mut lat, mut errors) = (Vec::with_capacity(total as usize), 0u64);
+        let mut sent = 0u64;
+        loop {
+            // Every call whose scheduled start has come.
+            let due = ((start.elapsed().as_secs_f64() * rate) as u64 + 1).min(total);
+            while sent < due {
+                let scheduled = start + Duration::from_secs_f64(sent as f64 / rate);
+                let lane = sent as usize;
+                in_flight.push(async move { (self.one(call, lane).await, scheduled) });
+                sent += 1;
+            }
+            if sent == total && in_flight.is_empty() {
+                break;
+            }
+            tokio::select! {
+                Some((ok, scheduled)) = in_flight.next() => {
+                    if ok {
+                        lat.push(scheduled.elapsed().as_micros() as u64);
+                    } else {
+                        errors += 1;
+                    }
+                }
+                _ = tick.tick(), if sent < total => {}
             }
         }
-        let _ = pacer.join();
         summarise(lat, start.elapsed(), errors, cpu_from)
     }
 }
@@ -529,29 +587,16 @@ async fn main() -> anyhow::Result<()> {
         "bench-gate",
     )
     .await?;
-    // The connections alternate over the gate replicas (one when in-process).
-    let mut channels = Vec::new();
-    for i in 0..args.connections.max(1) {
-        channels.push(open(mesh.gates[i % mesh.gates.len()].clone()).await?);
-    }
-    let mut operator_channels = Vec::new();
-    for _ in 0..args.connections.max(1) {
-        operator_channels.push(open(mesh.credentials.clone()).await?);
-    }
-    let load = Arc::new(Load {
-        health: channels.iter().map(|c| HealthClient::new(c.clone())).collect(),
-        gates: channels
-            .iter()
-            .map(|c| Ok(GateServiceClient::with_interceptor(c.clone(), bearer(&gate_token)?)))
-            .collect::<anyhow::Result<Vec<_>>>()?,
-        operators: operator_channels
-            .iter()
-            .map(|c| Ok(CredentialServiceClient::with_interceptor(c.clone(), bearer(&op_token)?)))
-            .collect::<anyhow::Result<Vec<_>>>()?,
+    let recipe = Recipe {
+        // The connections alternate over the gate replicas (one when in-process).
+        gates: (0..args.connections.max(1)).map(|i| mesh.gates[i % mesh.gates.len()].clone()).collect(),
+        credentials: mesh.credentials.clone(),
+        gate_token: gate_token.clone(),
+        op_token: op_token.clone(),
         holder: (holder.clone(), estate.id.clone()),
         cards: Arc::new(cards),
-        next: Arc::new(AtomicU64::new(0)),
-    });
+    };
+    let load = Arc::new(Load::connect(Arc::new(recipe)).await?);
 
     println!(
         "gate-bench: {} cards, {} connections, {} in flight, {} s per phase; database {}, cache {}; {}",
@@ -579,9 +624,9 @@ async fn main() -> anyhow::Result<()> {
     }
     if let Some(rate) = args.profile_paced {
         eprintln!("profiling window starts");
-        line(&format!("card decision at {rate:.0}/s"), &load.open(Call::Decide, rate, args.seconds).await);
+        line(&format!("card decision at {rate:.0}/s"), &load.open(Call::Decide, rate, args.seconds).await?);
         eprintln!("profiling window ends");
-        line(&format!("no-op unary at {rate:.0}/s"), &load.open(Call::Noop, rate, args.seconds).await);
+        line(&format!("no-op unary at {rate:.0}/s"), &load.open(Call::Noop, rate, args.seconds).await?);
         mesh.stop().await;
         return Ok(());
     }
@@ -606,16 +651,16 @@ async fn main() -> anyhow::Result<()> {
     line("mixed: 90% decisions, 10% credential issues", &mixed);
 
     let target = decide.rate * 0.7;
-    let paced = load.open(Call::Decide, target, args.seconds).await;
+    let paced = load.open(Call::Decide, target, args.seconds).await?;
     line(&format!("card decision at 70% of its max ({target:.0}/s)"), &paced);
-    let paced_noop = load.open(Call::Noop, target, args.seconds).await;
+    let paced_noop = load.open(Call::Noop, target, args.seconds).await?;
     line(&format!("no-op unary at the same rate ({target:.0}/s)"), &paced_noop);
     // Calibration: the same open loop for the no-op at 70% of ITS closed-loop
     // maximum. Paced calls cost this process far more CPU than closed-loop
     // ones (the load generator shares the 2 cores), so this shows what the
     // harness itself allows at "70% of max", whatever the call.
     let noop_target = noop_rate * 0.7;
-    let paced_noop_own = load.open(Call::Noop, noop_target, args.seconds).await;
+    let paced_noop_own = load.open(Call::Noop, noop_target, args.seconds).await?;
     line(&format!("no-op unary at 70% of its own max ({noop_target:.0}/s)"), &paced_noop_own);
 
     // Revocation fan-out: `gates` gates of the estate watch; each revocation

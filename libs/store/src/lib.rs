@@ -439,14 +439,21 @@ impl Db {
         // The SQLite file's path, for its directory and its WAL's syncer.
         let mut sqlite_file = None;
         let (backend, url) = if let Some(path) = opts.url.strip_prefix("sqlite://") {
-            let path_only = path.split('?').next().unwrap_or(path);
-            if let Some(parent) = std::path::Path::new(path_only).parent()
+            // The file sqlx opens: the URL's path, percent-decoded (a space
+            // in a directory's name is written `%20`).
+            let encoded = path.split('?').next().unwrap_or(path);
+            let file = percent_encoding::percent_decode_str(encoded).decode_utf8().map_err(|_| {
+                StoreError::Connect(sqlx::Error::Configuration(
+                    format!("the SQLite path {encoded:?} is not UTF-8 once percent-decoded").into(),
+                ))
+            })?;
+            if let Some(parent) = std::path::Path::new(&*file).parent()
                 && !parent.as_os_str().is_empty()
             {
                 std::fs::create_dir_all(parent).map_err(|e| StoreError::Connect(sqlx::Error::Io(e)))?;
             }
             let url = if path.contains('?') { opts.url.clone() } else { format!("{}?mode=rwc", opts.url) };
-            sqlite_file = Some(path_only.to_owned());
+            sqlite_file = Some(file.into_owned());
             (Backend::Sqlite, url)
         } else if opts.url.starts_with("postgres://") || opts.url.starts_with("postgresql://") {
             (Backend::Postgres, opts.url.clone())
@@ -698,6 +705,35 @@ mod tests {
         let after_close = db.wal_syncs();
         tokio::time::sleep(WAL_SYNC_EVERY * 10).await;
         assert_eq!(db.wal_syncs(), after_close, "the syncer went on after the pool closed");
+        Ok(())
+    }
+
+    /// A percent-encoded path (`%20` for a space) names the file sqlx
+    /// opens: its directory is created under the decoded name, and the
+    /// WAL syncer finds the WAL there.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_percent_encoded_path_is_decoded_for_its_directory_and_wal() -> Result<(), Box<dyn std::error::Error>> {
+        let dir = tempfile::tempdir()?;
+        let opts = DbOptions {
+            url: format!("sqlite://{}/My%20Estates/mesh.db", dir.path().display()),
+            ..sqlite_options(&dir.path().join("unused.db"), 2)
+        };
+        let db = Db::connect(&opts).await?;
+        assert!(dir.path().join("My Estates").join("mesh.db").is_file(), "the database is not at the decoded path");
+        assert!(!dir.path().join("My%20Estates").exists(), "a directory was made under the encoded name");
+        sqlx::query("CREATE TABLE t (id INTEGER PRIMARY KEY)").execute(db.pool()).await?;
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        for id in 0.. {
+            let mut tx = db.begin().await?;
+            sqlx::query("INSERT INTO t (id) VALUES ($1)").bind(id).execute(&mut *tx).await?;
+            tx.commit().await?;
+            if db.wal_syncs() >= 2 || std::time::Instant::now() > deadline {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert!(db.wal_syncs() >= 2, "{} WAL syncs in 10 s of commits at a decoded path", db.wal_syncs());
+        db.close().await;
         Ok(())
     }
 

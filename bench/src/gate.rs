@@ -300,7 +300,7 @@ struct Recipe {
     gate_token: String,
     op_token: String,
     holder: (String, String),
-    cards: Arc<Vec<String>>,
+    cards: Vec<String>,
 }
 
 struct Load {
@@ -308,8 +308,6 @@ struct Load {
     health: Vec<HealthClient<Channel>>,
     gates: Vec<Gates>,
     operators: Vec<Credentials>,
-    holder: (String, String),
-    cards: Arc<Vec<String>>,
     next: Arc<AtomicU64>,
 }
 
@@ -332,8 +330,6 @@ impl Load {
                 .iter()
                 .map(|c| Ok(CredentialServiceClient::with_interceptor(c.clone(), bearer(&recipe.op_token)?)))
                 .collect::<anyhow::Result<Vec<_>>>()?,
-            holder: recipe.holder.clone(),
-            cards: recipe.cards.clone(),
             next: Arc::new(AtomicU64::new(0)),
             recipe,
         })
@@ -350,8 +346,8 @@ impl Load {
                 if n % 10 == 9 {
                     let mut op = self.operators[lane % self.operators.len()].clone();
                     let req = IssueCredentialRequest {
-                        person_id: self.holder.0.clone(),
-                        estate_ids: vec![self.holder.1.clone()],
+                        person_id: self.recipe.holder.0.clone(),
+                        estate_ids: vec![self.recipe.holder.1.clone()],
                         secret: Some(issue_credential_request::Secret::Card(CardSecret {
                             uid: format!("{:012X}", 0xA000_0000_0000u64 + n),
                             facility_code: String::new(),
@@ -365,10 +361,10 @@ impl Load {
             }
             Call::Decide => {
                 let mut g = self.gates[lane % self.gates.len()].clone();
-                let i = self.next.fetch_add(1, Ordering::Relaxed) as usize % self.cards.len();
+                let i = self.next.fetch_add(1, Ordering::Relaxed) as usize % self.recipe.cards.len();
                 let req = DecideRequest {
                     presented: Some(decide_request::Presented::Card(PresentedCard {
-                        uid: self.cards[i].clone(),
+                        uid: self.recipe.cards[i].clone(),
                         facility_code: String::new(),
                     })),
                     gate_id: String::new(),
@@ -594,13 +590,13 @@ async fn main() -> anyhow::Result<()> {
         gate_token: gate_token.clone(),
         op_token: op_token.clone(),
         holder: (holder.clone(), estate.id.clone()),
-        cards: Arc::new(cards),
+        cards,
     };
     let load = Arc::new(Load::connect(Arc::new(recipe)).await?);
 
     println!(
         "gate-bench: {} cards, {} connections, {} in flight, {} s per phase; database {}, cache {}; {}",
-        load.cards.len(),
+        load.recipe.cards.len(),
         args.connections,
         args.concurrency,
         args.seconds,

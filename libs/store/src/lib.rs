@@ -681,6 +681,23 @@ mod tests {
         Ok(())
     }
 
+    /// Commits small transactions on a new table until the WAL syncer has
+    /// synced `syncs` times, or for 10 s.
+    async fn commit_until_synced(db: &Db, syncs: u64) -> Result<(), Box<dyn std::error::Error>> {
+        sqlx::query("CREATE TABLE t (id INTEGER PRIMARY KEY)").execute(db.pool()).await?;
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        for id in 0.. {
+            let mut tx = db.begin().await?;
+            sqlx::query("INSERT INTO t (id) VALUES ($1)").bind(id).execute(&mut *tx).await?;
+            tx.commit().await?;
+            if db.wal_syncs() >= syncs || std::time::Instant::now() > deadline {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        Ok(())
+    }
+
     /// The WAL is synced in the background while the pool is open, and no
     /// longer once it is closed.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -688,17 +705,7 @@ mod tests {
         let dir = tempfile::tempdir()?;
         let opts = sqlite_options(&dir.path().join("sync.db"), 2);
         let db = Db::connect(&opts).await?;
-        sqlx::query("CREATE TABLE t (id INTEGER PRIMARY KEY)").execute(db.pool()).await?;
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        for id in 0.. {
-            let mut tx = db.begin().await?;
-            sqlx::query("INSERT INTO t (id) VALUES ($1)").bind(id).execute(&mut *tx).await?;
-            tx.commit().await?;
-            if db.wal_syncs() >= 3 || std::time::Instant::now() > deadline {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        commit_until_synced(&db, 3).await?;
         assert!(db.wal_syncs() >= 3, "{} WAL syncs in 10 s of commits", db.wal_syncs());
         db.close().await;
         tokio::time::sleep(WAL_SYNC_EVERY * 3).await;
@@ -721,17 +728,7 @@ mod tests {
         let db = Db::connect(&opts).await?;
         assert!(dir.path().join("My Estates").join("mesh.db").is_file(), "the database is not at the decoded path");
         assert!(!dir.path().join("My%20Estates").exists(), "a directory was made under the encoded name");
-        sqlx::query("CREATE TABLE t (id INTEGER PRIMARY KEY)").execute(db.pool()).await?;
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        for id in 0.. {
-            let mut tx = db.begin().await?;
-            sqlx::query("INSERT INTO t (id) VALUES ($1)").bind(id).execute(&mut *tx).await?;
-            tx.commit().await?;
-            if db.wal_syncs() >= 2 || std::time::Instant::now() > deadline {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        commit_until_synced(&db, 2).await?;
         assert!(db.wal_syncs() >= 2, "{} WAL syncs in 10 s of commits at a decoded path", db.wal_syncs());
         db.close().await;
         Ok(())

@@ -113,6 +113,65 @@ fn gate_decisions(rows: &[estate_test_support::fixtures::Recorded], action: &str
     rows.iter().filter(|r| r.event.action == action).count()
 }
 
+/// Anti-passback presence outlives a restart of the mesh: kept in memory
+/// and in the database when embedded (decisions by card go through the
+/// decision writer, by PIN through their own transaction), in Redis when
+/// distributed.
+#[tokio::test]
+async fn anti_passback_presence_survives_a_restart() -> anyhow::Result<()> {
+    let mesh = TestMesh::spawn().await?;
+    let w = world(&mesh, "Passback", "120101").await?;
+    let estate = w.estate.id.clone();
+    let mut op = mesh.credentials(&w.operator_token)?;
+    op.issue_credential(card_request(&w.person.id, &[&estate], "04A1B2C3")).await?;
+    op.issue_credential(IssueCredentialRequest {
+        person_id: w.person.id.clone(),
+        estate_ids: vec![estate.clone()],
+        secret: Some(issue_credential_request::Secret::Pin(PinSecret {
+            pin: "739146".into(),
+            unit_id: w.unit.id.clone(),
+        })),
+        ..Default::default()
+    })
+    .await?;
+    let pin = DecideRequest {
+        presented: Some(decide_request::Presented::Pin(PresentedPin {
+            unit_id: w.unit.id.clone(),
+            pin: "739146".into(),
+        })),
+        gate_id: String::new(),
+    };
+    let north_token = gate(&mesh, &w)?; // IN, card + face
+    let (south, _) =
+        new_gate(&mesh, &w, &estate, "South exit", GateDirection::Out, &[CredentialKind::Card, CredentialKind::Pin])
+            .await?;
+    let south_token = mesh
+        .token_for(Principal::Gate {
+            tenant_id: w.tenant.id.clone(),
+            estate_id: estate.clone(),
+            gate_id: south.id.clone(),
+        })?
+        .token;
+    let mut rules = mesh.gate(&w.operator_token)?;
+    for g in [&w.gate.id, &south.id] {
+        rules
+            .set_gate_rules(SetGateRulesRequest { gate_id: g.clone(), anti_passback: true, ..Default::default() })
+            .await?;
+    }
+    assert_eq!(reason(&mut mesh.gate(&north_token)?, card("04A1B2C3")).await?, Reason::Ok);
+
+    let mesh = mesh.restart().await?;
+    let (mut north, mut south) = (mesh.gate(&north_token)?, mesh.gate(&south_token)?);
+    assert_eq!(reason(&mut north, card("04A1B2C3")).await?, Reason::AntiPassback, "entered twice across a restart");
+    assert_eq!(reason(&mut south, pin.clone()).await?, Reason::Ok);
+
+    let mesh = mesh.restart().await?;
+    let (mut north, mut south) = (mesh.gate(&north_token)?, mesh.gate(&south_token)?);
+    assert_eq!(reason(&mut south, pin).await?, Reason::AntiPassback, "left twice across a restart");
+    assert_eq!(reason(&mut north, card("04A1B2C3")).await?, Reason::Ok);
+    mesh.stop().await
+}
+
 #[tokio::test]
 async fn every_reason_code_is_reachable_and_every_decision_is_audited() -> anyhow::Result<()> {
     // Gate facts are re-read on every decision here, so a deactivation shows at once.

@@ -76,6 +76,9 @@ pub enum StartError {
     /// Reflection could not be built from the descriptor sets.
     #[error("reflection: {0}")]
     Reflection(String),
+    /// State kept in the database could not be read back.
+    #[error("cannot restore {0}")]
+    Restore(String),
 }
 
 /// The mesh's own keys.

@@ -351,6 +351,30 @@ impl TestMesh {
     }
 }
 
+impl TestMesh {
+    /// Stops the mesh and starts it again on the same data directory and
+    /// database (default settings), as a restart of the process would.
+    pub async fn restart(mut self) -> anyhow::Result<Self> {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(task) = self.task.take() {
+            let _ = tokio::time::timeout(Duration::from_secs(10), task).await;
+        }
+        self.db.close().await;
+        let (dir, url) = (self.data_dir.path().to_path_buf(), self.db_url.clone());
+        let mut again = Self::spawn_reusing(move |s| {
+            s.data_dir = dir;
+            s.database.url = Some(url);
+        })
+        .await?;
+        // The directory and the database are dropped with the last mesh.
+        std::mem::swap(&mut again.data_dir, &mut self.data_dir);
+        again.pg_database = self.pg_database.take();
+        Ok(again)
+    }
+}
+
 impl Drop for TestMesh {
     fn drop(&mut self) {
         if let Some(tx) = self.shutdown.take() {

@@ -8,8 +8,6 @@
 //! refreshing out of order cannot put an older state back), and bounded in
 //! staleness by a TTL in case an event is lost. Unknown hashes are cached
 //! too, so a stream of made-up cards costs one database read per card per TTL.
-//!
-//! Also the anti-passback presence (last direction per person and estate).
 
 use estate_core::{Error, Result};
 use estate_credentials::directory::CredentialFacts;
@@ -101,7 +99,7 @@ fn decode(text: &str) -> Option<CachedCredential> {
     CachedCredential::decode(hex::decode(payload).ok()?.as_slice()).ok()
 }
 
-fn redis_error(e: redis::RedisError) -> Error {
+pub(crate) fn redis_error(e: redis::RedisError) -> Error {
     Error::Unavailable(format!("the gate cache (redis) is unreachable: {e}"))
 }
 
@@ -111,7 +109,7 @@ const BACKOFF_MS: i64 = 2_000;
 
 /// Remembers a Redis failure for [`BACKOFF_MS`].
 #[derive(Debug, Default)]
-struct Breaker(std::sync::atomic::AtomicI64);
+pub(crate) struct Breaker(std::sync::atomic::AtomicI64);
 
 impl Breaker {
     fn open(&self) -> bool {
@@ -123,7 +121,7 @@ impl Breaker {
     }
 
     /// Runs `op` unless Redis failed lately; a failure trips the breaker.
-    async fn call<T>(&self, op: impl std::future::Future<Output = Result<T>>) -> Result<T> {
+    pub(crate) async fn call<T>(&self, op: impl std::future::Future<Output = Result<T>>) -> Result<T> {
         if self.open() {
             return Err(Error::Unavailable("redis failed recently; using the database".into()));
         }
@@ -276,77 +274,6 @@ impl CredentialCache {
     }
 }
 
-/// Anti-passback presence: the last direction a person passed at an estate.
-#[derive(Clone)]
-pub struct Presence {
-    backend: Arc<PresenceBackend>,
-    breaker: Arc<Breaker>,
-}
-
-enum PresenceBackend {
-    Memory(std::sync::Mutex<HashMap<String, &'static str>>),
-    Redis(redis::aio::ConnectionManager),
-}
-
-impl std::fmt::Debug for Presence {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Presence(..)")
-    }
-}
-
-/// How long a presence is remembered: a person who entered and never left
-/// may enter again after a day.
-const PRESENCE_TTL_SECS: u64 = 24 * 3600;
-
-impl Presence {
-    /// In Redis when given (shared by replicas), else in this process.
-    pub fn new(redis: Option<redis::aio::ConnectionManager>) -> Self {
-        let backend = match redis {
-            Some(c) => PresenceBackend::Redis(c),
-            None => PresenceBackend::Memory(std::sync::Mutex::new(HashMap::new())),
-        };
-        Self { backend: Arc::new(backend), breaker: Arc::default() }
-    }
-
-    /// Records that the person passes in `direction` ("in" / "out") and
-    /// returns false, without recording, when their last passage was in the
-    /// same direction (a passback).
-    pub async fn pass(&self, tenant: &str, estate: &str, pseudonym: &str, direction: &'static str) -> Result<bool> {
-        let k = format!("estate:gate:presence:{tenant}:{estate}:{pseudonym}");
-        match &*self.backend {
-            PresenceBackend::Memory(m) => {
-                let mut guard = m.lock().map_err(|_| Error::Internal("presence lock poisoned".into()))?;
-                if guard.get(&k).is_some_and(|last| *last == direction) {
-                    return Ok(false);
-                }
-                guard.insert(k, direction);
-                Ok(true)
-            }
-            PresenceBackend::Redis(conn) => {
-                let mut conn = conn.clone();
-                // SET .. GET swaps atomically; re-setting the same direction
-                // changes nothing, so a refusal needs no undo.
-                let previous: Option<String> = self
-                    .breaker
-                    .call(async {
-                        redis::cmd("SET")
-                            .arg(&k)
-                            .arg(direction)
-                            .arg("GET")
-                            .arg("EX")
-                            .arg(PRESENCE_TTL_SECS)
-                            .query_async(&mut conn)
-                            .instrument(estate_bus::redis_span("SET"))
-                            .await
-                            .map_err(redis_error)
-                    })
-                    .await?;
-                Ok(previous.as_deref() != Some(direction))
-            }
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -387,15 +314,5 @@ mod tests {
         assert!(text.starts_with("c1|00000000000000000007|"));
         assert_eq!(decode(&text), Some(v));
         assert_eq!(decode(&encode(&CachedCredential::of(None))).map(|c| c.found), Some(false));
-    }
-
-    #[tokio::test]
-    async fn presence_refuses_the_same_direction_twice() -> Result<()> {
-        let p = Presence::new(None);
-        assert!(p.pass("t", "e", "psn", "in").await?);
-        assert!(!p.pass("t", "e", "psn", "in").await?);
-        assert!(p.pass("t", "e", "psn", "out").await?);
-        assert!(p.pass("t", "e", "psn", "in").await?);
-        Ok(())
     }
 }

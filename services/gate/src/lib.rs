@@ -5,17 +5,19 @@
 //! only for itself, at its own estate), R15 and R17.
 
 pub mod cache;
+pub mod presence;
 mod service;
 pub mod writer;
 
 pub use service::{GateDesk, GateOptions, RULES_CHANGED_TOPIC, evaluate};
 
-use cache::{CredentialCache, Presence};
+use cache::CredentialCache;
 use estate_facematch::FaceMatcher;
 use estate_proto::gate::gate_service_server::GateServiceServer;
 use estate_runtime::{Runtime, ServiceApp, StartError};
 use estate_store::Db;
 use estate_store::outbox::AuditSink;
+use presence::Presence;
 use std::sync::Arc;
 use std::time::Duration;
 use writer::DecisionWriter;
@@ -32,16 +34,22 @@ pub async fn migrate(db: &Db) -> Result<(), estate_store::StoreError> {
 /// and the bus follower), built from a runtime: hot-path cache and
 /// anti-passback presence in Redis when configured, in memory otherwise.
 /// Decisions are appended to `audit_log` when given (the all-in-one process,
-/// whose audit log is in the runtime's database), else to the outbox.
-pub fn service(
+/// whose audit log is in the runtime's database), else to the outbox. A
+/// presence kept in memory is first restored from the database.
+pub async fn service(
     runtime: &Runtime,
     face: Option<Arc<dyn FaceMatcher>>,
     audit_log: Option<Arc<dyn AuditSink>>,
-) -> (GateDesk, Vec<tokio::task::JoinHandle<()>>) {
+) -> Result<(GateDesk, Vec<tokio::task::JoinHandle<()>>), StartError> {
     let s = &runtime.settings.gate;
     let cache =
         CredentialCache::new(runtime.redis.clone(), Duration::from_secs(s.cache_ttl_secs.max(1)), s.cache_capacity);
     let presence = Presence::new(runtime.redis.clone());
+    let restored =
+        presence.restore(&runtime.db).await.map_err(|e| StartError::Restore(format!("anti-passback presence: {e}")))?;
+    if restored > 0 {
+        tracing::info!(passages = restored, "anti-passback presence restored");
+    }
     let (writer, writer_task) = DecisionWriter::start(runtime.db.clone(), s.decision_batch, audit_log);
     let desk = GateDesk::new(
         runtime.db.clone(),
@@ -62,7 +70,7 @@ pub fn service(
     )
     .with_face(face);
     let follower = desk.start_follower();
-    (desk, vec![writer_task, follower])
+    Ok((desk, vec![writer_task, follower]))
 }
 
 /// The tonic server wrapper with the configured message size limit.
@@ -80,7 +88,7 @@ pub async fn application(runtime: Runtime) -> Result<ServiceApp, StartError> {
         migrate(&runtime.db).await?;
     }
     let face = estate_runtime::remote_face_matcher(&runtime, "gate")?;
-    let (desk, tasks) = service(&runtime, face, None);
+    let (desk, tasks) = service(&runtime, face, None).await?;
     let mut routes = tonic::service::RoutesBuilder::default();
     routes.add_service(server(&runtime, desk.clone()));
     let mut app = ServiceApp::build(runtime, routes, &[SERVICE_NAME]).await?.on_shutdown(move || desk.close_streams());

@@ -12,7 +12,8 @@
 //! - R15: offline bundles, acknowledgements, idempotent uploads.
 //! - R17: decisions name persons by pseudonym only.
 
-use crate::cache::{CredentialCache, Presence};
+use crate::cache::CredentialCache;
+use crate::presence::{self, Passage, Presence};
 use crate::writer::{DecisionWriter, Pending, touch};
 use estate_auth::{Caller, Principal};
 use estate_bus::EventBus;
@@ -521,23 +522,36 @@ impl GateDesk {
     }
 
     /// Anti-passback, last: only an otherwise admitted passage is recorded.
-    async fn passback(&self, view: &GateView, outcome: &mut Outcome) -> Result<()> {
+    /// Returns the passage to record with the decision when the presence is
+    /// kept in memory (and so in the database too).
+    async fn passback(&self, view: &GateView, outcome: &mut Outcome, now: i64) -> Option<Passage> {
         if outcome.reason() != Reason::Ok || !view.rules.anti_passback || outcome.pseudonym.is_empty() {
-            return Ok(());
+            return None;
         }
         let direction = match view.info.direction.as_str() {
             "in" => "in",
             "out" => "out",
-            _ => return Ok(()),
+            _ => return None,
         };
-        match self.presence.pass(&view.tenant, &view.info.estate_id, &outcome.pseudonym, direction).await {
-            Ok(true) => {}
-            Ok(false) => outcome.reason = Reason::AntiPassback as i32,
+        match self.presence.pass(&view.tenant, &view.info.estate_id, &outcome.pseudonym, direction, now).await {
+            Ok(true) => self.presence.kept_in_memory().then(|| Passage {
+                tenant: view.tenant.clone(),
+                estate: view.info.estate_id.clone(),
+                person: outcome.pseudonym.clone(),
+                direction,
+                at: now,
+            }),
+            Ok(false) => {
+                outcome.reason = Reason::AntiPassback as i32;
+                None
+            }
             // Anti-passback is a convenience rule: without its store the gate
             // lets residents through rather than locking everyone out.
-            Err(e) => tracing::warn!(error = %e, "anti-passback store unavailable; not enforced for this passage"),
+            Err(e) => {
+                tracing::warn!(error = %e, "anti-passback store unavailable; not enforced for this passage");
+                None
+            }
         }
-        Ok(())
     }
 
     fn event(
@@ -623,6 +637,7 @@ impl GateDesk {
         };
         let decision_id = new_id();
         let mut outcome = Outcome::new(kind, Reason::Ok);
+        let mut passage = None;
         if let Some(reason) = Self::gate_refuses(&view, kind, now) {
             outcome.reason = reason as i32;
         } else {
@@ -635,11 +650,11 @@ impl GateDesk {
                         outcome.credential_id = f.id;
                         outcome.pseudonym = f.person_pseudonym;
                     }
-                    self.passback(&view, &mut outcome).await?;
+                    passage = self.passback(&view, &mut outcome, now).await;
                 }
                 Presented::Face(probe) => {
                     self.face_outcome(&view, probe, &mut outcome, now).await?;
-                    self.passback(&view, &mut outcome).await?;
+                    passage = self.passback(&view, &mut outcome, now).await;
                 }
                 Presented::Pin(p) => {
                     return self
@@ -661,7 +676,7 @@ impl GateDesk {
         let event = self.event(caller, &view, &decision_id, &outcome);
         let gate = Some((view.info.id.clone(), view.info.estate_id.clone()));
         let trace_parent = estate_telemetry::current_traceparent();
-        self.writer.write(Pending { event, gate, trace_parent }).await?;
+        self.writer.write(Pending { event, gate, trace_parent, passage }).await?;
         Ok(Self::decision(&view, decision_id, outcome, now))
     }
 
@@ -693,15 +708,19 @@ impl GateDesk {
                 verify_credential_request::Presented::Visitor(_) => CredentialKind::Visitor,
             };
         }
-        self.passback(view, &mut outcome).await?;
+        let passage = self.passback(view, &mut outcome, now).await;
         let event = self.event(caller, view, &decision_id, &outcome);
         if outcome.reason() == Reason::AntiPassback {
             tx.rollback().await.map_err(db_error)?;
             let gate = Some((view.info.id.clone(), view.info.estate_id.clone()));
-            self.writer.write(Pending { event, gate, trace_parent: estate_telemetry::current_traceparent() }).await?;
+            let trace_parent = estate_telemetry::current_traceparent();
+            self.writer.write(Pending { event, gate, trace_parent, passage: None }).await?;
         } else {
             outbox::record(&mut tx, &event).await?;
             touch(&mut tx, &view.tenant, &view.info.id, &view.info.estate_id, now).await?;
+            if let Some(p) = &passage {
+                presence::record(&mut tx, &[p]).await?;
+            }
             tx.commit().await.map_err(db_error)?;
         }
         Ok(Self::decision(view, decision_id, outcome, now))

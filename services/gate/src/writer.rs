@@ -5,7 +5,8 @@
 //! ceiling. Decisions queue here; one task writes whatever is queued (up to a
 //! batch) in a single transaction and answers every waiting decision once the
 //! batch is durable. A failed batch fails each of its decisions with
-//! UNAVAILABLE: no answer without an audit. Gates' last-seen times follow,
+//! UNAVAILABLE: no answer without an audit. Anti-passback passages kept in
+//! memory are recorded in the same transaction. Gates' last-seen times follow,
 //! at most once a second per gate, after the answers.
 //!
 //! Where the audit log shares the database (the all-in-one process), the
@@ -13,6 +14,7 @@
 //! ([`AuditSink::append_committed`]); otherwise (a gate replica with its own database) it goes
 //! to the outbox, for the relay to ship to the audit service.
 
+use crate::presence::{self, Passage};
 use estate_core::{Error, Result};
 use estate_proto::common::AuditEvent;
 use estate_store::outbox::{AuditSink, PreparedEvent};
@@ -31,6 +33,9 @@ pub struct Pending {
     pub gate: Option<(String, String)>,
     /// W3C traceparent of the decision's call.
     pub trace_parent: Option<String>,
+    /// The anti-passback passage it made, when presence is kept in memory
+    /// (recorded in the same transaction as the event).
+    pub passage: Option<Passage>,
 }
 
 /// A queued decision: its event prepared for the audit log when the writer
@@ -118,7 +123,13 @@ async fn commit(db: &Db, jobs: &[Job]) -> Result<()> {
     let events: Vec<(&AuditEvent, Option<String>)> =
         jobs.iter().map(|(p, _, _)| (&p.event, p.trace_parent.clone())).collect();
     outbox::record_many(&mut tx, &events).await?;
+    presence::record(&mut tx, &passages(jobs)).await?;
     tx.commit().await.map_err(db_error)
+}
+
+/// The batch's anti-passback passages to record.
+fn passages(jobs: &[Job]) -> Vec<&Passage> {
+    jobs.iter().filter_map(|(p, _, _)| p.passage.as_ref()).collect()
 }
 
 /// The batch straight into the audit log, with one `audit.append` span per
@@ -136,7 +147,16 @@ async fn commit_to_log(db: &Db, log: &dyn AuditSink, jobs: &mut [Job]) -> Result
             Some(span)
         })
         .collect();
-    log.append_committed(db, &events).await?;
+    let passages = passages(jobs);
+    if passages.is_empty() {
+        log.append_committed(db, &events).await?;
+    } else {
+        let mut tx = db.begin().await?;
+        log.append_in(&mut tx, &events).await?;
+        presence::record(&mut tx, &passages).await?;
+        tx.commit().await.map_err(db_error)?;
+        log.committed(&events);
+    }
     drop(spans);
     Ok(())
 }

@@ -101,7 +101,8 @@ impl Application {
         routes.add_service(estate_credentials::server(&runtime));
         let audit_log = estate_audit::log(&runtime);
         routes.add_service(estate_audit::server(&runtime, audit_log.clone()));
-        let (gate, gate_tasks) = estate_gate::service(&runtime, face.clone(), Some(Arc::new(audit_log.clone())));
+        let (gate, gate_tasks) =
+            estate_gate::service(&runtime, face.clone(), Some(Arc::new(audit_log.clone()))).await?;
         routes.add_service(estate_gate::server(&runtime, gate.clone()));
         let mut names = vec![
             estate_identity::SERVICE_NAME,

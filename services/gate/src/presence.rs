@@ -195,11 +195,13 @@ mod tests {
         Ok(())
     }
 
+    /// On SQLite, or on PostgreSQL when the tests are pointed at it.
     #[tokio::test]
     async fn recorded_passages_are_restored_and_old_ones_pruned() -> anyhow::Result<()> {
         let dir = tempfile::tempdir()?;
+        let test_db = estate_test_support::TestDatabase::create(dir.path()).await?;
         let db = Db::connect(&estate_store::DbOptions {
-            url: format!("sqlite://{}", dir.path().join("p.db").display()),
+            url: test_db.url().to_owned(),
             max_connections: 2,
             acquire_timeout: std::time::Duration::from_secs(5),
             statement_timeout_ms: 0,
@@ -233,6 +235,6 @@ mod tests {
         let left: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM gate_presence").fetch_one(db.pool()).await?;
         assert_eq!(left, 2, "the day-old passage was not pruned");
         db.close().await;
-        Ok(())
+        test_db.drop().await
     }
 }

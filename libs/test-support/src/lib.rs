@@ -349,9 +349,7 @@ impl TestMesh {
         }
         Ok(())
     }
-}
 
-impl TestMesh {
     /// Stops the mesh and starts it again on the same data directory and
     /// database (default settings), as a restart of the process would.
     pub async fn restart(mut self) -> anyhow::Result<Self> {

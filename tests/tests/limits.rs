@@ -126,6 +126,11 @@ async fn the_server_ceiling_bounds_calls_that_set_no_deadline() -> anyhow::Resul
     let status = op.create_unit(req).await.err().ok_or_else(|| anyhow::anyhow!("succeeded"))?;
     assert_past_deadline(&status);
     assert!(!status.message().contains("limits.request_timeout_ms"), "{}", status.message());
+    // The server's own 150 ms ran from when it read the call, a little after
+    // the client's began: the lock goes only once that has surely passed
+    // too (released at once, the call could still finish in time, and did
+    // once under CI's load on PostgreSQL).
+    tokio::time::sleep(Duration::from_millis(300)).await;
     lock.release().await?;
     tokio::time::sleep(Duration::from_millis(600)).await;
     assert_eq!(units_named(&mesh, &w, "902").await?, 0);

@@ -775,11 +775,19 @@ mod tests {
             tokio::time::sleep(CHECKPOINT_EVERY).await;
         }
         assert!(db.db_syncs() >= 1, "the database file was not synced after its WAL was copied");
-        // Idle: the next passes copy nothing, so nothing is synced.
-        tokio::time::sleep(CHECKPOINT_EVERY * 2).await;
-        let idle = db.db_syncs();
-        tokio::time::sleep(CHECKPOINT_EVERY * 4).await;
-        assert_eq!(db.db_syncs(), idle, "the database file was synced while nothing was copied");
+        // Idle: once the last commits are copied (a pass may take a few
+        // ticks on a loaded machine), the passes copy nothing and nothing
+        // is synced: the count settles for four passes in a row.
+        let mut settled = false;
+        for _ in 0..20 {
+            let before = db.db_syncs();
+            tokio::time::sleep(CHECKPOINT_EVERY * 4).await;
+            if db.db_syncs() == before {
+                settled = true;
+                break;
+            }
+        }
+        assert!(settled, "the database file was synced while nothing was copied: {} syncs", db.db_syncs());
         db.close().await;
         Ok(())
     }

@@ -50,6 +50,23 @@ fn card(uid: &str) -> DecideRequest {
     }
 }
 
+fn pin_request(w: &World, estate: &str, pin: &str) -> IssueCredentialRequest {
+    IssueCredentialRequest {
+        person_id: w.person.id.clone(),
+        estate_ids: vec![estate.into()],
+        secret: Some(issue_credential_request::Secret::Pin(PinSecret { pin: pin.into(), unit_id: w.unit.id.clone() })),
+        ..Default::default()
+    }
+}
+
+/// A PIN entered at the keypad of `w`'s unit.
+fn pin(w: &World, pin: &str) -> DecideRequest {
+    DecideRequest {
+        presented: Some(decide_request::Presented::Pin(PresentedPin { unit_id: w.unit.id.clone(), pin: pin.into() })),
+        gate_id: String::new(),
+    }
+}
+
 fn id_of(c: &IssuedCredential) -> String {
     c.credential.as_ref().map(|c| c.id.clone()).unwrap_or_default()
 }
@@ -124,23 +141,7 @@ async fn anti_passback_presence_survives_a_restart() -> anyhow::Result<()> {
     let estate = w.estate.id.clone();
     let mut op = mesh.credentials(&w.operator_token)?;
     op.issue_credential(card_request(&w.person.id, &[&estate], "04A1B2C3")).await?;
-    op.issue_credential(IssueCredentialRequest {
-        person_id: w.person.id.clone(),
-        estate_ids: vec![estate.clone()],
-        secret: Some(issue_credential_request::Secret::Pin(PinSecret {
-            pin: "739146".into(),
-            unit_id: w.unit.id.clone(),
-        })),
-        ..Default::default()
-    })
-    .await?;
-    let pin = DecideRequest {
-        presented: Some(decide_request::Presented::Pin(PresentedPin {
-            unit_id: w.unit.id.clone(),
-            pin: "739146".into(),
-        })),
-        gate_id: String::new(),
-    };
+    op.issue_credential(pin_request(&w, &estate, "739146")).await?;
     let north_token = gate(&mesh, &w)?; // IN, card + face
     let (south, _) =
         new_gate(&mesh, &w, &estate, "South exit", GateDirection::Out, &[CredentialKind::Card, CredentialKind::Pin])
@@ -163,11 +164,11 @@ async fn anti_passback_presence_survives_a_restart() -> anyhow::Result<()> {
     let mesh = mesh.restart().await?;
     let (mut north, mut south) = (mesh.gate(&north_token)?, mesh.gate(&south_token)?);
     assert_eq!(reason(&mut north, card("04A1B2C3")).await?, Reason::AntiPassback, "entered twice across a restart");
-    assert_eq!(reason(&mut south, pin.clone()).await?, Reason::Ok);
+    assert_eq!(reason(&mut south, pin(&w, "739146")).await?, Reason::Ok);
 
     let mesh = mesh.restart().await?;
     let (mut north, mut south) = (mesh.gate(&north_token)?, mesh.gate(&south_token)?);
-    assert_eq!(reason(&mut south, pin).await?, Reason::AntiPassback, "left twice across a restart");
+    assert_eq!(reason(&mut south, pin(&w, "739146")).await?, Reason::AntiPassback, "left twice across a restart");
     assert_eq!(reason(&mut north, card("04A1B2C3")).await?, Reason::Ok);
     mesh.stop().await
 }
@@ -234,14 +235,7 @@ async fn every_reason_code_is_reachable_and_every_decision_is_audited() -> anyho
     assert_eq!(reason(&mut at_all, card("22220001")).await?, Reason::NotThisEstate);
 
     // The North gate reads cards and faces only.
-    let pin_at_north = DecideRequest {
-        presented: Some(decide_request::Presented::Pin(PresentedPin {
-            unit_id: w.unit.id.clone(),
-            pin: "739146".into(),
-        })),
-        gate_id: String::new(),
-    };
-    assert_eq!(reason(&mut north, pin_at_north.clone()).await?, Reason::KindNotAccepted);
+    assert_eq!(reason(&mut north, pin(&w, "739146")).await?, Reason::KindNotAccepted);
 
     // Time windows: a visitor window that excludes the present minute.
     let minute = (((now_unix() / 60) + 480) % 1440) as i32;
@@ -274,26 +268,13 @@ async fn every_reason_code_is_reachable_and_every_decision_is_audited() -> anyho
     assert_eq!(reason(&mut north, card("04A1B2C3")).await?, Reason::Ok);
 
     // PIN: five wrong PINs lock the unit.
-    op.issue_credential(IssueCredentialRequest {
-        person_id: w.person.id.clone(),
-        estate_ids: vec![estate.into()],
-        secret: Some(issue_credential_request::Secret::Pin(PinSecret {
-            pin: "739146".into(),
-            unit_id: w.unit.id.clone(),
-        })),
-        ..Default::default()
-    })
-    .await?;
-    let pin = |p: &str| DecideRequest {
-        presented: Some(decide_request::Presented::Pin(PresentedPin { unit_id: w.unit.id.clone(), pin: p.into() })),
-        gate_id: String::new(),
-    };
-    assert_eq!(reason(&mut at_all, pin("739146")).await?, Reason::Ok);
+    op.issue_credential(pin_request(&w, estate, "739146")).await?;
+    assert_eq!(reason(&mut at_all, pin(&w, "739146")).await?, Reason::Ok);
     for _ in 0..4 {
-        assert_eq!(reason(&mut at_all, pin("000001")).await?, Reason::Unknown);
+        assert_eq!(reason(&mut at_all, pin(&w, "000001")).await?, Reason::Unknown);
     }
-    assert_eq!(reason(&mut at_all, pin("000001")).await?, Reason::Locked);
-    assert_eq!(reason(&mut at_all, pin("739146")).await?, Reason::Locked);
+    assert_eq!(reason(&mut at_all, pin(&w, "000001")).await?, Reason::Locked);
+    assert_eq!(reason(&mut at_all, pin(&w, "739146")).await?, Reason::Locked);
 
     // QR: a code works once.
     let q = op

@@ -99,7 +99,7 @@ fn decode(text: &str) -> Option<CachedCredential> {
     CachedCredential::decode(hex::decode(payload).ok()?.as_slice()).ok()
 }
 
-pub(crate) fn redis_error(e: redis::RedisError) -> Error {
+fn redis_error(e: redis::RedisError) -> Error {
     Error::Unavailable(format!("the gate cache (redis) is unreachable: {e}"))
 }
 
@@ -120,8 +120,20 @@ impl Breaker {
         self.0.store(estate_core::now_ms() + BACKOFF_MS, std::sync::atomic::Ordering::Relaxed);
     }
 
+    /// Runs one Redis command, traced as `op`, unless Redis failed lately;
+    /// a failure trips the breaker.
+    pub(crate) async fn query<T: redis::FromRedisValue>(
+        &self,
+        conn: &mut redis::aio::ConnectionManager,
+        cmd: &redis::Cmd,
+        op: &'static str,
+    ) -> Result<T> {
+        self.call(async { cmd.query_async(conn).instrument(estate_bus::redis_span(op)).await.map_err(redis_error) })
+            .await
+    }
+
     /// Runs `op` unless Redis failed lately; a failure trips the breaker.
-    pub(crate) async fn call<T>(&self, op: impl std::future::Future<Output = Result<T>>) -> Result<T> {
+    async fn call<T>(&self, op: impl std::future::Future<Output = Result<T>>) -> Result<T> {
         if self.open() {
             return Err(Error::Unavailable("redis failed recently; using the database".into()));
         }
@@ -181,17 +193,7 @@ impl CredentialCache {
             }
             Backend::Redis(conn) => {
                 let mut conn = conn.clone();
-                let text: Option<String> = self
-                    .breaker
-                    .call(async {
-                        redis::cmd("GET")
-                            .arg(&k)
-                            .query_async(&mut conn)
-                            .instrument(estate_bus::redis_span("GET"))
-                            .await
-                            .map_err(redis_error)
-                    })
-                    .await?;
+                let text: Option<String> = self.breaker.query(&mut conn, redis::cmd("GET").arg(&k), "GET").await?;
                 Ok(text.as_deref().and_then(decode).map(CachedCredential::into_facts))
             }
         }
@@ -223,21 +225,9 @@ impl CredentialCache {
             Backend::Redis(conn) => {
                 let mut conn = conn.clone();
                 let ttl = self.ttl.as_secs().max(1);
-                self.breaker
-                    .call(async {
-                        let _: Option<String> = redis::cmd("SET")
-                            .arg(&k)
-                            .arg(encode(&value))
-                            .arg("NX")
-                            .arg("EX")
-                            .arg(ttl)
-                            .query_async(&mut conn)
-                            .instrument(estate_bus::redis_span("SET"))
-                            .await
-                            .map_err(redis_error)?;
-                        Ok(())
-                    })
-                    .await
+                let set = redis::cmd("SET").arg(&k).arg(encode(&value)).arg("NX").arg("EX").arg(ttl).to_owned();
+                let _: Option<String> = self.breaker.query(&mut conn, &set, "SET").await?;
+                Ok(())
             }
         }
     }

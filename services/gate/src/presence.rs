@@ -5,13 +5,12 @@
 //! the service starts, so that a restart does not let someone who is inside
 //! enter again.
 
-use crate::cache::{Breaker, redis_error};
+use crate::cache::Breaker;
 use estate_core::{Error, Result};
 use estate_store::{Db, db_error};
 use sqlx::Any;
 use std::collections::HashMap;
 use std::sync::Arc;
-use tracing::Instrument;
 
 /// How long a presence is remembered: a person who entered and never left
 /// may enter again after a day.
@@ -131,21 +130,14 @@ impl Presence {
                 let mut conn = conn.clone();
                 // SET .. GET swaps atomically; re-setting the same direction
                 // changes nothing, so a refusal needs no undo.
-                let previous: Option<String> = self
-                    .breaker
-                    .call(async {
-                        redis::cmd("SET")
-                            .arg(&k)
-                            .arg(direction)
-                            .arg("GET")
-                            .arg("EX")
-                            .arg(PRESENCE_TTL_MS / 1000)
-                            .query_async(&mut conn)
-                            .instrument(estate_bus::redis_span("SET"))
-                            .await
-                            .map_err(redis_error)
-                    })
-                    .await?;
+                let swap = redis::cmd("SET")
+                    .arg(&k)
+                    .arg(direction)
+                    .arg("GET")
+                    .arg("EX")
+                    .arg(PRESENCE_TTL_MS / 1000)
+                    .to_owned();
+                let previous: Option<String> = self.breaker.query(&mut conn, &swap, "SET").await?;
                 Ok(previous.as_deref() != Some(direction))
             }
         }

@@ -118,6 +118,7 @@ impl AuditSink for AuditLog {
             {
                 match db.write_script(script).await? {
                     Ok(()) => {
+                        self.extend_trees(&groups, &heads);
                         self.publish(heads);
                         self.committed(events);
                         return Ok(());
@@ -444,6 +445,25 @@ impl AuditLog {
             q = bind_rows(q, tenant, rows, Arrival::Direct, now);
         }
         Some((q, after))
+    }
+
+    /// Pushes the leaves a committed append left onto the tenants' trees in
+    /// memory, where a tree ends just before them, so that the next
+    /// checkpoint need not read them back from the database. A tree that is
+    /// busy or elsewhere (another writer's entries not yet read) is left to
+    /// catch up from the stored entries ([`Self::tree`]), as before.
+    fn extend_trees(&self, groups: &[(&str, Vec<&PreparedEvent>)], heads: &[(String, Head)]) {
+        let Ok(trees) = self.trees.try_lock() else { return };
+        for ((tenant, list), (_, (last, _))) in groups.iter().zip(heads) {
+            let Some(handle) = trees.get(*tenant) else { continue };
+            let Ok(mut tree) = handle.try_lock() else { continue };
+            let first = last + 1 - list.len() as i64;
+            if i64::try_from(tree.size()).is_ok_and(|size| size == first) {
+                for prepared in list {
+                    tree.push(prepared.leaf);
+                }
+            }
+        }
     }
 
     /// Records heads a commit left.

@@ -164,6 +164,47 @@ async fn a_head_moved_by_another_writer_is_found_and_the_chain_stays_whole() -> 
     test_db.drop().await
 }
 
+/// The leaves a committed append leaves are pushed onto the tree in memory
+/// only where that tree ends just before them: with another writer's entries
+/// in between, the tree catches up from the database instead, and either
+/// way it has the root of a tree rebuilt from the stored entries.
+#[tokio::test]
+async fn trees_extended_in_memory_match_the_stored_entries() -> anyhow::Result<()> {
+    use estate_store::outbox::AuditSink;
+    let dir = tempfile::tempdir()?;
+    let (test_db, db) = migrated(dir.path(), 2).await?;
+    let log = AuditLog::new(db.clone(), estate_crypto::SigningKeyPair::generate()?, 1000, 60);
+    let other = AuditLog::new(db.clone(), estate_crypto::SigningKeyPair::generate()?, 1000, 60);
+    let prepared = |from: usize, to: usize| -> Vec<_> {
+        (from..to).map(|i| log.prepare(event_of("tenant-a", format!("e{i}")))).collect()
+    };
+    let root = |log: &AuditLog| {
+        let log = log.clone();
+        async move {
+            let tree = log.tree("tenant-a").await?;
+            let tree = tree.lock().await;
+            anyhow::Ok((tree.size(), tree.root()))
+        }
+    };
+    log.append_committed(&db, &prepared(0, 10)).await?;
+    assert_eq!(root(&log).await?.0, 10);
+    log.append_committed(&db, &prepared(10, 20)).await?;
+    log.append_committed(&db, &prepared(20, 30)).await?;
+    let raw: Vec<(Vec<u8>, AuditEvent)> =
+        (30..35).map(|i| event_of("tenant-a", format!("e{i}"))).map(|e| (e.encode_to_vec(), e)).collect();
+    other.append(&raw).await?;
+    log.append_committed(&db, &prepared(35, 50)).await?;
+    log.append_committed(&db, &prepared(50, 52)).await?;
+    let rebuilt = AuditLog::new(db.clone(), estate_crypto::SigningKeyPair::generate()?, 1000, 60);
+    let expected = root(&rebuilt).await?;
+    assert_eq!(expected.0, 52);
+    assert_eq!(root(&log).await?, expected);
+    log.append_committed(&db, &prepared(52, 60)).await?;
+    assert_eq!(root(&log).await?, root(&rebuilt).await?);
+    db.close().await;
+    test_db.drop().await
+}
+
 /// Event ids are checked for duplicates where a duplicate can arrive: a
 /// relayed event sent again (even after direct appends moved the head on)
 /// is skipped, and its id stays unique in the log; a direct append

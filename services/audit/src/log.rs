@@ -43,7 +43,23 @@ pub struct AuditLog {
     /// [`AuditSink::append_committed`]). Only ever set after a commit; a head
     /// that another writer moved on is found out by the primary key.
     heads: Arc<std::sync::Mutex<HashMap<String, Head>>>,
+    /// Per tenant, the (person, estate) of the entries this process last
+    /// appended by script and the indexer has not yet gone past, so that
+    /// the indexer need not read them back ([`Self::index_entries`]).
+    unindexed: Arc<std::sync::Mutex<HashMap<String, Unindexed>>>,
 }
+
+/// Entries `start..start + keys.len()` of a tenant: their person and estate.
+#[derive(Debug, Default)]
+struct Unindexed {
+    start: i64,
+    keys: std::collections::VecDeque<(String, String)>,
+}
+
+/// The most entries kept per tenant for the indexer; past this (an indexer
+/// that fell behind) it reads the entries from the database, as it does
+/// after a restart.
+const UNINDEXED_MAX: usize = 32_768;
 
 /// A log's last entry: its index and chain hash.
 type Head = (i64, Hash);
@@ -119,6 +135,7 @@ impl AuditSink for AuditLog {
                 match db.write_script(script).await? {
                     Ok(()) => {
                         self.extend_trees(&groups, &heads);
+                        self.keep_unindexed(&groups, &heads);
                         self.publish(heads);
                         self.committed(events);
                         return Ok(());
@@ -406,6 +423,7 @@ impl AuditLog {
             checkpoint_interval_ms: i64::try_from(checkpoint_interval_secs.saturating_mul(1000)).unwrap_or(i64::MAX),
             since_checkpoint: Arc::new(std::sync::Mutex::new(HashMap::new())),
             heads: Arc::new(std::sync::Mutex::new(HashMap::new())),
+            unindexed: Arc::new(std::sync::Mutex::new(HashMap::new())),
         }
     }
 
@@ -464,6 +482,43 @@ impl AuditLog {
                 }
             }
         }
+    }
+
+    /// Keeps the person and estate of the entries a committed append left
+    /// for the indexer, after those already kept when they follow on;
+    /// otherwise (another writer's entries in between) they start afresh.
+    fn keep_unindexed(&self, groups: &[(&str, Vec<&PreparedEvent>)], heads: &[(String, Head)]) {
+        let mut kept = match self.unindexed.lock() {
+            Ok(k) => k,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        for ((tenant, list), (_, (last, _))) in groups.iter().zip(heads) {
+            let first = last + 1 - list.len() as i64;
+            let entry = kept.entry((*tenant).to_owned()).or_default();
+            if entry.start + entry.keys.len() as i64 != first || entry.keys.len() + list.len() > UNINDEXED_MAX {
+                *entry = Unindexed { start: first, keys: Default::default() };
+            }
+            entry.keys.extend(list.iter().map(|p| (p.event.person_pseudonym.clone(), p.event.estate_id.clone())));
+        }
+    }
+
+    /// Up to `window` entries of `tenant` from `next` on, from those kept by
+    /// [`Self::keep_unindexed`] when they start there (entries before
+    /// `next` are already indexed and are dropped).
+    fn take_unindexed(&self, tenant: &str, next: i64, window: i64) -> Option<Vec<(i64, String, String)>> {
+        let mut kept = match self.unindexed.lock() {
+            Ok(k) => k,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        let entry = kept.get_mut(tenant)?;
+        while entry.start < next && entry.keys.pop_front().is_some() {
+            entry.start += 1;
+        }
+        if entry.start != next || entry.keys.is_empty() {
+            return None;
+        }
+        let n = entry.keys.len().min(usize::try_from(window).unwrap_or(usize::MAX));
+        Some((next..).zip(entry.keys.iter().take(n).cloned()).map(|(i, (p, e))| (i, p, e)).collect())
     }
 
     /// Records heads a commit left.
@@ -671,16 +726,19 @@ impl AuditLog {
         let mut total = 0;
         loop {
             let next = self.indexed_below(tenant).await?;
-            let entries: Vec<(i64, String, String)> = sqlx::query_as::<Any, (i64, String, String)>(
-                "SELECT idx, person_pseudonym, estate_id FROM audit_entries WHERE tenant_id = $1 AND idx >= $2 \
+            let entries: Vec<(i64, String, String)> = match self.take_unindexed(tenant, next, window) {
+                Some(kept) => kept,
+                None => sqlx::query_as::<Any, (i64, String, String)>(
+                    "SELECT idx, person_pseudonym, estate_id FROM audit_entries WHERE tenant_id = $1 AND idx >= $2 \
                  ORDER BY idx LIMIT $3",
-            )
-            .bind(tenant)
-            .bind(next)
-            .bind(window)
-            .fetch_all(self.db.pool())
-            .await
-            .map_err(db_error)?;
+                )
+                .bind(tenant)
+                .bind(next)
+                .bind(window)
+                .fetch_all(self.db.pool())
+                .await
+                .map_err(db_error)?,
+            };
             let Some(&(last, _, _)) = entries.last() else { break };
             let went = entries.len();
             let mut rows: Vec<IndexRow> = Vec::with_capacity(went * 2);

@@ -567,4 +567,61 @@ mod tests {
         db.close().await;
         test_db.drop().await
     }
+
+    /// Entries appended by script (the all-in-one gate's decisions) reach
+    /// the person and estate indexes from what the log kept in memory, and
+    /// entries of another writer in between from the database: the indexes
+    /// end up holding exactly the stored entries' persons and estates.
+    #[tokio::test]
+    async fn the_indexes_hold_the_stored_entries_whichever_way_they_were_read() -> anyhow::Result<()> {
+        use estate_store::outbox::AuditSink;
+        let dir = tempfile::tempdir()?;
+        let test_db = TestDatabase::create(dir.path()).await?;
+        let db = Db::connect(&DbOptions {
+            url: test_db.url().to_owned(),
+            max_connections: 4,
+            acquire_timeout: Duration::from_secs(10),
+            statement_timeout_ms: 0,
+        })
+        .await?;
+        db.migrate_outbox().await?;
+        crate::migrate(&db).await?;
+        let log = AuditLog::new(db.clone(), estate_crypto::SigningKeyPair::generate()?, 100_000, 3600);
+        let other = AuditLog::new(db.clone(), estate_crypto::SigningKeyPair::generate()?, 100_000, 3600);
+        let direct =
+            |from: usize, to: usize| -> Vec<_> { events(from, to).into_iter().map(|(_, e)| log.prepare(e)).collect() };
+        let stored = |sql: &'static str| {
+            let db = db.clone();
+            async move {
+                let mut rows: Vec<(String, i64)> =
+                    sqlx::query_as::<Any, (String, i64)>(sql).fetch_all(db.pool()).await?;
+                rows.sort();
+                anyhow::Ok(rows)
+            }
+        };
+        log.append_committed(&db, &direct(0, 40)).await?;
+        log.append_committed(&db, &direct(40, 100)).await?;
+        assert_eq!(log.index_entries_by("tenant-a", 7, 5).await?, 100);
+        log.append_committed(&db, &direct(100, 130)).await?;
+        other.append(&events(130, 150)).await?;
+        log.append_committed(&db, &direct(150, 190)).await?;
+        log.append_committed(&db, &direct(190, 200)).await?;
+        assert_eq!(log.index_entries_by("tenant-a", 16, 5).await?, 100);
+        assert_eq!(log.index_entries("tenant-a").await?, 0);
+        assert_eq!(log.indexed_below("tenant-a").await?, 200);
+        assert_eq!(
+            stored("SELECT person_pseudonym, idx FROM audit_person_entries").await?,
+            stored("SELECT person_pseudonym, idx FROM audit_entries WHERE person_pseudonym <> ''").await?
+        );
+        assert_eq!(
+            stored("SELECT estate_id, idx FROM audit_estate_entries").await?,
+            stored("SELECT estate_id, idx FROM audit_entries").await?
+        );
+        assert_eq!(
+            all(&entry_query("tenant-a", "", "p-bo", "", 0, i64::MAX), &db, &log, 9).await?,
+            expected("p-bo", None, 200)
+        );
+        db.close().await;
+        test_db.drop().await
+    }
 }

@@ -64,6 +64,20 @@ const UNINDEXED_MAX: usize = 32_768;
 /// A log's last entry: its index and chain hash.
 type Head = (i64, Hash);
 
+/// A run of a tenant's entries that one append left: the tenant, the
+/// first entry's index, the entries in order.
+type Run<'a> = (&'a str, i64, &'a [&'a PreparedEvent]);
+
+/// What a committed script append left, from its groups and the heads
+/// after it (in the same order, [`AuditLog::script`]).
+fn runs<'a>(groups: &'a [(&'a str, Vec<&'a PreparedEvent>)], heads: &[(String, Head)]) -> Vec<Run<'a>> {
+    groups
+        .iter()
+        .zip(heads)
+        .map(|((tenant, list), (_, (last, _)))| (*tenant, last + 1 - list.len() as i64, list.as_slice()))
+        .collect()
+}
+
 /// A statement with its parameters bound.
 type Statement = sqlx::query::Query<'static, Any, sqlx::any::AnyArguments>;
 
@@ -134,8 +148,9 @@ impl AuditSink for AuditLog {
             {
                 match db.write_script(script).await? {
                     Ok(()) => {
-                        self.extend_trees(&groups, &heads);
-                        self.keep_unindexed(&groups, &heads);
+                        let runs = runs(&groups, &heads);
+                        self.extend_trees(&runs);
+                        self.keep_unindexed(&runs);
                         self.publish(heads);
                         self.committed(events);
                         return Ok(());
@@ -162,10 +177,7 @@ impl AuditSink for AuditLog {
     /// time-based ones).
     fn committed(&self, events: &[PreparedEvent]) {
         let due: Vec<String> = {
-            let mut counts = match self.since_checkpoint.lock() {
-                Ok(c) => c,
-                Err(poisoned) => poisoned.into_inner(),
-            };
+            let mut counts = self.since_checkpoint.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
             for e in events {
                 *counts.entry(e.event.tenant_id.clone()).or_default() += 1;
             }
@@ -431,10 +443,7 @@ impl AuditLog {
     /// leaves, if every tenant's head is known.
     fn script(&self, groups: &[(&str, Vec<&PreparedEvent>)]) -> Option<(Statement, Vec<(String, Head)>)> {
         let known: Vec<Head> = {
-            let heads = match self.heads.lock() {
-                Ok(h) => h,
-                Err(poisoned) => poisoned.into_inner(),
-            };
+            let heads = self.heads.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
             groups.iter().map(|(tenant, _)| heads.get(*tenant).copied()).collect::<Option<Vec<_>>>()?
         };
         let now = now_ms();
@@ -470,12 +479,11 @@ impl AuditLog {
     /// checkpoint need not read them back from the database. A tree that is
     /// busy or elsewhere (another writer's entries not yet read) is left to
     /// catch up from the stored entries ([`Self::tree`]), as before.
-    fn extend_trees(&self, groups: &[(&str, Vec<&PreparedEvent>)], heads: &[(String, Head)]) {
+    fn extend_trees(&self, runs: &[Run<'_>]) {
         let Ok(trees) = self.trees.try_lock() else { return };
-        for ((tenant, list), (_, (last, _))) in groups.iter().zip(heads) {
-            let Some(handle) = trees.get(*tenant) else { continue };
+        for &(tenant, first, list) in runs {
+            let Some(handle) = trees.get(tenant) else { continue };
             let Ok(mut tree) = handle.try_lock() else { continue };
-            let first = last + 1 - list.len() as i64;
             if i64::try_from(tree.size()).is_ok_and(|size| size == first) {
                 for prepared in list {
                     tree.push(prepared.leaf);
@@ -487,14 +495,10 @@ impl AuditLog {
     /// Keeps the person and estate of the entries a committed append left
     /// for the indexer, after those already kept when they follow on;
     /// otherwise (another writer's entries in between) they start afresh.
-    fn keep_unindexed(&self, groups: &[(&str, Vec<&PreparedEvent>)], heads: &[(String, Head)]) {
-        let mut kept = match self.unindexed.lock() {
-            Ok(k) => k,
-            Err(poisoned) => poisoned.into_inner(),
-        };
-        for ((tenant, list), (_, (last, _))) in groups.iter().zip(heads) {
-            let first = last + 1 - list.len() as i64;
-            let entry = kept.entry((*tenant).to_owned()).or_default();
+    fn keep_unindexed(&self, runs: &[Run<'_>]) {
+        let mut kept = self.unindexed.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        for &(tenant, first, list) in runs {
+            let entry = kept.entry(tenant.to_owned()).or_default();
             if entry.start + entry.keys.len() as i64 != first || entry.keys.len() + list.len() > UNINDEXED_MAX {
                 *entry = Unindexed { start: first, keys: Default::default() };
             }
@@ -506,10 +510,7 @@ impl AuditLog {
     /// [`Self::keep_unindexed`] when they start there (entries before
     /// `next` are already indexed and are dropped).
     fn take_unindexed(&self, tenant: &str, next: i64, window: i64) -> Option<Vec<(i64, String, String)>> {
-        let mut kept = match self.unindexed.lock() {
-            Ok(k) => k,
-            Err(poisoned) => poisoned.into_inner(),
-        };
+        let mut kept = self.unindexed.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let entry = kept.get_mut(tenant)?;
         while entry.start < next && entry.keys.pop_front().is_some() {
             entry.start += 1;
@@ -523,19 +524,13 @@ impl AuditLog {
 
     /// Records heads a commit left.
     fn publish(&self, committed: impl IntoIterator<Item = (String, Head)>) {
-        let mut heads = match self.heads.lock() {
-            Ok(h) => h,
-            Err(poisoned) => poisoned.into_inner(),
-        };
+        let mut heads = self.heads.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         heads.extend(committed);
     }
 
     /// Forgets the heads of `tenants` (another writer moved them on).
     fn forget<'a>(&self, tenants: impl IntoIterator<Item = &'a str>) {
-        let mut heads = match self.heads.lock() {
-            Ok(h) => h,
-            Err(poisoned) => poisoned.into_inner(),
-        };
+        let mut heads = self.heads.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         for t in tenants {
             heads.remove(t);
         }

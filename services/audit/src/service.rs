@@ -484,6 +484,22 @@ mod tests {
             .collect()
     }
 
+    /// A fresh database (SQLite, or PostgreSQL when the tests are pointed at
+    /// it) with the outbox and audit tables.
+    async fn migrated(dir: &std::path::Path) -> anyhow::Result<(TestDatabase, Db)> {
+        let test_db = TestDatabase::create(dir).await?;
+        let db = Db::connect(&DbOptions {
+            url: test_db.url().to_owned(),
+            max_connections: 4,
+            acquire_timeout: Duration::from_secs(10),
+            statement_timeout_ms: 0,
+        })
+        .await?;
+        db.migrate_outbox().await?;
+        crate::migrate(&db).await?;
+        Ok((test_db, db))
+    }
+
     /// Every page of the query, `limit` entries at a time.
     async fn all(q: &EntryQuery, db: &Db, log: &AuditLog, limit: i64) -> anyhow::Result<Vec<i64>> {
         let mut got = Vec::new();
@@ -506,16 +522,7 @@ mod tests {
     #[tokio::test]
     async fn queries_by_person_and_estate_see_every_entry_while_the_index_catches_up() -> anyhow::Result<()> {
         let dir = tempfile::tempdir()?;
-        let test_db = TestDatabase::create(dir.path()).await?;
-        let db = Db::connect(&DbOptions {
-            url: test_db.url().to_owned(),
-            max_connections: 4,
-            acquire_timeout: Duration::from_secs(10),
-            statement_timeout_ms: 0,
-        })
-        .await?;
-        db.migrate_outbox().await?;
-        crate::migrate(&db).await?;
+        let (test_db, db) = migrated(dir.path()).await?;
         let log = AuditLog::new(db.clone(), estate_crypto::SigningKeyPair::generate()?, 100_000, 3600);
         log.append(&events(0, 2500)).await?;
         let bo = entry_query("tenant-a", "", "p-bo", "", 0, i64::MAX);
@@ -576,16 +583,7 @@ mod tests {
     async fn the_indexes_hold_the_stored_entries_whichever_way_they_were_read() -> anyhow::Result<()> {
         use estate_store::outbox::AuditSink;
         let dir = tempfile::tempdir()?;
-        let test_db = TestDatabase::create(dir.path()).await?;
-        let db = Db::connect(&DbOptions {
-            url: test_db.url().to_owned(),
-            max_connections: 4,
-            acquire_timeout: Duration::from_secs(10),
-            statement_timeout_ms: 0,
-        })
-        .await?;
-        db.migrate_outbox().await?;
-        crate::migrate(&db).await?;
+        let (test_db, db) = migrated(dir.path()).await?;
         let log = AuditLog::new(db.clone(), estate_crypto::SigningKeyPair::generate()?, 100_000, 3600);
         let other = AuditLog::new(db.clone(), estate_crypto::SigningKeyPair::generate()?, 100_000, 3600);
         let direct =

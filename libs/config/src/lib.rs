@@ -145,7 +145,10 @@ pub struct GateSettings {
     pub cache_capacity: usize,
     /// Seconds gate facts, rules and estate policy are cached per replica.
     pub facts_ttl_secs: u64,
-    /// Most decisions committed to the audit outbox in one transaction.
+    /// Most decisions committed in one transaction (group commit), to the
+    /// audit log in the all-in-one process, else to the outbox. Kept well
+    /// below the decisions in flight under load, so that one batch commits
+    /// while the next is decided (BENCHMARKS.md, gate, session 18).
     pub decision_batch: usize,
     /// Longest bundle lifetime an operator may set, in seconds.
     pub max_bundle_ttl_secs: i64,
@@ -378,7 +381,7 @@ outbox_retention_secs = 604800
 cache_ttl_secs = 60
 cache_capacity = 200000
 facts_ttl_secs = 5
-decision_batch = 256
+decision_batch = 32
 max_bundle_ttl_secs = 604800
 watch_buffer = 1024
 max_streams_per_gate = 4

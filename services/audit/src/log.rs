@@ -321,6 +321,15 @@ fn bind_rows<'q>(
     q
 }
 
+/// How the indexer spaces its write transactions ([`AuditLog::index_entries`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Pace {
+    /// Back to back, yielding between them.
+    Flat,
+    /// Resting after each as long as it took.
+    Rest,
+}
+
 /// The derived indexes of the log that [`AuditLog::index_entries`] fills.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub(crate) enum IndexOf {
@@ -710,13 +719,28 @@ impl AuditLog {
     /// written again next time; queries read the indexes only below the
     /// mark. Safe to run in several processes at once: rows already there
     /// are skipped and the mark only moves forward.
+    ///
+    /// This is the background indexer's pace: after each write transaction
+    /// it rests as long as the transaction took, so that it holds the
+    /// writing connection at most about half the time. Written back to
+    /// back, a second of the all-in-one gate's decisions (16,000 entries,
+    /// 64 transactions) held it for 200–440 ms in one burst, and every
+    /// decision arriving meanwhile queued behind it: at 16,000 decisions/s
+    /// those bursts were the paced p99 (BENCHMARKS.md, session 19).
     pub async fn index_entries(&self, tenant: &str) -> Result<usize> {
-        self.index_entries_by(tenant, INDEX_WINDOW, INDEX_ROWS_PER_TX).await
+        self.index_entries_by(tenant, INDEX_WINDOW, INDEX_ROWS_PER_TX, Pace::Rest).await
+    }
+
+    /// [`Self::index_entries`] without resting between transactions: the
+    /// indexes up to the head as fast as the database goes (a catch-up
+    /// whose cost is to be measured, as gate-bench does).
+    pub async fn index_entries_now(&self, tenant: &str) -> Result<usize> {
+        self.index_entries_by(tenant, INDEX_WINDOW, INDEX_ROWS_PER_TX, Pace::Flat).await
     }
 
     /// [`Self::index_entries`] with windows of `window` entries and `per_tx`
-    /// rows per transaction.
-    pub(crate) async fn index_entries_by(&self, tenant: &str, window: i64, per_tx: usize) -> Result<usize> {
+    /// rows per transaction, at `pace`.
+    pub(crate) async fn index_entries_by(&self, tenant: &str, window: i64, per_tx: usize, pace: Pace) -> Result<usize> {
         let per_tx = per_tx.max(1);
         let mut total = 0;
         loop {
@@ -754,9 +778,13 @@ impl AuditLog {
             }
             for (i, chunk) in chunks.iter().enumerate() {
                 let mark = (i + 1 == chunks.len()).then_some(last + 1);
+                let started = std::time::Instant::now();
                 self.write_index(tenant, chunk, mark).await?;
-                // Let the writers waiting for their turn go first.
-                tokio::task::yield_now().await;
+                match pace {
+                    // Let the writers waiting for their turn go first.
+                    Pace::Flat => tokio::task::yield_now().await,
+                    Pace::Rest => tokio::time::sleep(started.elapsed()).await,
+                }
             }
             total += went;
             if went < usize::try_from(window).unwrap_or(usize::MAX) {

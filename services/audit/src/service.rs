@@ -450,6 +450,7 @@ impl AuditService for AuditDesk {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::log::Pace;
     use estate_store::DbOptions;
     use estate_test_support::TestDatabase;
     use std::time::Duration;
@@ -535,7 +536,10 @@ mod tests {
         // Two indexers at once (two processes on one database) overlap
         // harmlessly; small windows and transactions, so that both cross
         // several of each.
-        let (a, b) = tokio::join!(log.index_entries_by("tenant-a", 700, 64), log.index_entries_by("tenant-a", 700, 64));
+        let (a, b) = tokio::join!(
+            log.index_entries_by("tenant-a", 700, 64, Pace::Rest),
+            log.index_entries_by("tenant-a", 700, 64, Pace::Rest)
+        );
         assert!(a? + b? >= 2500);
         assert_eq!(log.indexed_below("tenant-a").await?, 2500);
         let (indexed,): (i64,) =
@@ -599,12 +603,12 @@ mod tests {
         };
         log.append_committed(&db, &direct(0, 40)).await?;
         log.append_committed(&db, &direct(40, 100)).await?;
-        assert_eq!(log.index_entries_by("tenant-a", 7, 5).await?, 100);
+        assert_eq!(log.index_entries_by("tenant-a", 7, 5, Pace::Flat).await?, 100);
         log.append_committed(&db, &direct(100, 130)).await?;
         other.append(&events(130, 150)).await?;
         log.append_committed(&db, &direct(150, 190)).await?;
         log.append_committed(&db, &direct(190, 200)).await?;
-        assert_eq!(log.index_entries_by("tenant-a", 16, 5).await?, 100);
+        assert_eq!(log.index_entries_by("tenant-a", 16, 5, Pace::Rest).await?, 100);
         assert_eq!(log.index_entries("tenant-a").await?, 0);
         assert_eq!(log.indexed_below("tenant-a").await?, 200);
         assert_eq!(

@@ -271,7 +271,6 @@ struct Summary {
     calls: u64,
     /// Wall time of the phase (with [`Summary::charge`], the settling too).
     elapsed: Duration,
-    rate: f64,
     /// CPU time of this whole process (server and load generator) per
     /// call, in µs: less sensitive than `rate` to a VM whose capacity
     /// changes from minute to minute.
@@ -310,7 +309,6 @@ fn summarise(mut lat_us: Vec<u64>, elapsed: Duration, errors: u64, cpu_from: f64
     Summary {
         calls: lat_us.len() as u64,
         elapsed,
-        rate: lat_us.len() as f64 / elapsed.as_secs_f64(),
         cpu_us: (cpu_seconds() - cpu_from) * 1e6 / calls,
         p50: percentile(&lat_us, 0.50),
         p99: percentile(&lat_us, 0.99),
@@ -320,13 +318,17 @@ fn summarise(mut lat_us: Vec<u64>, elapsed: Duration, errors: u64, cpu_from: f64
 }
 
 impl Summary {
+    /// Calls answered per second.
+    fn rate(&self) -> f64 {
+        self.calls as f64 / self.elapsed.as_secs_f64()
+    }
+
     /// The phase charged with `settled` more wall time and `cpu_s` more CPU
     /// seconds: the work it left behind, done after it ([`settle`]).
     fn charge(mut self, settled: Duration, cpu_s: f64) -> Self {
         let calls = (self.calls as f64).max(1.0);
         self.cpu_us += cpu_s * 1e6 / calls;
         self.elapsed += settled;
-        self.rate = self.calls as f64 / self.elapsed.as_secs_f64();
         self
     }
 }
@@ -513,9 +515,10 @@ impl Load {
             tokio::select! {
                 Some((ok, scheduled)) = in_flight.next() => {
                     if ok {
-                        lat.push(scheduled.elapsed().as_micros() as u64);
+                        let latency = scheduled.elapsed().as_micros() as u64;
+                        lat.push(latency);
                         if trace_to.is_some() {
-                            trace.push(((scheduled - start).as_micros() as u64, scheduled.elapsed().as_micros() as u64));
+                            trace.push(((scheduled - start).as_micros() as u64, latency));
                         }
                     } else {
                         errors += 1;
@@ -537,7 +540,12 @@ impl Load {
 fn line(name: &str, s: &Summary) {
     println!(
         "{name:<44} {:>9.0} calls/s   p50 {:>6.2} ms   p99 {:>6.2} ms   p99.9 {:>6.2} ms   cpu {:>5.1} µs/call   errors {}",
-        s.rate, s.p50, s.p99, s.p999, s.cpu_us, s.errors
+        s.rate(),
+        s.p50,
+        s.p99,
+        s.p999,
+        s.cpu_us,
+        s.errors
     );
 }
 
@@ -731,9 +739,9 @@ async fn main() -> anyhow::Result<()> {
             );
         }
         line("no-op unary (Health/Check)", &noops[i + 1]);
-        let noop_rate = (noops[i].rate + noops[i + 1].rate) / 2.0;
+        let noop_rate = (noops[i].rate() + noops[i + 1].rate()) / 2.0;
         let noop_cpu = (noops[i].cpu_us + noops[i + 1].cpu_us) / 2.0;
-        ratios.push(decide.rate / noop_rate);
+        ratios.push(decide.rate() / noop_rate);
         cpu_ratios.push(noop_cpu / decide.cpu_us);
     }
     let list = |v: &[f64]| v.iter().map(|r| format!("{r:.2}")).collect::<Vec<_>>().join(", ");
@@ -749,7 +757,7 @@ async fn main() -> anyhow::Result<()> {
         // partly paid for later.
         println!("audit backlog at the end of the first decision phase: {n} outbox rows not yet in the log");
     }
-    let decide_rate = median(decisions.iter().map(|(d, _)| d.rate).collect());
+    let decide_rate = median(decisions.iter().map(|(d, _)| d.rate()).collect());
     let mixed = load.closed(Call::Mixed, args.concurrency, args.seconds).await;
     line("mixed: 90% decisions, 10% credential issues", &mixed);
     // The paced phase starts from a settled log, as the closed-loop rounds
@@ -767,7 +775,7 @@ async fn main() -> anyhow::Result<()> {
     // maximum. Paced calls cost this process far more CPU than closed-loop
     // ones (the load generator shares the 2 cores), so this shows what the
     // harness itself allows at "70% of max", whatever the call.
-    let noop_target = median(noops.iter().map(|n| n.rate).collect()) * 0.7;
+    let noop_target = median(noops.iter().map(|n| n.rate()).collect()) * 0.7;
     let paced_noop_own = load.open(Call::Noop, noop_target, args.seconds, None).await?;
     line(&format!("no-op unary at 70% of its own max ({noop_target:.0}/s)"), &paced_noop_own);
 

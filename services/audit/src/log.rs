@@ -326,7 +326,7 @@ fn bind_rows<'q>(
 pub(crate) enum Pace {
     /// Back to back, yielding between them.
     Flat,
-    /// Resting after each as long as it took.
+    /// Resting after each but the last as long as it took.
     Rest,
 }
 
@@ -720,9 +720,9 @@ impl AuditLog {
     /// mark. Safe to run in several processes at once: rows already there
     /// are skipped and the mark only moves forward.
     ///
-    /// This is the background indexer's pace: after each write transaction
-    /// of the window that reaches the head it rests as long as the
-    /// transaction took, so that it holds the writing connection at most
+    /// This is the background indexer's pace: between the write
+    /// transactions of the window that reaches the head it rests as long as
+    /// the one before took, so that it holds the writing connection at most
     /// about half the time (windows with more behind them are written
     /// without rests, so that an indexer more than a window behind catches
     /// up). Written back to back, a second of the all-in-one gate's
@@ -791,7 +791,10 @@ impl AuditLog {
                 match pace {
                     // Let the writers waiting for their turn go first.
                     Pace::Flat => tokio::task::yield_now().await,
-                    Pace::Rest => tokio::time::sleep(started.elapsed()).await,
+                    // Between transactions only: a rest after the last would
+                    // hold up the relay loop that runs the indexer.
+                    Pace::Rest if i + 1 < chunks.len() => tokio::time::sleep(started.elapsed()).await,
+                    Pace::Rest => {}
                 }
             }
             total += went;

@@ -146,7 +146,11 @@ impl Breaker {
 }
 
 enum Backend {
-    Memory { entries: RwLock<HashMap<String, (Instant, CachedCredential)>>, capacity: usize },
+    /// Each value with the moment it expires ([`CredentialCache::lifetime`]).
+    Memory {
+        entries: RwLock<HashMap<String, (Instant, CachedCredential)>>,
+        capacity: usize,
+    },
     Redis(redis::aio::ConnectionManager),
 }
 
@@ -172,6 +176,27 @@ fn key(tenant: &str, hash: &str) -> String {
     format!("estate:gate:cred:{tenant}:{hash}")
 }
 
+/// The share of the time to live by which a value's life may be cut short.
+const TTL_SPREAD: u32 = 10;
+
+impl CredentialCache {
+    /// How long the value of `hash` is kept: the time to live, less up to a
+    /// tenth of it, by the hash (keyed, so evenly spread). Cards first
+    /// presented together (a gate coming up, a benchmark's first pass)
+    /// otherwise expired together, and their re-reads came at once.
+    fn lifetime(&self, hash: &str) -> Duration {
+        let spread = hash.get(..4).and_then(|h| u16::from_str_radix(h, 16).ok()).unwrap_or(0);
+        let cut =
+            (self.ttl / TTL_SPREAD).checked_mul(u32::from(spread)).map_or(Duration::ZERO, |d| d / u32::from(u16::MAX));
+        self.ttl.saturating_sub(cut)
+    }
+
+    /// When a value of `hash` stored now expires.
+    fn expiry(&self, now: Instant, hash: &str) -> Instant {
+        now.checked_add(self.lifetime(hash)).unwrap_or_else(|| now + Duration::from_secs(u64::from(u32::MAX)))
+    }
+}
+
 impl CredentialCache {
     /// In Redis when `redis` is given, else in this process.
     pub fn new(redis: Option<redis::aio::ConnectionManager>, ttl: Duration, capacity: usize) -> Self {
@@ -189,7 +214,8 @@ impl CredentialCache {
         match &*self.backend {
             Backend::Memory { entries, .. } => {
                 let guard = entries.read().map_err(|_| Error::Internal("gate cache lock poisoned".into()))?;
-                Ok(guard.get(&k).filter(|(at, _)| at.elapsed() < self.ttl).map(|(_, v)| v.clone().into_facts()))
+                let now = Instant::now();
+                Ok(guard.get(&k).filter(|(until, _)| now < *until).map(|(_, v)| v.clone().into_facts()))
             }
             Backend::Redis(conn) => {
                 let mut conn = conn.clone();
@@ -207,24 +233,24 @@ impl CredentialCache {
         match &*self.backend {
             Backend::Memory { entries, capacity } => {
                 let mut guard = entries.write().map_err(|_| Error::Internal("gate cache lock poisoned".into()))?;
+                let now = Instant::now();
                 if guard.len() >= *capacity {
-                    let ttl = self.ttl;
-                    guard.retain(|_, (at, _)| at.elapsed() < ttl);
+                    guard.retain(|_, (until, _)| now < *until);
                     if guard.len() >= *capacity {
                         return Ok(());
                     }
                 }
                 match guard.get(&k) {
-                    Some((at, _)) if at.elapsed() < self.ttl => {}
+                    Some((until, _)) if now < *until => {}
                     _ => {
-                        guard.insert(k, (Instant::now(), value));
+                        guard.insert(k, (self.expiry(now, hash), value));
                     }
                 }
                 Ok(())
             }
             Backend::Redis(conn) => {
                 let mut conn = conn.clone();
-                let ttl = self.ttl.as_secs().max(1);
+                let ttl = self.lifetime(hash).as_secs().max(1);
                 let set = redis::cmd("SET").arg(&k).arg(encode(&value)).arg("NX").arg("EX").arg(ttl).to_owned();
                 let _: Option<String> = self.breaker.query(&mut conn, &set, "SET").await?;
                 Ok(())
@@ -244,7 +270,7 @@ impl CredentialCache {
                     cur.found && value.found && cur.id == value.id && cur.version > value.version
                 });
                 if !keep {
-                    guard.insert(k, (Instant::now(), value));
+                    guard.insert(k, (self.expiry(Instant::now(), hash), value));
                 }
                 Ok(())
             }
@@ -253,7 +279,7 @@ impl CredentialCache {
                 let _: i64 = redis::Script::new(REFRESH_SCRIPT)
                     .key(&k)
                     .arg(encode(&value))
-                    .arg(self.ttl.as_secs().max(1))
+                    .arg(self.lifetime(hash).as_secs().max(1))
                     .invoke_async(&mut conn)
                     .instrument(estate_bus::redis_span("EVALSHA refresh_script"))
                     .await
@@ -294,6 +320,35 @@ mod tests {
         // Another credential with the same card replaces a revoked one.
         cache.refresh("t", "h", Some(&facts("c2", 1, "active"))).await?;
         assert_eq!(cache.get("t", "h").await?.flatten().map(|f| f.id), Some("c2".to_owned()));
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn values_expire_spread_over_the_last_tenth_of_the_ttl() -> Result<()> {
+        let ttl = Duration::from_secs(60);
+        let cache = CredentialCache::new(None, ttl, 100);
+        assert_eq!(cache.lifetime("0000aa"), ttl);
+        assert_eq!(cache.lifetime("ffffaa"), ttl - ttl / TTL_SPREAD);
+        let mid = cache.lifetime("8000aa");
+        assert!(mid < ttl && mid > ttl - ttl / TTL_SPREAD, "{mid:?}");
+        assert_eq!(cache.lifetime("not hex"), ttl);
+        // A huge setting neither overflows nor panics.
+        let huge = CredentialCache::new(None, Duration::from_secs(u64::MAX / 2), 100);
+        assert!(huge.lifetime("ffff") > Duration::from_secs(u64::MAX / 4));
+        let _ = huge.expiry(Instant::now(), "ffff");
+
+        // Stored values follow their own lifetimes.
+        let before = Instant::now();
+        cache.fill("t", "0000", Some(&facts("c1", 1, "active"))).await?;
+        cache.fill("t", "ffff", Some(&facts("c2", 1, "active"))).await?;
+        let Backend::Memory { entries, .. } = &*cache.backend else { panic!("a memory cache") };
+        let (early, late) = {
+            let entries = entries.read().map_err(|_| Error::Internal("lock poisoned".into()))?;
+            (entries[&key("t", "ffff")].0, entries[&key("t", "0000")].0)
+        };
+        assert!(late >= before + ttl);
+        assert!(early < before + ttl - ttl / TTL_SPREAD + Duration::from_secs(1));
+        assert!(cache.get("t", "ffff").await?.is_some());
         Ok(())
     }
 

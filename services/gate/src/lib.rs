@@ -7,6 +7,7 @@
 pub mod cache;
 pub mod presence;
 mod service;
+mod views;
 pub mod writer;
 
 pub use service::{GateDesk, GateOptions, RULES_CHANGED_TOPIC, evaluate};

@@ -14,6 +14,7 @@
 
 use crate::cache::CredentialCache;
 use crate::presence::{self, Passage, Presence};
+use crate::views::ViewCache;
 use crate::writer::{DecisionWriter, Pending, touch};
 use estate_auth::{Caller, Principal};
 use estate_bus::EventBus;
@@ -35,8 +36,8 @@ use prost::Message;
 use sqlx::Any;
 use std::collections::HashMap;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex, RwLock};
-use std::time::{Duration, Instant};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 use tokio::sync::{broadcast, watch};
 use tonic::{Request, Response, Status};
 
@@ -153,7 +154,6 @@ struct GateView {
     info: GateInfo,
     rules: Rules,
     accepted: Vec<CredentialKind>,
-    loaded: Instant,
 }
 
 /// The stored name of a kind, "unknown" for none.
@@ -287,7 +287,7 @@ pub struct GateDesk {
     presence: Presence,
     writer: DecisionWriter,
     bus: EventBus,
-    views: Arc<RwLock<HashMap<TenantKey, Arc<GateView>>>>,
+    views: Arc<ViewCache<TenantKey, GateView>>,
     watchers: Arc<Mutex<HashMap<TenantKey, broadcast::Sender<GateChange>>>>,
     stop: Arc<watch::Sender<bool>>,
     options: GateOptions,
@@ -325,7 +325,7 @@ impl GateDesk {
             presence,
             writer,
             bus,
-            views: Arc::default(),
+            views: Arc::new(ViewCache::new(options.facts_ttl)),
             watchers: Arc::default(),
             stop: Arc::new(stop),
             options,
@@ -352,26 +352,18 @@ impl GateDesk {
 
     async fn view(&self, tenant: &str, gate_id: &str) -> Result<Arc<GateView>> {
         let k = (tenant.to_owned(), gate_id.to_owned());
-        if let Ok(views) = self.views.read()
-            && let Some(v) = views.get(&k)
-            && v.loaded.elapsed() < self.options.facts_ttl
-        {
-            return Ok(v.clone());
-        }
-        let info = ident::gate(&self.db, tenant, gate_id).await?.ok_or(Error::NotFound("gate"))?;
-        let rules = self.rules(tenant, gate_id).await?;
-        let accepted = creds::accepted_kinds(&self.db, tenant, &info.estate_id).await?;
-        let view = Arc::new(GateView { tenant: tenant.to_owned(), info, rules, accepted, loaded: Instant::now() });
-        if let Ok(mut views) = self.views.write() {
-            views.insert(k, view.clone());
-        }
-        Ok(view)
+        self.views
+            .get(&k, || async {
+                let info = ident::gate(&self.db, tenant, gate_id).await?.ok_or(Error::NotFound("gate"))?;
+                let rules = self.rules(tenant, gate_id).await?;
+                let accepted = creds::accepted_kinds(&self.db, tenant, &info.estate_id).await?;
+                Ok(GateView { tenant: tenant.to_owned(), info, rules, accepted })
+            })
+            .await
     }
 
     fn forget_view(&self, tenant: &str, gate_id: &str) {
-        if let Ok(mut views) = self.views.write() {
-            views.remove(&(tenant.to_owned(), gate_id.to_owned()));
-        }
+        self.views.forget(&(tenant.to_owned(), gate_id.to_owned()));
     }
 
     async fn rules(&self, tenant: &str, gate_id: &str) -> Result<Rules> {

@@ -119,12 +119,15 @@ impl Mesh {
         let mut settings = estate_config::Settings::load(None)?;
         settings.data_dir = dir.to_path_buf();
         settings.listen = "127.0.0.1:0".parse()?;
-        settings.telemetry.log_filter = "error".into();
         settings.database.url = args.database_url.clone();
         settings.redis.url = args.redis_url.clone();
         if let Some(b) = args.relay_batch {
             settings.audit.relay_batch = b;
         }
+        // The subscriber estate-mesh's main installs (the default filter
+        // unless ESTATE__TELEMETRY__LOG_FILTER says otherwise, to stderr), so
+        // that the spans' cost is measured as deployed and warnings show.
+        let _ = estate_telemetry::init(&settings.telemetry, "gate-bench")?;
         let app = estate_mesh::Application::build(settings).await?;
         let endpoint = format!("http://127.0.0.1:{}", app.port());
         let admin = std::fs::read_to_string(app.admin_token_path())?.trim().to_owned();
@@ -279,6 +282,8 @@ struct Summary {
     p99: f64,
     p999: f64,
     errors: u64,
+    /// The errors by kind, one line each ([`Load::take_failures`]).
+    failures: String,
 }
 
 fn percentile(sorted: &[u64], p: f64) -> f64 {
@@ -314,6 +319,7 @@ fn summarise(mut lat_us: Vec<u64>, elapsed: Duration, errors: u64, cpu_from: f64
         p99: percentile(&lat_us, 0.99),
         p999: percentile(&lat_us, 0.999),
         errors,
+        failures: String::new(),
     }
 }
 
@@ -361,6 +367,9 @@ struct Load {
     gates: Vec<Gates>,
     operators: Vec<Credentials>,
     next: Arc<AtomicU64>,
+    /// Failed calls by kind (status code, or the refusal's reason), with
+    /// the first message of each, printed after the run.
+    failures: Arc<std::sync::Mutex<std::collections::BTreeMap<String, (u64, String)>>>,
 }
 
 impl Load {
@@ -383,15 +392,37 @@ impl Load {
                 .map(|c| Ok(CredentialServiceClient::with_interceptor(c.clone(), bearer(&recipe.op_token)?)))
                 .collect::<anyhow::Result<Vec<_>>>()?,
             next: Arc::new(AtomicU64::new(0)),
+            failures: Arc::default(),
             recipe,
         })
     }
 
+    /// One call; false (and the failure counted by kind) unless it succeeded
+    /// (for a decision: was admitted).
     async fn one(&self, call: Call, lane: usize) -> bool {
+        match self.try_one(call, lane).await {
+            Ok(()) => true,
+            Err((kind, message)) => {
+                if let Ok(mut f) = self.failures.lock() {
+                    f.entry(kind).or_insert((0, message)).0 += 1;
+                }
+                false
+            }
+        }
+    }
+
+    /// The failures counted since the last call, one line each ("" when none).
+    fn take_failures(&self) -> String {
+        let Ok(mut f) = self.failures.lock() else { return String::new() };
+        std::mem::take(&mut *f).iter().map(|(kind, (n, first))| format!("  {n} × {kind} (first: {first})\n")).collect()
+    }
+
+    async fn try_one(&self, call: Call, lane: usize) -> Result<(), (String, String)> {
+        let status = |s: tonic::Status| (format!("{:?}", s.code()), s.message().to_owned());
         match call {
             Call::Noop => {
                 let mut h = self.health[lane % self.health.len()].clone();
-                h.check(HealthCheckRequest { service: String::new() }).await.is_ok()
+                h.check(HealthCheckRequest { service: String::new() }).await.map(drop).map_err(status)
             }
             Call::Mixed => {
                 let n = self.next.fetch_add(1, Ordering::Relaxed);
@@ -406,9 +437,9 @@ impl Load {
                         })),
                         ..Default::default()
                     };
-                    op.issue_credential(req).await.is_ok()
+                    op.issue_credential(req).await.map(drop).map_err(status)
                 } else {
-                    Box::pin(self.one(Call::Decide, lane)).await
+                    Box::pin(self.try_one(Call::Decide, lane)).await
                 }
             }
             Call::Decide => {
@@ -421,7 +452,12 @@ impl Load {
                     })),
                     gate_id: String::new(),
                 };
-                matches!(g.decide(req).await, Ok(d) if d.get_ref().verdict == Verdict::Admit as i32)
+                let d = g.decide(req).await.map_err(status)?.into_inner();
+                if d.verdict == Verdict::Admit as i32 {
+                    Ok(())
+                } else {
+                    Err((format!("refused, reason {}", d.reason), format!("decision {}", d.decision_id)))
+                }
             }
         }
     }
@@ -453,7 +489,7 @@ impl Load {
                 errors += e;
             }
         }
-        summarise(all, start.elapsed(), errors, cpu_from)
+        Summary { failures: self.take_failures(), ..summarise(all, start.elapsed(), errors, cpu_from) }
     }
 
     /// Calls at a fixed `rate` for `secs`, latency measured from each call's
@@ -533,7 +569,7 @@ impl Load {
                 eprintln!("latency trace not written: {e}");
             }
         }
-        summarise(lat, start.elapsed(), errors, cpu_from)
+        Summary { failures: self.take_failures(), ..summarise(lat, start.elapsed(), errors, cpu_from) }
     }
 }
 
@@ -547,6 +583,7 @@ fn line(name: &str, s: &Summary) {
         s.cpu_us,
         s.errors
     );
+    print!("{}", s.failures);
 }
 
 /// The allocator the mesh's binaries use (see services/mesh/src/main.rs).

@@ -10,7 +10,6 @@
 mod deadline;
 mod face;
 pub mod idempotency;
-pub mod memory;
 pub mod metrics;
 pub mod relay;
 mod rpc_trace;
@@ -173,7 +172,6 @@ impl Runtime {
     /// Opens everything `settings` names. Runs the outbox migrations when
     /// `database.migrate_on_start` is set.
     pub async fn open(settings: Settings) -> Result<Self, StartError> {
-        memory::disable_transparent_huge_pages();
         let keys = MeshKeys::load(&settings)?;
         let tokens = TokenAuthority::new(settings.auth.issuer.clone(), &keys.token_signing)
             .map_err(|e| StartError::Tokens(e.to_string()))?;

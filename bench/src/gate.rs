@@ -93,8 +93,13 @@ struct Args {
 
 /// Where the mesh under test runs.
 enum Served {
-    /// estate-mesh in this process.
-    InProcess { stop: tokio::sync::oneshot::Sender<()>, server: tokio::task::JoinHandle<()> },
+    /// estate-mesh in this process, with its tracing subscriber's guard
+    /// (dropping it shuts down the span exporter, when one is configured).
+    InProcess {
+        stop: tokio::sync::oneshot::Sender<()>,
+        server: tokio::task::JoinHandle<()>,
+        telemetry: estate_telemetry::TelemetryGuard,
+    },
     /// Separate service processes (killed when dropped).
     Processes(Vec<estate_test_support::ServiceProcess>),
 }
@@ -127,7 +132,7 @@ impl Mesh {
         // The subscriber estate-mesh's main installs (the default filter
         // unless ESTATE__TELEMETRY__LOG_FILTER says otherwise, to stderr), so
         // that the spans' cost is measured as deployed and warnings show.
-        let _ = estate_telemetry::init(&settings.telemetry, "gate-bench")?;
+        let telemetry = estate_telemetry::init(&settings.telemetry, "gate-bench")?;
         let app = estate_mesh::Application::build(settings).await?;
         let endpoint = format!("http://127.0.0.1:{}", app.port());
         let admin = std::fs::read_to_string(app.admin_token_path())?.trim().to_owned();
@@ -153,7 +158,7 @@ impl Mesh {
             tokens: Some(tokens),
             db: Some(db),
             audit: Some(audit),
-            served: Served::InProcess { stop, server },
+            served: Served::InProcess { stop, server, telemetry },
         })
     }
 
@@ -218,9 +223,11 @@ impl Mesh {
 
     async fn stop(self) {
         match self.served {
-            Served::InProcess { stop, server } => {
+            Served::InProcess { stop, server, telemetry } => {
                 let _ = stop.send(());
                 let _ = tokio::time::timeout(Duration::from_secs(10), server).await;
+                // Spans still buffered are exported now, after the server.
+                drop(telemetry);
             }
             Served::Processes(list) => {
                 for p in list {

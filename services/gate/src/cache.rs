@@ -180,6 +180,15 @@ fn key(tenant: &str, hash: &str) -> String {
 const TTL_SPREAD: u32 = 10;
 
 impl CredentialCache {
+    /// In Redis when `redis` is given, else in this process.
+    pub fn new(redis: Option<redis::aio::ConnectionManager>, ttl: Duration, capacity: usize) -> Self {
+        let backend = match redis {
+            Some(conn) => Backend::Redis(conn),
+            None => Backend::Memory { entries: RwLock::new(HashMap::new()), capacity: capacity.max(1) },
+        };
+        Self { backend: Arc::new(backend), ttl, breaker: Arc::default() }
+    }
+
     /// How long the value of `hash` is kept: the time to live, less up to a
     /// tenth of it, by the hash (keyed, so evenly spread). Cards first
     /// presented together (a gate coming up, a benchmark's first pass)
@@ -194,17 +203,6 @@ impl CredentialCache {
     /// When a value of `hash` stored now expires.
     fn expiry(&self, now: Instant, hash: &str) -> Instant {
         now.checked_add(self.lifetime(hash)).unwrap_or_else(|| now + Duration::from_secs(u64::from(u32::MAX)))
-    }
-}
-
-impl CredentialCache {
-    /// In Redis when `redis` is given, else in this process.
-    pub fn new(redis: Option<redis::aio::ConnectionManager>, ttl: Duration, capacity: usize) -> Self {
-        let backend = match redis {
-            Some(conn) => Backend::Redis(conn),
-            None => Backend::Memory { entries: RwLock::new(HashMap::new()), capacity: capacity.max(1) },
-        };
-        Self { backend: Arc::new(backend), ttl, breaker: Arc::default() }
     }
 
     /// `Some(facts)` on a hit (`facts` is `None` for a known-unknown hash),

@@ -43,6 +43,15 @@ struct Slot<V> {
     generation: u64,
 }
 
+impl<V> Slot<V> {
+    /// The view and its age, unless there is none or it is `ttl` old.
+    fn unexpired(&self, ttl: Duration) -> Option<(&Arc<V>, Duration)> {
+        let (view, at) = self.view.as_ref()?;
+        let age = at.elapsed();
+        (age < ttl).then_some((view, age))
+    }
+}
+
 /// What a caller does with what it found.
 enum Plan<V> {
     Use(Arc<V>),
@@ -90,9 +99,8 @@ impl<K: Eq + Hash + Clone, V> ViewCache<K, V> {
                     let slots = self.read();
                     match slots.get(key) {
                         Some(slot) => {
-                            if let Some((view, at)) = &slot.view
-                                && at.elapsed() < self.ttl
-                            {
+                            // Loaded while this caller waited.
+                            if let Some((view, _)) = slot.unexpired(self.ttl) {
                                 return Ok(view.clone());
                             }
                             slot.generation
@@ -125,9 +133,9 @@ impl<K: Eq + Hash + Clone, V> ViewCache<K, V> {
     fn plan(&self, key: &K) -> Option<Plan<V>> {
         let slots = self.read();
         let slot = slots.get(key)?;
-        Some(match &slot.view {
-            Some((view, at)) if at.elapsed() < self.ttl => {
-                if at.elapsed() < self.ttl / 4 * 3 {
+        Some(match slot.unexpired(self.ttl) {
+            Some((view, age)) => {
+                if age < self.ttl / 4 * 3 {
                     Plan::Use(view.clone())
                 } else {
                     match slot.loading.clone().try_lock_owned() {
@@ -137,7 +145,7 @@ impl<K: Eq + Hash + Clone, V> ViewCache<K, V> {
                     }
                 }
             }
-            _ => Plan::Wait(slot.loading.clone()),
+            None => Plan::Wait(slot.loading.clone()),
         })
     }
 
@@ -194,6 +202,22 @@ mod tests {
         r.map_err(|e| Error::Internal(e.to_string()))?
     }
 
+    /// What `n` callers arriving together get, each loading (if it must)
+    /// with [`counted`] taking `ms`.
+    async fn crowd(cache: &Arc<Cache>, loads: &Arc<AtomicUsize>, n: usize, ms: u64) -> Result<Vec<usize>> {
+        let tasks: Vec<_> = (0..n)
+            .map(|_| {
+                let (cache, loads) = (cache.clone(), loads.clone());
+                tokio::spawn(async move { cache.get(&"g", || counted(&loads, ms)).await })
+            })
+            .collect();
+        let mut seen = Vec::new();
+        for t in tasks {
+            seen.push(*joined(t.await)?);
+        }
+        Ok(seen)
+    }
+
     /// A load that counts itself and takes `ms`, answering the count.
     async fn counted(loads: &AtomicUsize, ms: u64) -> Result<usize> {
         let n = loads.fetch_add(1, Ordering::SeqCst) + 1;
@@ -205,14 +229,7 @@ mod tests {
     async fn callers_arriving_together_share_one_load() -> Result<()> {
         let cache = Arc::new(Cache::new(Duration::from_secs(60)));
         let loads = Arc::new(AtomicUsize::new(0));
-        let mut tasks = Vec::new();
-        for _ in 0..50 {
-            let (cache, loads) = (cache.clone(), loads.clone());
-            tasks.push(tokio::spawn(async move { cache.get(&"g", || counted(&loads, 20)).await }));
-        }
-        for t in tasks {
-            assert_eq!(*joined(t.await)?, 1);
-        }
+        assert!(crowd(&cache, &loads, 50, 20).await?.iter().all(|&v| v == 1));
         assert_eq!(loads.load(Ordering::SeqCst), 1);
         Ok(())
     }
@@ -223,14 +240,7 @@ mod tests {
         let loads = Arc::new(AtomicUsize::new(0));
         assert_eq!(*cache.get(&"g", || counted(&loads, 0)).await?, 1);
         tokio::time::sleep(Duration::from_millis(350)).await;
-        let mut tasks = Vec::new();
-        for _ in 0..20 {
-            let (cache, loads) = (cache.clone(), loads.clone());
-            tasks.push(tokio::spawn(async move { cache.get(&"g", || counted(&loads, 10)).await }));
-        }
-        for t in tasks {
-            assert_eq!(*joined(t.await)?, 2);
-        }
+        assert!(crowd(&cache, &loads, 20, 10).await?.iter().all(|&v| v == 2));
         assert_eq!(loads.load(Ordering::SeqCst), 2);
         Ok(())
     }

@@ -326,8 +326,10 @@ fn bind_rows<'q>(
 pub(crate) enum Pace {
     /// Back to back, yielding between them.
     Flat,
-    /// Resting after each but the last as long as it took.
-    Rest,
+    /// Spread over this long: the `i`-th of `n` transactions does not
+    /// start before `i / n` of it has passed since the first (none waits
+    /// after the last).
+    Spread(std::time::Duration),
 }
 
 /// The derived indexes of the log that [`AuditLog::index_entries`] fills.
@@ -537,6 +539,19 @@ impl AuditLog {
         heads.extend(committed);
     }
 
+    /// Whether the tenant's log reaches more than `window` entries beyond
+    /// entry `last`: the indexer is then more than a window behind and
+    /// catches up without resting. A window is full at the gate's paced
+    /// rates too (a second of 17,000 decisions/s outgrows 16,384 entries),
+    /// and written without rests that was a 100–190 ms burst holding the
+    /// writing connection: 97% of the paced decisions' p99 tail
+    /// (BENCHMARKS.md, session 21). When this process does not know the
+    /// head (another writer moved it), a full window is taken as behind.
+    pub(crate) fn behind_beyond(&self, tenant: &str, last: i64, window: i64) -> bool {
+        let heads = self.heads.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        heads.get(tenant).is_none_or(|(head, _)| head - last > window)
+    }
+
     /// Forgets the heads of `tenants` (another writer moved them on).
     fn forget<'a>(&self, tenants: impl IntoIterator<Item = &'a str>) {
         let mut heads = self.heads.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
@@ -720,18 +735,21 @@ impl AuditLog {
     /// mark. Safe to run in several processes at once: rows already there
     /// are skipped and the mark only moves forward.
     ///
-    /// This is the background indexer's pace: between the write
-    /// transactions of the window that reaches the head it rests as long as
-    /// the one before took, so that it holds the writing connection at most
-    /// about half the time (windows with more behind them are written
-    /// without rests, so that an indexer more than a window behind catches
-    /// up). Written back to back, a second of the all-in-one gate's
-    /// decisions (16,000 entries, 64 transactions) held it for 200–440 ms
-    /// in one burst, and every decision arriving meanwhile queued behind
-    /// it: at 16,000 decisions/s those bursts were the paced p99
-    /// (BENCHMARKS.md, session 19).
-    pub async fn index_entries(&self, tenant: &str) -> Result<usize> {
-        self.index_entries_by(tenant, INDEX_WINDOW, INDEX_ROWS_PER_TX, Pace::Rest).await
+    /// This is the background indexer's pace: the write transactions of
+    /// each window are spread evenly `over` the time given (the indexer
+    /// runs every second and gives each sweep half of it), so that the
+    /// writing connection is taken in short turns evenly apart. A window
+    /// with more than another window behind it is written back to back, so
+    /// that an indexer that fell behind (a restart, a stall) catches up.
+    /// Written back to back, a second of the all-in-one gate's decisions
+    /// (16,000 entries, 64 transactions) held it for 200–440 ms in one
+    /// burst, and every decision arriving meanwhile queued behind it
+    /// (BENCHMARKS.md, session 19). Resting after each transaction as long
+    /// as it took, as sessions 19 and 20 did, still left bursts of 100–190
+    /// ms at 17,000 decisions/s, where a second's entries fill a window
+    /// (BENCHMARKS.md, session 21).
+    pub async fn index_entries(&self, tenant: &str, over: std::time::Duration) -> Result<usize> {
+        self.index_entries_by(tenant, INDEX_WINDOW, INDEX_ROWS_PER_TX, Pace::Spread(over)).await
     }
 
     /// [`Self::index_entries`] without resting between transactions: the
@@ -767,7 +785,7 @@ impl AuditLog {
             // window behind catches up without resting, so that resting
             // never lets it fall further behind than that.
             let full = went >= usize::try_from(window).unwrap_or(usize::MAX);
-            let pace = if full { Pace::Flat } else { pace };
+            let pace = if full && self.behind_beyond(tenant, last, window) { Pace::Flat } else { pace };
             let mut rows: Vec<IndexRow> = Vec::with_capacity(went * 2);
             for (idx, person, estate) in entries {
                 if !person.is_empty() {
@@ -784,17 +802,22 @@ impl AuditLog {
             if chunks.is_empty() {
                 chunks.push(&[]);
             }
+            let first = tokio::time::Instant::now();
+            let n = u32::try_from(chunks.len()).unwrap_or(u32::MAX);
             for (i, chunk) in chunks.iter().enumerate() {
                 let mark = (i + 1 == chunks.len()).then_some(last + 1);
-                let started = std::time::Instant::now();
                 self.write_index(tenant, chunk, mark).await?;
+                // Between transactions only: a wait after the last would
+                // hold up the relay loop that runs the indexer.
+                let more = i + 1 < chunks.len();
                 match pace {
                     // Let the writers waiting for their turn go first.
                     Pace::Flat => tokio::task::yield_now().await,
-                    // Between transactions only: a rest after the last would
-                    // hold up the relay loop that runs the indexer.
-                    Pace::Rest if i + 1 < chunks.len() => tokio::time::sleep(started.elapsed()).await,
-                    Pace::Rest => {}
+                    Pace::Spread(over) if more => {
+                        let done = u32::try_from(i + 1).unwrap_or(u32::MAX);
+                        tokio::time::sleep_until(first + over / n * done).await;
+                    }
+                    Pace::Spread(_) => {}
                 }
             }
             total += went;

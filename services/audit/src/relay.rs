@@ -36,13 +36,20 @@ pub async fn relay_once(db: &Db, log: &AuditLog, batch: i64) -> Result<usize> {
 /// How often the person and estate indexes are brought up to the log's head.
 const INDEX_EVERY: Duration = Duration::from_secs(1);
 
+/// How long a sweep of the indexer may take: its write transactions are
+/// spread over this time, shared between the tenants, so that they hold
+/// the writing connection in short turns evenly apart rather than in one
+/// burst that every decision queues behind (BENCHMARKS.md, session 21).
+const INDEX_SPREAD: Duration = Duration::from_millis(500);
+
 /// Brings every tenant's person and estate indexes up to date; failures are
 /// only logged (queries read the entries not yet indexed themselves).
 async fn index_entries(log: &AuditLog) {
     match log.tenants_with_entries().await {
         Ok(tenants) => {
+            let each = INDEX_SPREAD / u32::try_from(tenants.len()).unwrap_or(u32::MAX).max(1);
             for t in tenants {
-                if let Err(e) = log.index_entries(&t).await {
+                if let Err(e) = log.index_entries(&t, each).await {
                     tracing::warn!(error = %e, "entry indexes not brought up to date; will retry");
                 }
             }
@@ -51,10 +58,27 @@ async fn index_entries(log: &AuditLog) {
     }
 }
 
+/// Brings the person and estate indexes up to date every [`INDEX_EVERY`]
+/// until the pool closes. It runs beside the relay loop, not in it: a sweep
+/// spread over [`INDEX_SPREAD`] would hold up the shipping of outbox events.
+async fn run_indexer(db: Db, log: AuditLog) {
+    let mut tick = tokio::time::interval(INDEX_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        if db.pool().is_closed() {
+            return;
+        }
+        index_entries(&log).await;
+    }
+}
+
 /// Runs the relay until the pool closes: ships batches as fast as they come,
-/// signs time-based checkpoints when a tenant's log grew, brings the person
-/// index up to date every second, and deletes delivered outbox rows older
-/// than `retention` (zero: keeps them).
+/// signs time-based checkpoints when a tenant's log grew, and deletes
+/// delivered outbox rows older than `retention` (zero: keeps them); beside
+/// it, in the same task, brings the person and estate indexes up to date
+/// every second.
 pub fn spawn_relay(
     db: Db,
     log: AuditLog,
@@ -62,17 +86,13 @@ pub fn spawn_relay(
     interval: Duration,
     retention: Duration,
 ) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(async move {
+    let indexer = run_indexer(db.clone(), log.clone());
+    let relay = async move {
         let mut last_sweep = tokio::time::Instant::now();
-        let mut last_index = tokio::time::Instant::now();
         let mut pruner = outbox::Pruner::new(retention);
         loop {
             if db.pool().is_closed() {
                 return;
-            }
-            if last_index.elapsed() >= INDEX_EVERY {
-                last_index = tokio::time::Instant::now();
-                index_entries(&log).await;
             }
             match relay_once(&db, &log, batch).await {
                 Ok(n) if n as i64 >= batch => continue,
@@ -95,5 +115,8 @@ pub fn spawn_relay(
             pruner.tick(&db).await;
             tokio::time::sleep(interval).await;
         }
+    };
+    tokio::spawn(async move {
+        tokio::join!(relay, indexer);
     })
 }

@@ -537,8 +537,8 @@ mod tests {
         // harmlessly; small windows and transactions, so that both cross
         // several of each.
         let (a, b) = tokio::join!(
-            log.index_entries_by("tenant-a", 700, 64, Pace::Rest),
-            log.index_entries_by("tenant-a", 700, 64, Pace::Rest)
+            log.index_entries_by("tenant-a", 700, 64, Pace::Spread(Duration::from_millis(20))),
+            log.index_entries_by("tenant-a", 700, 64, Pace::Spread(Duration::from_millis(20)))
         );
         assert!(a? + b? >= 2500);
         assert_eq!(log.indexed_below("tenant-a").await?, 2500);
@@ -568,13 +568,59 @@ mod tests {
             assert_eq!(all(&at_2, &db, &log, limit).await?, expected("", Some("estate-2"), 2800), "pages of {limit}");
         }
         assert_eq!(all(&bo_at_2, &db, &log, 3).await?, expected("p-bo", Some("estate-2"), 2800));
-        assert_eq!(log.index_entries("tenant-a").await?, 300);
-        assert_eq!(log.index_entries("tenant-a").await?, 0);
+        assert_eq!(log.index_entries("tenant-a", Duration::from_millis(20)).await?, 300);
+        assert_eq!(log.index_entries("tenant-a", Duration::from_millis(20)).await?, 0);
         assert_eq!(log.indexed_below("tenant-a").await?, 2800);
         assert_eq!(all(&bo, &db, &log, 7).await?, expected("p-bo", None, 2800));
         assert_eq!(all(&at_2, &db, &log, 7).await?, expected("", Some("estate-2"), 2800));
         let nobody = entry_query("tenant-a", "", "p-nobody", "", 0, i64::MAX);
         assert!(all(&nobody, &db, &log, 7).await?.is_empty());
+        db.close().await;
+        test_db.drop().await
+    }
+
+    /// The background pace spreads a window's write transactions over the
+    /// time it is given: the last of `n` starts no earlier than `(n - 1) / n`
+    /// of it after the first. (A lower bound only: sleeping never ends early.)
+    #[tokio::test]
+    async fn the_indexer_spreads_a_windows_transactions_over_its_time() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let (test_db, db) = migrated(dir.path()).await?;
+        let log = AuditLog::new(db.clone(), estate_crypto::SigningKeyPair::generate()?, 100_000, 3600);
+        log.append(&events(0, 100)).await?;
+        // 75 person rows and 100 estate rows, 10 a transaction: 18 of them.
+        let over = Duration::from_millis(360);
+        let started = std::time::Instant::now();
+        assert_eq!(log.index_entries_by("tenant-a", 1000, 10, Pace::Spread(over)).await?, 100);
+        let took = started.elapsed();
+        assert!(took >= over / 18 * 17, "18 transactions spread over {over:?} took only {took:?}");
+        assert_eq!(log.indexed_below("tenant-a").await?, 100);
+        assert_eq!(
+            all(&entry_query("tenant-a", "", "p-cy", "", 0, i64::MAX), &db, &log, 9).await?,
+            expected("p-cy", None, 100)
+        );
+        db.close().await;
+        test_db.drop().await
+    }
+
+    /// A full window is written back to back only when the log reaches more
+    /// than another window beyond it, or when this process does not know
+    /// the log's head; otherwise it is spread like any other.
+    #[tokio::test]
+    async fn only_an_indexer_more_than_a_window_behind_skips_the_spread() -> anyhow::Result<()> {
+        use estate_store::outbox::AuditSink;
+        let dir = tempfile::tempdir()?;
+        let (test_db, db) = migrated(dir.path()).await?;
+        let log = AuditLog::new(db.clone(), estate_crypto::SigningKeyPair::generate()?, 100_000, 3600);
+        assert!(log.behind_beyond("tenant-a", 0, 16), "an unknown head counts as behind");
+        let direct: Vec<_> = events(0, 100).into_iter().map(|(_, e)| log.prepare(e)).collect();
+        log.append_committed(&db, &direct).await?;
+        // The head is entry 99.
+        assert!(log.behind_beyond("tenant-a", 15, 16));
+        assert!(log.behind_beyond("tenant-a", 82, 16));
+        assert!(!log.behind_beyond("tenant-a", 83, 16));
+        assert!(!log.behind_beyond("tenant-a", 99, 16));
+        assert!(log.behind_beyond("tenant-b", 99, 16), "another tenant's head is not this one's");
         db.close().await;
         test_db.drop().await
     }
@@ -608,8 +654,8 @@ mod tests {
         other.append(&events(130, 150)).await?;
         log.append_committed(&db, &direct(150, 190)).await?;
         log.append_committed(&db, &direct(190, 200)).await?;
-        assert_eq!(log.index_entries_by("tenant-a", 16, 5, Pace::Rest).await?, 100);
-        assert_eq!(log.index_entries("tenant-a").await?, 0);
+        assert_eq!(log.index_entries_by("tenant-a", 16, 5, Pace::Spread(Duration::from_millis(20))).await?, 100);
+        assert_eq!(log.index_entries("tenant-a", Duration::from_millis(20)).await?, 0);
         assert_eq!(log.indexed_below("tenant-a").await?, 200);
         assert_eq!(
             stored("SELECT person_pseudonym, idx FROM audit_person_entries").await?,

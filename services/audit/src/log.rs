@@ -541,9 +541,9 @@ impl AuditLog {
 
     /// Whether the tenant's log reaches more than `window` entries beyond
     /// entry `last`: the indexer is then more than a window behind and
-    /// catches up without resting. A window is full at the gate's paced
+    /// catches up without waits. A window is full at the gate's paced
     /// rates too (a second of 17,000 decisions/s outgrows 16,384 entries),
-    /// and written without rests that was a 100–190 ms burst holding the
+    /// and written without waits that was a 100–190 ms burst holding the
     /// writing connection: 97% of the paced decisions' p99 tail
     /// (BENCHMARKS.md, session 21). When this process does not know the
     /// head (another writer moved it), a full window is taken as behind.
@@ -752,7 +752,7 @@ impl AuditLog {
         self.index_entries_by(tenant, INDEX_WINDOW, INDEX_ROWS_PER_TX, Pace::Spread(over)).await
     }
 
-    /// [`Self::index_entries`] without resting between transactions: the
+    /// [`Self::index_entries`] without waits between transactions: the
     /// indexes up to the head as fast as the database goes (a catch-up
     /// whose cost is to be measured, as gate-bench does).
     pub async fn index_entries_now(&self, tenant: &str) -> Result<usize> {
@@ -781,9 +781,10 @@ impl AuditLog {
             };
             let Some(&(last, _, _)) = entries.last() else { break };
             let went = entries.len();
-            // A full window may have more behind it: an indexer that fell a
-            // window behind catches up without resting, so that resting
-            // never lets it fall further behind than that.
+            // A full window may have more behind it: when the log reaches
+            // more than another window beyond it, the indexer catches up
+            // without waits, so that spreading never lets it fall more than
+            // two windows behind.
             let full = went >= usize::try_from(window).unwrap_or(usize::MAX);
             let pace = if full && self.behind_beyond(tenant, last, window) { Pace::Flat } else { pace };
             let mut rows: Vec<IndexRow> = Vec::with_capacity(went * 2);
@@ -808,7 +809,7 @@ impl AuditLog {
                 let mark = (i + 1 == chunks.len()).then_some(last + 1);
                 self.write_index(tenant, chunk, mark).await?;
                 // Between transactions only: a wait after the last would
-                // hold up the relay loop that runs the indexer.
+                // only hold up the next window and the next tenant.
                 let more = i + 1 < chunks.len();
                 match pace {
                     // Let the writers waiting for their turn go first.

@@ -890,6 +890,21 @@ impl AuditLog {
         Ok(next.map_or(0, |(n,)| n))
     }
 
+    /// Whether the tenant's log holds entries its person and estate indexes
+    /// do not list yet (two primary-key lookups: the mark, then an entry at
+    /// or past it).
+    pub async fn has_unindexed(&self, tenant: &str) -> Result<bool> {
+        let next = self.indexed_below(tenant).await?;
+        let hit: Option<(i64,)> =
+            sqlx::query_as::<Any, (i64,)>("SELECT idx FROM audit_entries WHERE tenant_id = $1 AND idx >= $2 LIMIT 1")
+                .bind(tenant)
+                .bind(next)
+                .fetch_optional(self.db.pool())
+                .await
+                .map_err(db_error)?;
+        Ok(hit.is_some())
+    }
+
     /// Tenants with entries in the log. A skip scan of the primary key (one
     /// index lookup per tenant): `SELECT DISTINCT` read every entry, every
     /// five seconds, in a log that only grows.

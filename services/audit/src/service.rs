@@ -605,7 +605,8 @@ mod tests {
 
     /// A full window is written back to back only when the log reaches more
     /// than another window beyond it, or when this process does not know
-    /// the log's head; otherwise it is spread like any other.
+    /// the log's head; otherwise it is spread like any other. A tenant with
+    /// nothing to index takes no share of a sweep's time.
     #[tokio::test]
     async fn only_an_indexer_more_than_a_window_behind_skips_the_spread() -> anyhow::Result<()> {
         use estate_store::outbox::AuditSink;
@@ -613,14 +614,19 @@ mod tests {
         let (test_db, db) = migrated(dir.path()).await?;
         let log = AuditLog::new(db.clone(), estate_crypto::SigningKeyPair::generate()?, 100_000, 3600);
         assert!(log.behind_beyond("tenant-a", 0, 16), "an unknown head counts as behind");
+        assert!(!log.has_unindexed("tenant-a").await?, "an empty log has nothing to index");
         let direct: Vec<_> = events(0, 100).into_iter().map(|(_, e)| log.prepare(e)).collect();
         log.append_committed(&db, &direct).await?;
+        assert!(log.has_unindexed("tenant-a").await?);
+        assert!(!log.has_unindexed("tenant-b").await?);
         // The head is entry 99.
         assert!(log.behind_beyond("tenant-a", 15, 16));
         assert!(log.behind_beyond("tenant-a", 82, 16));
         assert!(!log.behind_beyond("tenant-a", 83, 16));
         assert!(!log.behind_beyond("tenant-a", 99, 16));
         assert!(log.behind_beyond("tenant-b", 99, 16), "another tenant's head is not this one's");
+        assert_eq!(log.index_entries("tenant-a", Duration::from_millis(20)).await?, 100);
+        assert!(!log.has_unindexed("tenant-a").await?, "every entry is indexed");
         db.close().await;
         test_db.drop().await
     }

@@ -93,7 +93,9 @@ async fn main() -> anyhow::Result<()> {
         .bind(&tenant)
         .execute(db.pool())
         .await?;
-    sqlx::query::<Any>("CREATE TABLE bench_plain (tenant_id TEXT NOT NULL, idx BIGINT NOT NULL, event_id TEXT NOT NULL, event_hex TEXT NOT NULL, PRIMARY KEY (tenant_id, idx))")
+    // The event's bytes as the log keeps them (migration 5004).
+    let bytes_type = if args.sqlite { "BLOB" } else { "BYTEA" };
+    sqlx::query::<Any>(sqlx::AssertSqlSafe(format!("CREATE TABLE bench_plain (tenant_id TEXT NOT NULL, idx BIGINT NOT NULL, event_id TEXT NOT NULL, event {bytes_type} NOT NULL, PRIMARY KEY (tenant_id, idx))")))
         .execute(db.pool())
         .await?;
 
@@ -126,15 +128,14 @@ async fn main() -> anyhow::Result<()> {
             let values: Vec<String> = (0..rows.len())
                 .map(|i| format!("(${}, ${}, ${}, ${})", i * 4 + 1, i * 4 + 2, i * 4 + 3, i * 4 + 4))
                 .collect();
-            let sql =
-                format!("INSERT INTO bench_plain (tenant_id, idx, event_id, event_hex) VALUES {}", values.join(", "));
+            let sql = format!("INSERT INTO bench_plain (tenant_id, idx, event_id, event) VALUES {}", values.join(", "));
             let mut q = sqlx::query::<Any>(sqlx::AssertSqlSafe(sql));
             for (i, (raw, e)) in rows.iter().enumerate() {
                 q = q
                     .bind(tenant.clone())
                     .bind(i64::try_from(b * args.batch + c * 400 + i)?)
                     .bind(e.event_id.clone())
-                    .bind(hex::encode(raw));
+                    .bind(raw.clone());
             }
             q.execute(&mut *tx).await?;
         }

@@ -230,18 +230,18 @@ async fn a_row_changed_in_the_database_is_caught_by_the_verifier() -> anyhow::Re
     let before = export(&mesh, &regulator, &w.tenant.id, 0).await?;
     bundle(&before)?.verify(&keys, None)?;
     // Someone with database access rewrites entry 4's event.
-    let (hex_event,): (String,) = estate_store::sqlx::query_as::<estate_store::sqlx::Any, (String,)>(
-        "SELECT event_hex FROM audit_entries WHERE tenant_id = $1 AND idx = 4",
+    let (stored,): (Vec<u8>,) = estate_store::sqlx::query_as::<estate_store::sqlx::Any, (Vec<u8>,)>(
+        "SELECT event FROM audit_entries WHERE tenant_id = $1 AND idx = 4",
     )
     .bind(&w.tenant.id)
     .fetch_one(mesh.db().pool())
     .await?;
-    let mut event = estate_proto::common::AuditEvent::decode(hex::decode(&hex_event)?.as_slice())?;
+    let mut event = estate_proto::common::AuditEvent::decode(stored.as_slice())?;
     event.action = "nothing.happened".into();
     estate_store::sqlx::query::<estate_store::sqlx::Any>(
-        "UPDATE audit_entries SET event_hex = $1 WHERE tenant_id = $2 AND idx = 4",
+        "UPDATE audit_entries SET event = $1 WHERE tenant_id = $2 AND idx = 4",
     )
-    .bind(hex::encode(event.encode_to_vec()))
+    .bind(event.encode_to_vec())
     .bind(&w.tenant.id)
     .execute(mesh.db().pool())
     .await?;

@@ -593,16 +593,15 @@ async fn a_resident_story_across_separate_processes_survives_a_killed_gate() -> 
     .await?;
     let mut logged: Vec<String> = Vec::new();
     for _ in 0..200 {
-        let rows: Vec<(String,)> = estate_store::sqlx::query_as(
-            "SELECT event_hex FROM audit_entries WHERE tenant_id = $1 AND action = 'gate.decide'",
+        let rows: Vec<(Vec<u8>,)> = estate_store::sqlx::query_as(
+            "SELECT event FROM audit_entries WHERE tenant_id = $1 AND action = 'gate.decide'",
         )
         .bind(&tenant.id)
         .fetch_all(pool.pool())
         .await?;
         logged = rows
             .iter()
-            .filter_map(|(h,)| hex::decode(h).ok())
-            .filter_map(|b| AuditEvent::decode(b.as_slice()).ok())
+            .filter_map(|(b,)| AuditEvent::decode(b.as_slice()).ok())
             .filter_map(|e| e.attributes.get("decision_id").cloned())
             .collect();
         if acked.iter().all(|id| logged.contains(id)) {

@@ -395,14 +395,14 @@ pub trait AuditSink: Send + Sync + std::fmt::Debug {
     ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<()>> + Send + 'a>>;
 }
 
-/// An event ready to append: its exact bytes (hex, as the log stores them)
-/// and their Merkle leaf hash. Made by [`AuditSink::prepare`].
+/// An event ready to append: its exact bytes (as the log stores them) and
+/// their Merkle leaf hash. Made by [`AuditSink::prepare`].
 #[derive(Debug, Clone, Default)]
 pub struct PreparedEvent {
     /// The event.
     pub event: AuditEvent,
-    /// Its encoding, in hex.
-    pub bytes_hex: String,
+    /// Its encoding.
+    pub bytes: Vec<u8>,
     /// The leaf hash of its encoding.
     pub leaf: [u8; 32],
 }

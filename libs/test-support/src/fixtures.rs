@@ -113,15 +113,15 @@ pub async fn recorded_events(mesh: &TestMesh, tenant_id: &str) -> anyhow::Result
         .map(|r| Recorded { event: r.event })
         .collect();
     let mut ids: std::collections::HashSet<String> = out.iter().map(|r| r.event.event_id.clone()).collect();
-    let logged: Vec<(String, String)> = sqlx::query_as::<sqlx::Any, (String, String)>(
-        "SELECT event_id, event_hex FROM audit_entries WHERE tenant_id = $1 ORDER BY idx",
+    let logged: Vec<(String, Vec<u8>)> = sqlx::query_as::<sqlx::Any, (String, Vec<u8>)>(
+        "SELECT event_id, event FROM audit_entries WHERE tenant_id = $1 ORDER BY idx",
     )
     .bind(tenant_id)
     .fetch_all(pool)
     .await?;
-    for (id, event_hex) in logged {
+    for (id, bytes) in logged {
         if ids.insert(id) {
-            let event = estate_proto::common::AuditEvent::decode(hex::decode(event_hex)?.as_slice())?;
+            let event = estate_proto::common::AuditEvent::decode(bytes.as_slice())?;
             out.push(Recorded { event });
         }
     }

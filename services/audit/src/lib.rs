@@ -22,9 +22,17 @@ use std::time::Duration;
 /// Name of the service for health checks.
 pub const SERVICE_NAME: &str = "estate.audit.v1.AuditService";
 
-/// Applies the audit migrations (portable SQL, both engines).
+/// Applies the audit migrations: the portable ones (`migrations`, both
+/// engines), then the engine's own (`migrations-sqlite` or
+/// `migrations-postgres`, where the two engines' DDL differs), all recorded
+/// in the one table of the audit migrations.
 pub async fn migrate(db: &Db) -> Result<(), estate_store::StoreError> {
-    db.migrate("audit", sqlx::migrate!("./migrations")).await
+    db.migrate("audit", sqlx::migrate!("./migrations")).await?;
+    let own = match db.backend() {
+        estate_store::Backend::Sqlite => sqlx::migrate!("./migrations-sqlite"),
+        estate_store::Backend::Postgres => sqlx::migrate!("./migrations-postgres"),
+    };
+    db.migrate("audit", own).await
 }
 
 /// The log of this process.

@@ -81,11 +81,8 @@ fn runs<'a>(groups: &'a [(&'a str, Vec<&'a PreparedEvent>)], heads: &[(String, H
 /// A statement with its parameters bound.
 type Statement = sqlx::query::Query<'static, Any, sqlx::any::AnyArguments>;
 
-fn hash_of(hex_text: &str) -> Result<Hash> {
-    hex::decode(hex_text)
-        .ok()
-        .and_then(|b| <[u8; 32]>::try_from(b.as_slice()).ok())
-        .ok_or_else(|| Error::Internal("a stored audit hash is malformed".into()))
+fn hash_of(stored: &[u8]) -> Result<Hash> {
+    <[u8; 32]>::try_from(stored).map_err(|_| Error::Internal("a stored audit hash is malformed".into()))
 }
 
 /// `items` grouped by tenant, in order of first appearance, each group in
@@ -102,14 +99,15 @@ fn by_tenant<'a, T>(items: &'a [T], tenant: impl Fn(&'a T) -> &'a str) -> Vec<(&
     groups
 }
 
-/// Encodes `bytes` (the event's exact encoding) for the log.
-fn prepare(bytes: &[u8], event: AuditEvent) -> PreparedEvent {
-    PreparedEvent { event, bytes_hex: hex::encode(bytes), leaf: leaf_hash(bytes) }
+/// `bytes` (the event's exact encoding) ready for the log.
+fn prepare(bytes: Vec<u8>, event: AuditEvent) -> PreparedEvent {
+    let leaf = leaf_hash(&bytes);
+    PreparedEvent { event, bytes, leaf }
 }
 
 impl AuditSink for AuditLog {
     fn prepare(&self, event: AuditEvent) -> PreparedEvent {
-        prepare(&event.encode_to_vec(), event)
+        prepare(event.encode_to_vec(), event)
     }
 
     fn append_in<'a>(
@@ -221,7 +219,7 @@ async fn append_in(
             .await
             .map_err(db_error)?;
     }
-    let head: Option<(i64, String)> = sqlx::query_as::<Any, (i64, String)>(
+    let head: Option<(i64, Vec<u8>)> = sqlx::query_as::<Any, (i64, Vec<u8>)>(
         "SELECT idx, chain_hash FROM audit_entries WHERE tenant_id = $1 ORDER BY idx DESC LIMIT 1",
     )
     .bind(tenant)
@@ -289,7 +287,7 @@ async fn append_in(
 /// The INSERT of entries with these `VALUES` groups.
 fn insert_sql(values: &str) -> String {
     format!(
-        "INSERT INTO audit_entries (tenant_id, idx, event_id, event_hex, leaf_hash, chain_hash, estate_id, \
+        "INSERT INTO audit_entries (tenant_id, idx, event_id, event, leaf_hash, chain_hash, estate_id, \
          person_pseudonym, action, occurred_at, appended_at, relayed) VALUES {values}"
     )
 }
@@ -308,9 +306,9 @@ fn bind_rows<'q>(
             .bind(tenant.to_owned())
             .bind(row.idx)
             .bind(row.prepared.event.event_id.clone())
-            .bind(row.prepared.bytes_hex.clone())
-            .bind(hex::encode(row.prepared.leaf))
-            .bind(hex::encode(row.chain))
+            .bind(row.prepared.bytes.clone())
+            .bind(row.prepared.leaf.to_vec())
+            .bind(row.chain.to_vec())
             .bind(row.prepared.event.estate_id.clone())
             .bind(row.prepared.event.person_pseudonym.clone())
             .bind(row.prepared.event.action.clone())
@@ -586,7 +584,8 @@ impl AuditLog {
     }
 
     async fn append_tenant_with(&self, tenant: &str, events: &[&RawEvent], exhaustive: bool) -> Result<Appended> {
-        let prepared: Vec<PreparedEvent> = events.iter().map(|(bytes, event)| prepare(bytes, event.clone())).collect();
+        let prepared: Vec<PreparedEvent> =
+            events.iter().map(|(bytes, event)| prepare(bytes.clone(), event.clone())).collect();
         let list: Vec<&PreparedEvent> = prepared.iter().collect();
         let mut tx = self.db.begin().await?;
         let (out, head) = append_in(&mut tx, tenant, &list, Arrival::Relayed, exhaustive).await?;
@@ -605,7 +604,7 @@ impl AuditLog {
             let mut tree = handle.lock().await;
             loop {
                 let from = i64::try_from(tree.size()).unwrap_or(i64::MAX);
-                let rows: Vec<(i64, String)> = sqlx::query_as::<Any, (i64, String)>(
+                let rows: Vec<(i64, Vec<u8>)> = sqlx::query_as::<Any, (i64, Vec<u8>)>(
                     "SELECT idx, leaf_hash FROM audit_entries WHERE tenant_id = $1 AND idx >= $2 ORDER BY idx LIMIT 10000",
                 )
                 .bind(tenant)
@@ -661,8 +660,8 @@ impl AuditLog {
         {
             return Ok(latest);
         }
-        let (chain,): (String,) =
-            sqlx::query_as::<Any, (String,)>("SELECT chain_hash FROM audit_entries WHERE tenant_id = $1 AND idx = $2")
+        let (chain,): (Vec<u8>,) =
+            sqlx::query_as::<Any, (Vec<u8>,)>("SELECT chain_hash FROM audit_entries WHERE tenant_id = $1 AND idx = $2")
                 .bind(tenant)
                 .bind(i64::try_from(size - 1).unwrap_or(i64::MAX))
                 .fetch_one(self.db.pool())
@@ -672,7 +671,7 @@ impl AuditLog {
             tenant_id: tenant.to_owned(),
             tree_size: i64::try_from(size).unwrap_or(i64::MAX),
             root_hash: hex::encode(tree.root()),
-            chain_hash: chain,
+            chain_hash: hex::encode(hash_of(&chain)?),
             timestamp_unix: now_ms() / 1000,
         };
         drop(tree);

@@ -33,8 +33,8 @@ pub struct AuditDesk {
 #[derive(Debug, sqlx::FromRow)]
 struct EntryRow {
     idx: i64,
-    event_hex: String,
-    chain_hash: String,
+    event: Vec<u8>,
+    chain_hash: Vec<u8>,
     appended_at: i64,
 }
 
@@ -47,10 +47,15 @@ fn ms(t: &Option<prost_types::Timestamp>, default: i64) -> i64 {
     t.as_ref().map_or(default, |t| t.seconds.saturating_mul(1000))
 }
 
-fn entry_of(r: EntryRow) -> Result<Entry> {
-    let event = hex::decode(&r.event_hex).map_err(|_| Error::Internal("stored audit event malformed".into()))?;
-    let decoded = AuditEvent::decode(event.as_slice()).ok();
-    Ok(Entry { index: r.idx, event, chain_hash: r.chain_hash, appended_at: ts(r.appended_at), decoded })
+fn entry_of(r: EntryRow) -> Entry {
+    let decoded = AuditEvent::decode(r.event.as_slice()).ok();
+    Entry {
+        index: r.idx,
+        event: r.event,
+        chain_hash: hex::encode(&r.chain_hash),
+        appended_at: ts(r.appended_at),
+        decoded,
+    }
 }
 
 /// Entry filter: tenant, then optional estate, person, action, period.
@@ -91,7 +96,7 @@ impl EntryQuery {
     /// The page statement. Parameters: `$1` tenant, `$2`/`$3` period, the
     /// filters' strings, then `after`, (the person index's mark,) `limit`.
     fn sql(&self, source: Source) -> (String, Vec<String>) {
-        let mut sql = String::from("SELECT e.idx, e.event_hex, e.chain_hash, e.appended_at FROM ");
+        let mut sql = String::from("SELECT e.idx, e.event, e.chain_hash, e.appended_at FROM ");
         let index = match source {
             Source::Entries => None,
             Source::PersonIndex => Some("audit_person_entries"),
@@ -196,7 +201,7 @@ impl AuditDesk {
             entry_query(&tenant, &r.estate_id, &r.person_pseudonym, &r.action, ms(&r.from, 0), ms(&r.until, i64::MAX));
         let rows = q.page(&self.db, &self.log, after, size + 1).await?;
         let more = rows.len() as i64 > size;
-        let entries: Vec<Entry> = rows.into_iter().take(size as usize).map(entry_of).collect::<Result<_>>()?;
+        let entries: Vec<Entry> = rows.into_iter().take(size as usize).map(entry_of).collect();
         let next = match (more, entries.last()) {
             (true, Some(e)) => URL_SAFE_NO_PAD.encode(format!("a1:{}", e.index)),
             _ => String::new(),
@@ -221,7 +226,7 @@ impl AuditDesk {
             let rows = q.page(&self.db, &self.log, after, PAGE).await?;
             let Some(last) = rows.last().map(|r| r.idx) else { break };
             for row in rows {
-                let entry = entry_of(row)?;
+                let entry = entry_of(row);
                 let Some(ev) = entry.decoded else { continue };
                 let role = match ev.actor.as_ref().and_then(|a| ActorKind::try_from(a.kind).ok()) {
                     Some(ActorKind::PlatformAdmin) => "platform admin",
@@ -321,7 +326,7 @@ impl AuditDesk {
             }
             for (row, proof) in batch {
                 indexes.push(row.idx);
-                let entry = entry_of(row)?;
+                let entry = entry_of(row);
                 send(export_record::Record::Entry(ExportedEntry {
                     entry: Some(entry),
                     inclusion_proof: proof.iter().map(hex::encode).collect(),

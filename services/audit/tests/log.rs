@@ -118,7 +118,7 @@ async fn appends_in_callers_transactions_interleave_with_the_relay() -> anyhow::
 /// the number of entries, each numbered in turn and chained to the one
 /// before.
 async fn chained_entries(db: &Db, tenant: &str) -> anyhow::Result<usize> {
-    let rows: Vec<(i64, String, String)> = sqlx::query_as::<sqlx::Any, (i64, String, String)>(
+    let rows: Vec<(i64, Vec<u8>, Vec<u8>)> = sqlx::query_as::<sqlx::Any, (i64, Vec<u8>, Vec<u8>)>(
         "SELECT idx, leaf_hash, chain_hash FROM audit_entries WHERE tenant_id = $1 ORDER BY idx",
     )
     .bind(tenant)
@@ -127,9 +127,9 @@ async fn chained_entries(db: &Db, tenant: &str) -> anyhow::Result<usize> {
     let mut chain = [0u8; 32];
     for (i, (idx, leaf, stored)) in rows.iter().enumerate() {
         assert_eq!(*idx, i as i64, "entry {i} is numbered {idx}");
-        let leaf: [u8; 32] = hex::decode(leaf)?.try_into().map_err(|_| anyhow::anyhow!("leaf hash size"))?;
+        let leaf: [u8; 32] = leaf.as_slice().try_into().map_err(|_| anyhow::anyhow!("leaf hash size"))?;
         chain = estate_audit_bundle::chain_next(&chain, &leaf);
-        assert_eq!(&hex::encode(chain), stored, "entry {idx} is not chained to the one before");
+        assert_eq!(chain.as_slice(), stored.as_slice(), "entry {idx} is not chained to the one before");
     }
     Ok(rows.len())
 }
@@ -238,7 +238,7 @@ async fn only_relayed_event_ids_are_checked_for_duplicates() -> anyhow::Result<(
     assert_eq!(by_way, [(0, 7), (1, 6)]);
     // A relayed id is unique in the log even when inserted by hand.
     let forged = sqlx::query::<sqlx::Any>(
-        "INSERT INTO audit_entries (tenant_id, idx, event_id, event_hex, leaf_hash, chain_hash, estate_id, \
+        "INSERT INTO audit_entries (tenant_id, idx, event_id, event, leaf_hash, chain_hash, estate_id, \
          person_pseudonym, action, occurred_at, appended_at, relayed) \
          VALUES ('tenant-a', 999, 'r0', '', '', '', '', '', 'x', 0, 0, 1)",
     )
@@ -246,6 +246,72 @@ async fn only_relayed_event_ids_are_checked_for_duplicates() -> anyhow::Result<(
     .await;
     assert!(forged.is_err(), "a second relayed entry with id r0 was accepted");
     assert_eq!(chained_entries(&db, "tenant-a").await?, 13);
+    db.close().await;
+    test_db.drop().await
+}
+
+/// A log written before migration 5004 kept each entry's event and hashes
+/// as hex text. Migrating turns them into the same bytes: the stored events
+/// decode, the chain runs on unbroken into entries appended afterwards,
+/// relayed ids are still unique, and the tree and checkpoint cover both.
+#[tokio::test]
+async fn entries_stored_as_hex_are_carried_over_as_bytes() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let test_db = TestDatabase::create(dir.path()).await?;
+    let db = Db::connect(&DbOptions {
+        url: test_db.url().to_owned(),
+        max_connections: 2,
+        acquire_timeout: Duration::from_secs(10),
+        statement_timeout_ms: 0,
+    })
+    .await?;
+    db.migrate_outbox().await?;
+    // The schema as it was before 5004: the portable migrations only.
+    db.migrate("audit", sqlx::migrate!("./migrations")).await?;
+    let old: Vec<(Vec<u8>, AuditEvent)> = (0..5).map(event).collect();
+    let mut chain = [0u8; 32];
+    let mut leaves = Vec::new();
+    for (i, (bytes, e)) in old.iter().enumerate() {
+        let leaf = estate_merkle::leaf_hash(bytes);
+        chain = estate_audit_bundle::chain_next(&chain, &leaf);
+        leaves.push(leaf);
+        sqlx::query::<sqlx::Any>(
+            "INSERT INTO audit_entries (tenant_id, idx, event_id, event_hex, leaf_hash, chain_hash, estate_id, \
+             person_pseudonym, action, occurred_at, appended_at, relayed) \
+             VALUES ($1, $2, $3, $4, $5, $6, '', '', $7, 0, 0, 1)",
+        )
+        .bind("tenant-a")
+        .bind(i as i64)
+        .bind(e.event_id.clone())
+        .bind(hex::encode(bytes))
+        .bind(hex::encode(leaf))
+        .bind(hex::encode(chain))
+        .bind(e.action.clone())
+        .execute(db.pool())
+        .await?;
+    }
+
+    estate_audit::migrate(&db).await?;
+    let stored: Vec<(Vec<u8>,)> =
+        sqlx::query_as::<sqlx::Any, (Vec<u8>,)>("SELECT event FROM audit_entries WHERE tenant_id = $1 ORDER BY idx")
+            .bind("tenant-a")
+            .fetch_all(db.pool())
+            .await?;
+    let stored: Vec<Vec<u8>> = stored.into_iter().map(|(b,)| b).collect();
+    let want: Vec<Vec<u8>> = old.iter().map(|(b, _)| b.clone()).collect();
+    assert_eq!(stored, want, "the events' bytes changed in the migration");
+
+    let log = AuditLog::new(db.clone(), estate_crypto::SigningKeyPair::generate()?, 1000, 60);
+    let more: Vec<(Vec<u8>, AuditEvent)> = (5..8).map(event).collect();
+    let got = log.append(&[old[2].clone(), more[0].clone(), more[1].clone(), more[2].clone()]).await?;
+    assert_eq!((got.appended, got.duplicates), (3, 1), "a relayed id from before the migration was appended again");
+    assert_eq!(chained_entries(&db, "tenant-a").await?, 8);
+    let mut tree = estate_merkle::Tree::new();
+    for leaf in leaves.into_iter().chain(more.iter().map(|(b, _)| estate_merkle::leaf_hash(b))) {
+        tree.push(leaf);
+    }
+    let cp = log.checkpoint_now("tenant-a").await?.and_then(|c| c.decoded).map(|d| (d.tree_size, d.root_hash));
+    assert_eq!(cp, Some((8, hex::encode(tree.root()))));
     db.close().await;
     test_db.drop().await
 }

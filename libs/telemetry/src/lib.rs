@@ -47,7 +47,12 @@ pub fn init(settings: &TelemetrySettings, service_name: &'static str) -> Result<
     let fmt_layer = if settings.log_format == "json" {
         tracing_subscriber::fmt::layer().json().with_writer(std::io::stderr).boxed()
     } else {
-        tracing_subscriber::fmt::layer().with_writer(std::io::stderr).boxed()
+        // Colours only on a terminal: escape codes are noise in a log file
+        // or a pod's log, and the layer writes the fields of every span it
+        // enables as it opens (each call's span included), so colouring
+        // them cost every call (BENCHMARKS.md, session 22).
+        use std::io::IsTerminal;
+        tracing_subscriber::fmt::layer().with_ansi(std::io::stderr().is_terminal()).with_writer(std::io::stderr).boxed()
     };
 
     let mut guard = TelemetryGuard::default();

@@ -515,9 +515,12 @@ impl AuditLog {
         }
     }
 
-    /// Up to `window` entries of `tenant` from `next` on, from those kept by
-    /// [`Self::keep_unindexed`] when they start there (entries before
-    /// `next` are already indexed and are dropped).
+    /// Up to `window` entries of `tenant` from `next` on, taken from those
+    /// kept by [`Self::keep_unindexed`] when they start there (entries
+    /// before `next` are already indexed and are dropped). Taken, not
+    /// copied: if their window is not written, the next sweep finds the
+    /// kept entries no longer start at its mark and reads the window from
+    /// the database.
     fn take_unindexed(&self, tenant: &str, next: i64, window: i64) -> Option<Vec<(i64, String, String)>> {
         let mut kept = self.unindexed.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let entry = kept.get_mut(tenant)?;
@@ -528,7 +531,9 @@ impl AuditLog {
             return None;
         }
         let n = entry.keys.len().min(usize::try_from(window).unwrap_or(usize::MAX));
-        Some((next..).zip(entry.keys.iter().take(n).cloned()).map(|(i, (p, e))| (i, p, e)).collect())
+        let taken = (next..).zip(entry.keys.drain(..n)).map(|(i, (p, e))| (i, p, e)).collect();
+        entry.start += i64::try_from(n).unwrap_or(i64::MAX);
+        Some(taken)
     }
 
     /// Records heads a commit left.

@@ -189,6 +189,12 @@ impl CredentialCache {
         Self { backend: Arc::new(backend), ttl, breaker: Arc::default() }
     }
 
+    /// Whether the view is in Redis (a network round trip per lookup), not
+    /// in this process.
+    pub fn is_remote(&self) -> bool {
+        matches!(&*self.backend, Backend::Redis(_))
+    }
+
     /// How long the value of `hash` is kept: the time to live, less up to a
     /// tenth of it, by the hash (keyed, so evenly spread). Cards first
     /// presented together (a gate coming up, a benchmark's first pass)

@@ -264,7 +264,19 @@ fn bearer(token: &str) -> anyhow::Result<Bearer> {
     Ok(Bearer(AsciiMetadataValue::try_from(format!("Bearer {token}"))?))
 }
 
-type Gates = GateServiceClient<InterceptedService<Channel, Bearer>>;
+/// The gate's token, sent as the gate SDK sends it
+/// ([`estate_proto::TOKEN_HEADER`], indexed by HTTP/2 header compression).
+#[derive(Clone)]
+struct GateToken(AsciiMetadataValue);
+
+impl tonic::service::Interceptor for GateToken {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        req.metadata_mut().insert(estate_proto::TOKEN_HEADER, self.0.clone());
+        Ok(req)
+    }
+}
+
+type Gates = GateServiceClient<InterceptedService<Channel, GateToken>>;
 type Credentials = CredentialServiceClient<InterceptedService<Channel, Bearer>>;
 
 #[derive(Debug, Clone, Copy)]
@@ -392,7 +404,10 @@ impl Load {
             health: channels.iter().map(|c| HealthClient::new(c.clone())).collect(),
             gates: channels
                 .iter()
-                .map(|c| Ok(GateServiceClient::with_interceptor(c.clone(), bearer(&recipe.gate_token)?)))
+                .map(|c| {
+                    let token = AsciiMetadataValue::try_from(recipe.gate_token.as_str())?;
+                    Ok(GateServiceClient::with_interceptor(c.clone(), GateToken(token)))
+                })
                 .collect::<anyhow::Result<Vec<_>>>()?,
             operators: operator_channels
                 .iter()

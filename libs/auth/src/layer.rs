@@ -10,6 +10,10 @@ use tonic::Status;
 /// Metadata key that correlates a call with its audit events.
 pub const REQUEST_ID_HEADER: &str = "x-request-id";
 
+/// Metadata key carrying the bare token, the alternative to
+/// `authorization: Bearer <token>` (see [`estate_proto::TOKEN_HEADER`]).
+pub const TOKEN_HEADER: &str = estate_proto::TOKEN_HEADER;
+
 /// Paths anyone may call: health checks (probes), reflection (grpcurl) and
 /// the published consent and audit verifying keys (public by design, R9, R12).
 pub(crate) const OPEN_RPCS: [&str; 3] = [
@@ -22,7 +26,8 @@ fn is_open_path(path: &str) -> bool {
     path.starts_with("/grpc.health.v1.") || path.starts_with("/grpc.reflection.") || OPEN_RPCS.contains(&path)
 }
 
-/// Verifies the `authorization: Bearer …` metadata of every call, then checks
+/// Verifies the `authorization: Bearer …` (or [`TOKEN_HEADER`]) metadata of
+/// every call, then checks
 /// the caller's kind against the [access policy](crate::policy) of the RPC.
 #[derive(Debug, Clone)]
 pub struct AuthLayer {
@@ -60,16 +65,33 @@ fn request_id_of<B>(req: &http::Request<B>) -> String {
         .unwrap_or_else(|| uuid::Uuid::new_v4().to_string())
 }
 
+/// The token a request carries: `authorization: Bearer <token>` or
+/// [`TOKEN_HEADER`]`: <token>`, not both.
+fn token_of<B>(req: &http::Request<B>) -> Result<&str, Status> {
+    let headers = req.headers();
+    match (headers.get(http::header::AUTHORIZATION), headers.get(TOKEN_HEADER)) {
+        (Some(_), Some(_)) => Err(Status::unauthenticated(format!(
+            "send the token once: in \"authorization: Bearer <token>\" or in \"{TOKEN_HEADER}\", not both"
+        ))),
+        (None, None) => Err(Status::unauthenticated(format!(
+            "missing authorization metadata; send \"authorization: Bearer <token>\" (or \"{TOKEN_HEADER}: <token>\")"
+        ))),
+        (Some(value), None) => {
+            let text =
+                value.to_str().map_err(|_| Status::unauthenticated("the authorization metadata is not valid text"))?;
+            text.strip_prefix("Bearer ")
+                .or_else(|| text.strip_prefix("bearer "))
+                .ok_or_else(|| Status::unauthenticated("the authorization metadata must be \"Bearer <token>\""))
+        }
+        (None, Some(value)) => value
+            .to_str()
+            .map_err(|_| Status::unauthenticated(format!("the {TOKEN_HEADER} metadata is not valid text"))),
+    }
+}
+
 fn authenticate<B>(keys: &VerifyingKeys, req: &http::Request<B>) -> Result<Caller, Status> {
     let request_id = request_id_of(req);
-    let value = req.headers().get(http::header::AUTHORIZATION).ok_or_else(|| {
-        Status::unauthenticated("missing authorization metadata; send \"authorization: Bearer <token>\"")
-    })?;
-    let text = value.to_str().map_err(|_| Status::unauthenticated("the authorization metadata is not valid text"))?;
-    let token = text
-        .strip_prefix("Bearer ")
-        .or_else(|| text.strip_prefix("bearer "))
-        .ok_or_else(|| Status::unauthenticated("the authorization metadata must be \"Bearer <token>\""))?;
+    let token = token_of(req)?;
     let caller = keys.verify(token.trim(), request_id).map_err(Status::from)?;
     let path = req.uri().path();
     if path.starts_with("/estate.") {
@@ -116,4 +138,50 @@ where
 /// without [`AuthLayer`], which is a bug.
 pub fn caller<T>(req: &tonic::Request<T>) -> Result<Caller, Status> {
     req.extensions().get::<Caller>().cloned().ok_or_else(|| Status::unauthenticated("the call was not authenticated"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::principal::Principal;
+    use crate::token::TokenAuthority;
+    use estate_crypto::SigningKeyPair;
+
+    fn request(headers: &[(&str, &str)]) -> http::Request<()> {
+        let mut b = http::Request::builder().uri("/estate.gate.v1.GateService/Decide");
+        for (k, v) in headers {
+            b = b.header(*k, *v);
+        }
+        b.body(()).unwrap_or_default()
+    }
+
+    #[test]
+    fn the_token_is_taken_from_either_header_and_not_from_both() -> Result<(), Box<dyn std::error::Error>> {
+        let authority = TokenAuthority::new("estate-mesh", &SigningKeyPair::from_seed([3; 32]))?;
+        let keys = authority.verifying_keys();
+        let gate = Principal::Gate { tenant_id: "t1".into(), estate_id: "e1".into(), gate_id: "g1".into() };
+        let token = authority.issue(gate.clone(), "gate", 60)?.token;
+        let bearer = format!("Bearer {token}");
+
+        let by_authorization = authenticate(keys, &request(&[("authorization", &bearer)]))?;
+        assert_eq!(by_authorization.principal, gate);
+        let by_token_header = authenticate(keys, &request(&[(TOKEN_HEADER, &token)]))?;
+        assert_eq!(by_token_header.principal, gate);
+
+        let both = authenticate(keys, &request(&[("authorization", &bearer), (TOKEN_HEADER, &token)]));
+        assert!(both.is_err_and(|s| s.code() == tonic::Code::Unauthenticated && s.message().contains("not both")));
+        let none = authenticate(keys, &request(&[]));
+        assert!(none.is_err_and(|s| s.code() == tonic::Code::Unauthenticated && s.message().contains(TOKEN_HEADER)));
+        // The bare header takes the token alone, verified as strictly.
+        let prefixed = authenticate(keys, &request(&[(TOKEN_HEADER, &bearer)]));
+        assert!(prefixed.is_err_and(|s| s.code() == tonic::Code::Unauthenticated));
+        // One character inside the signature changed (not the last one,
+        // whose low bits base64 does not use).
+        let at = token.len() - 10;
+        let swapped = if token.as_bytes()[at] == b'A' { "B" } else { "A" };
+        let forged = format!("{}{swapped}{}", &token[..at], &token[at + 1..]);
+        let forged = authenticate(keys, &request(&[(TOKEN_HEADER, &forged)]));
+        assert!(forged.is_err_and(|s| s.code() == tonic::Code::Unauthenticated));
+        Ok(())
+    }
 }

@@ -13,7 +13,7 @@ mod principal;
 pub mod tls;
 mod token;
 
-pub use layer::{AuthLayer, AuthService, REQUEST_ID_HEADER, caller};
+pub use layer::{AuthLayer, AuthService, REQUEST_ID_HEADER, TOKEN_HEADER, caller};
 pub use principal::{Caller, Principal};
 pub use token::{IssuedToken, TokenAuthority, VerifyingKeys};
 

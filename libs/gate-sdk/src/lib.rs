@@ -50,13 +50,15 @@ pub enum SdkError {
     Config(String),
 }
 
-/// Adds the gate's bearer token to every call.
+/// Adds the gate's token to every call, as [`estate_proto::TOKEN_HEADER`]
+/// (not `authorization`), so that HTTP/2 header compression sends it once
+/// per connection instead of with every decision.
 #[derive(Debug, Clone)]
 pub struct Auth(AsciiMetadataValue);
 
 impl tonic::service::Interceptor for Auth {
     fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
-        req.metadata_mut().insert("authorization", self.0.clone());
+        req.metadata_mut().insert(estate_proto::TOKEN_HEADER, self.0.clone());
         Ok(req)
     }
 }
@@ -183,7 +185,7 @@ impl GateController {
             .map_err(|e| SdkError::Config(format!("endpoint {endpoint}: {e}")))?
             .connect_timeout(options.timeout)
             .connect_lazy();
-        let auth = MetadataValue::try_from(format!("Bearer {}", token.trim()))
+        let auth = MetadataValue::try_from(token.trim())
             .map_err(|_| SdkError::Config("the token is not valid metadata".into()))?;
         let client = GateServiceClient::with_interceptor(channel, Auth(auth));
         std::fs::create_dir_all(dir)?;

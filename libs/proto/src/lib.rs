@@ -9,6 +9,18 @@ pub use prost;
 pub use prost_types;
 pub use tonic;
 
+/// Metadata key carrying the bare token, the alternative to
+/// `authorization: Bearer <token>` that gate controllers use
+/// (`libs/gate-sdk`). HTTP/2 header compression never indexes
+/// `authorization` (h2 follows nghttp2 there), so a controller calling many
+/// times a second on one connection sent its ~450-byte token with every
+/// call and both ends Huffman-coded it each time; under this name the token
+/// is indexed once per connection and later calls send a one-byte
+/// reference (BENCHMARKS.md, session 22). Indexing is safe for these
+/// tokens: HPACK only ever matches a whole value, and a signed token cannot
+/// be guessed whole.
+pub const TOKEN_HEADER: &str = "estate-token";
+
 /// Encoded `FileDescriptorSet` of every proto file, for tonic-reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/estate_descriptor.bin"));
 

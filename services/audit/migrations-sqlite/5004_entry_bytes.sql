@@ -1,7 +1,6 @@
 -- An entry's event bytes and its two hashes as bytes (BLOB), not hex text.
--- Written in hex, each entry was twice its size: the event's encoding went
--- to the database as ~700 characters, and every insert of the all-in-one
--- gate's decisions copied, bound and paged twice the bytes it needed
+-- In hex they were stored, bound, copied and paged at twice their size,
+-- in the commit that every all-in-one gate decision waits for
 -- (BENCHMARKS.md, session 22). The log still keeps each event's bytes
 -- exactly as appended, so that anyone holding an export can recompute its
 -- leaf hash. SQLite's own DDL (PostgreSQL's is in migrations-postgres).

@@ -19,8 +19,8 @@ fn event(i: usize) -> (Vec<u8>, AuditEvent) {
 }
 
 /// A fresh database (SQLite, or PostgreSQL when the tests are pointed at
-/// it) with the outbox and audit tables, and a pool of `connections`.
-async fn migrated(dir: &std::path::Path, connections: u32) -> anyhow::Result<(TestDatabase, Db)> {
+/// it) with the outbox table, and a pool of `connections`.
+async fn with_outbox(dir: &std::path::Path, connections: u32) -> anyhow::Result<(TestDatabase, Db)> {
     let test_db = TestDatabase::create(dir).await?;
     let db = Db::connect(&DbOptions {
         url: test_db.url().to_owned(),
@@ -30,6 +30,12 @@ async fn migrated(dir: &std::path::Path, connections: u32) -> anyhow::Result<(Te
     })
     .await?;
     db.migrate_outbox().await?;
+    Ok((test_db, db))
+}
+
+/// [`with_outbox`] and the audit tables.
+async fn migrated(dir: &std::path::Path, connections: u32) -> anyhow::Result<(TestDatabase, Db)> {
+    let (test_db, db) = with_outbox(dir, connections).await?;
     estate_audit::migrate(&db).await?;
     Ok((test_db, db))
 }
@@ -257,15 +263,7 @@ async fn only_relayed_event_ids_are_checked_for_duplicates() -> anyhow::Result<(
 #[tokio::test]
 async fn entries_stored_as_hex_are_carried_over_as_bytes() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
-    let test_db = TestDatabase::create(dir.path()).await?;
-    let db = Db::connect(&DbOptions {
-        url: test_db.url().to_owned(),
-        max_connections: 2,
-        acquire_timeout: Duration::from_secs(10),
-        statement_timeout_ms: 0,
-    })
-    .await?;
-    db.migrate_outbox().await?;
+    let (test_db, db) = with_outbox(dir.path(), 2).await?;
     // The schema as it was before 5004: the portable migrations only.
     db.migrate("audit", sqlx::migrate!("./migrations")).await?;
     let old: Vec<(Vec<u8>, AuditEvent)> = (0..5).map(event).collect();

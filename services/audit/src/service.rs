@@ -506,6 +506,14 @@ mod tests {
         Ok((test_db, db))
     }
 
+    /// [`migrated`] and a log over it that signs checkpoints only when asked
+    /// (every 100,000 entries or hour).
+    async fn with_log(dir: &std::path::Path) -> anyhow::Result<(TestDatabase, Db, AuditLog)> {
+        let (test_db, db) = migrated(dir).await?;
+        let log = AuditLog::new(db.clone(), estate_crypto::SigningKeyPair::generate()?, 100_000, 3600);
+        Ok((test_db, db, log))
+    }
+
     /// Every page of the query, `limit` entries at a time.
     async fn all(q: &EntryQuery, db: &Db, log: &AuditLog, limit: i64) -> anyhow::Result<Vec<i64>> {
         let mut got = Vec::new();
@@ -528,8 +536,7 @@ mod tests {
     #[tokio::test]
     async fn queries_by_person_and_estate_see_every_entry_while_the_index_catches_up() -> anyhow::Result<()> {
         let dir = tempfile::tempdir()?;
-        let (test_db, db) = migrated(dir.path()).await?;
-        let log = AuditLog::new(db.clone(), estate_crypto::SigningKeyPair::generate()?, 100_000, 3600);
+        let (test_db, db, log) = with_log(dir.path()).await?;
         log.append(&events(0, 2500)).await?;
         let bo = entry_query("tenant-a", "", "p-bo", "", 0, i64::MAX);
         let bo_at_2 = entry_query("tenant-a", "estate-2", "p-bo", "", 0, i64::MAX);
@@ -590,8 +597,7 @@ mod tests {
     #[tokio::test]
     async fn the_indexer_spreads_a_windows_transactions_over_its_time() -> anyhow::Result<()> {
         let dir = tempfile::tempdir()?;
-        let (test_db, db) = migrated(dir.path()).await?;
-        let log = AuditLog::new(db.clone(), estate_crypto::SigningKeyPair::generate()?, 100_000, 3600);
+        let (test_db, db, log) = with_log(dir.path()).await?;
         log.append(&events(0, 100)).await?;
         // 75 person rows and 100 estate rows, 10 a transaction: 18 of them.
         let over = Duration::from_millis(360);
@@ -616,8 +622,7 @@ mod tests {
     async fn only_an_indexer_more_than_a_window_behind_skips_the_spread() -> anyhow::Result<()> {
         use estate_store::outbox::AuditSink;
         let dir = tempfile::tempdir()?;
-        let (test_db, db) = migrated(dir.path()).await?;
-        let log = AuditLog::new(db.clone(), estate_crypto::SigningKeyPair::generate()?, 100_000, 3600);
+        let (test_db, db, log) = with_log(dir.path()).await?;
         assert!(log.behind_beyond("tenant-a", 0, 16), "an unknown head counts as behind");
         assert!(!log.has_unindexed("tenant-a").await?, "an empty log has nothing to index");
         let direct: Vec<_> = events(0, 100).into_iter().map(|(_, e)| log.prepare(e)).collect();
@@ -644,8 +649,7 @@ mod tests {
     async fn the_indexes_hold_the_stored_entries_whichever_way_they_were_read() -> anyhow::Result<()> {
         use estate_store::outbox::AuditSink;
         let dir = tempfile::tempdir()?;
-        let (test_db, db) = migrated(dir.path()).await?;
-        let log = AuditLog::new(db.clone(), estate_crypto::SigningKeyPair::generate()?, 100_000, 3600);
+        let (test_db, db, log) = with_log(dir.path()).await?;
         let other = AuditLog::new(db.clone(), estate_crypto::SigningKeyPair::generate()?, 100_000, 3600);
         let direct =
             |from: usize, to: usize| -> Vec<_> { events(from, to).into_iter().map(|(_, e)| log.prepare(e)).collect() };

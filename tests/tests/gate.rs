@@ -76,7 +76,7 @@ fn now_unix() -> u64 {
 }
 
 fn now_ms() -> i64 {
-    (now_unix() * 1000) as i64
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
 }
 
 async fn reason(g: &mut GateClient, req: DecideRequest) -> anyhow::Result<Reason> {
@@ -199,7 +199,11 @@ async fn every_reason_code_is_reachable_and_every_decision_is_audited() -> anyho
     op.issue_credential(later).await?;
     assert_eq!(reason(&mut at_all, card("11110003")).await?, Reason::NotYetValid);
     let mut brief = card_request(&w.person.id, &[estate], "11110004");
-    brief.valid_until = Some(prost_types::Timestamp { seconds: now_unix() as i64 + 1, nanos: 0 });
+    // Millisecond precision: a whole-second end could fall before the server's
+    // own "now" (the default valid_from) and be refused.
+    let until = now_ms() + 1000;
+    brief.valid_until =
+        Some(prost_types::Timestamp { seconds: until / 1000, nanos: (until % 1000) as i32 * 1_000_000 });
     op.issue_credential(brief).await?;
     tokio::time::sleep(Duration::from_millis(2100)).await;
     assert_eq!(reason(&mut at_all, card("11110004")).await?, Reason::Expired);

@@ -313,3 +313,77 @@ async fn entries_stored_as_hex_are_carried_over_as_bytes() -> anyhow::Result<()>
     db.close().await;
     test_db.drop().await
 }
+
+/// Migration 5005 (SQLite) rebuilds the person and estate indexes as
+/// WITHOUT ROWID tables: the rows indexed before it are all still there,
+/// the indexer goes on from its mark without indexing an entry twice, and
+/// on SQLite the tables no longer have a rowid.
+#[tokio::test]
+async fn index_rows_are_kept_when_the_index_tables_are_rebuilt() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (test_db, db) = with_outbox(dir.path(), 2).await?;
+    // The schema before 5004 and 5005: the portable migrations only.
+    db.migrate("audit", sqlx::migrate!("./migrations")).await?;
+    let persons = ["person-b", "person-a", "person-b", "", "person-a"];
+    for (i, person) in persons.iter().enumerate() {
+        let (bytes, e) = event(i);
+        sqlx::query::<sqlx::Any>(
+            "INSERT INTO audit_entries (tenant_id, idx, event_id, event_hex, leaf_hash, chain_hash, estate_id, \
+             person_pseudonym, action, occurred_at, appended_at, relayed) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 0, 0, 1)",
+        )
+        .bind("tenant-a")
+        .bind(i as i64)
+        .bind(e.event_id.clone())
+        .bind(hex::encode(&bytes))
+        .bind(hex::encode(estate_merkle::leaf_hash(&bytes)))
+        .bind(hex::encode([0u8; 32]))
+        .bind("estate-1")
+        .bind(*person)
+        .bind(e.action.clone())
+        .execute(db.pool())
+        .await?;
+    }
+    // Entries 0 to 2 were indexed before the migration.
+    for (i, person) in persons.iter().enumerate().take(3) {
+        for (sql, key) in [
+            ("INSERT INTO audit_person_entries (tenant_id, person_pseudonym, idx) VALUES ($1, $2, $3)", *person),
+            ("INSERT INTO audit_estate_entries (tenant_id, estate_id, idx) VALUES ($1, $2, $3)", "estate-1"),
+        ] {
+            sqlx::query::<sqlx::Any>(sql).bind("tenant-a").bind(key).bind(i as i64).execute(db.pool()).await?;
+        }
+    }
+    sqlx::query::<sqlx::Any>("INSERT INTO audit_person_indexed (tenant_id, next_idx) VALUES ('tenant-a', 3)")
+        .execute(db.pool())
+        .await?;
+
+    estate_audit::migrate(&db).await?;
+    let log = AuditLog::new(db.clone(), estate_crypto::SigningKeyPair::generate()?, 1000, 60);
+    assert_eq!(log.index_entries_now("tenant-a").await?, 2, "the indexer did not go on from its mark");
+    let by_person: Vec<(String, i64)> = sqlx::query_as::<sqlx::Any, (String, i64)>(
+        "SELECT person_pseudonym, idx FROM audit_person_entries WHERE tenant_id = $1 ORDER BY person_pseudonym, idx",
+    )
+    .bind("tenant-a")
+    .fetch_all(db.pool())
+    .await?;
+    let want: Vec<(String, i64)> =
+        [("person-a", 1), ("person-a", 4), ("person-b", 0), ("person-b", 2)].map(|(p, i)| (p.to_owned(), i)).into();
+    assert_eq!(by_person, want);
+    let by_estate: Vec<(i64,)> = sqlx::query_as::<sqlx::Any, (i64,)>(
+        "SELECT idx FROM audit_estate_entries WHERE tenant_id = $1 AND estate_id = 'estate-1' ORDER BY idx",
+    )
+    .bind("tenant-a")
+    .fetch_all(db.pool())
+    .await?;
+    assert_eq!(by_estate, (0..5).map(|i| (i,)).collect::<Vec<_>>());
+    if db.backend() == estate_store::Backend::Sqlite {
+        for table in ["audit_person_entries", "audit_estate_entries"] {
+            let rowid = sqlx::query::<sqlx::Any>(sqlx::AssertSqlSafe(format!("SELECT rowid FROM {table}")))
+                .fetch_all(db.pool())
+                .await;
+            assert!(rowid.is_err(), "{table} still has a rowid");
+        }
+    }
+    db.close().await;
+    test_db.drop().await
+}

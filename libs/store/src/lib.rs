@@ -61,7 +61,16 @@ pub struct DbOptions {
 }
 
 /// How often the SQLite write-ahead log is copied back into the database.
-const CHECKPOINT_EVERY: Duration = Duration::from_millis(250);
+/// A pass copies what was committed since the one before and keeps one
+/// core busy meanwhile: at 250 ms, a pass under the gate benchmark's paced
+/// load copied ~5,000 pages in 10–20 ms, and the paced decisions' slow
+/// episodes came every 250 ms (BENCHMARKS.md, session 23). Shorter passes,
+/// more often, spread the same copying.
+const CHECKPOINT_EVERY: Duration = Duration::from_millis(50);
+
+/// The shortest time between two syncs of the database file after passes
+/// that copied (the sync before a WAL restart's held pass is always made).
+const DB_SYNC_EVERY: Duration = Duration::from_millis(250);
 
 /// WAL pages (4 KiB) above which the checkpointer restarts the log, and the
 /// size (in pages) the WAL file is cut back to when it is reset: 64 MiB.
@@ -93,9 +102,10 @@ const WAL_RESTART_PAGES: i64 = 16_384;
 /// and then syncs all it copied since the last such pass: at a restart,
 /// the pass holding the turn wrote 1.5–2 s of copied pages to the disk
 /// (48–80 ms in gate-bench while every writer waited). So the checkpointer
-/// syncs the database file itself (`db_file`, on a handle of its own) after
-/// each pass that copied something, outside the turn; the held pass's sync
-/// then finds only its own few pages. An extra sync never weakens
+/// syncs the database file itself (`db_file`, on a handle of its own),
+/// outside the turn: after passes that copied something, at most every
+/// [`DB_SYNC_EVERY`], and always just before the held pass, whose own sync
+/// then finds only its few pages. An extra sync never weakens
 /// SQLite's guarantees. Syncs made are counted in `db_syncs`.
 fn spawn_checkpointer(
     pool: AnyPool,
@@ -111,6 +121,10 @@ fn spawn_checkpointer(
         // Frames copied as of the last pass (SQLite's count: it restarts
         // from zero with the log).
         let mut copied = 0;
+        // When the database file was last synced, and whether a pass copied
+        // into it since.
+        let mut synced = tokio::time::Instant::now();
+        let mut unsynced = false;
         loop {
             tick.tick().await;
             if pool.is_closed() {
@@ -125,6 +139,7 @@ fn spawn_checkpointer(
                         let _ = wal_checkpoint(&pool).await;
                     }
                     sync_file(&db_file, &mut file, &db_syncs).await;
+                    (synced, unsynced) = (tokio::time::Instant::now(), false);
                     let _turn = writer.lock().await;
                     match wal_checkpoint(&pool).await {
                         Ok((_, _, now)) => copied = now,
@@ -134,7 +149,11 @@ fn spawn_checkpointer(
                 Ok((_, _, now)) => {
                     if now != copied {
                         copied = now;
+                        unsynced = true;
+                    }
+                    if unsynced && synced.elapsed() >= DB_SYNC_EVERY {
                         sync_file(&db_file, &mut file, &db_syncs).await;
+                        (synced, unsynced) = (tokio::time::Instant::now(), false);
                     }
                 }
                 Err(e) => {

@@ -10,9 +10,7 @@ use tonic::Status;
 /// Metadata key that correlates a call with its audit events.
 pub const REQUEST_ID_HEADER: &str = "x-request-id";
 
-/// Metadata key carrying the bare token, the alternative to
-/// `authorization: Bearer <token>` (see [`estate_proto::TOKEN_HEADER`]).
-pub const TOKEN_HEADER: &str = estate_proto::TOKEN_HEADER;
+pub use estate_proto::TOKEN_HEADER;
 
 /// Paths anyone may call: health checks (probes), reflection (grpcurl) and
 /// the published consent and audit verifying keys (public by design, R9, R12).

@@ -40,6 +40,43 @@ async fn migrated(dir: &std::path::Path, connections: u32) -> anyhow::Result<(Te
     Ok((test_db, db))
 }
 
+/// [`with_outbox`] and the audit schema as it was before migration 5004
+/// (the portable migrations only: entries in hex, rowid index tables).
+async fn before_5004(dir: &std::path::Path) -> anyhow::Result<(TestDatabase, Db)> {
+    let (test_db, db) = with_outbox(dir, 2).await?;
+    db.migrate("audit", sqlx::migrate!("./migrations")).await?;
+    Ok((test_db, db))
+}
+
+/// Writes entry `idx` of tenant-a the way the log did before 5004: its
+/// event (`bytes`), leaf hash and chain hash as hex text.
+async fn insert_hex_entry(
+    db: &Db,
+    idx: usize,
+    (bytes, e): &(Vec<u8>, AuditEvent),
+    chain: [u8; 32],
+    estate: &str,
+    person: &str,
+) -> anyhow::Result<()> {
+    sqlx::query::<sqlx::Any>(
+        "INSERT INTO audit_entries (tenant_id, idx, event_id, event_hex, leaf_hash, chain_hash, estate_id, \
+         person_pseudonym, action, occurred_at, appended_at, relayed) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 0, 0, 1)",
+    )
+    .bind("tenant-a")
+    .bind(idx as i64)
+    .bind(e.event_id.clone())
+    .bind(hex::encode(bytes))
+    .bind(hex::encode(estate_merkle::leaf_hash(bytes)))
+    .bind(hex::encode(chain))
+    .bind(estate.to_owned())
+    .bind(person.to_owned())
+    .bind(e.action.clone())
+    .execute(db.pool())
+    .await?;
+    Ok(())
+}
+
 #[tokio::test]
 async fn duplicates_near_and_far_are_skipped() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
@@ -263,30 +300,15 @@ async fn only_relayed_event_ids_are_checked_for_duplicates() -> anyhow::Result<(
 #[tokio::test]
 async fn entries_stored_as_hex_are_carried_over_as_bytes() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
-    let (test_db, db) = with_outbox(dir.path(), 2).await?;
-    // The schema as it was before 5004: the portable migrations only.
-    db.migrate("audit", sqlx::migrate!("./migrations")).await?;
+    let (test_db, db) = before_5004(dir.path()).await?;
     let old: Vec<(Vec<u8>, AuditEvent)> = (0..5).map(event).collect();
     let mut chain = [0u8; 32];
     let mut leaves = Vec::new();
-    for (i, (bytes, e)) in old.iter().enumerate() {
-        let leaf = estate_merkle::leaf_hash(bytes);
+    for (i, entry) in old.iter().enumerate() {
+        let leaf = estate_merkle::leaf_hash(&entry.0);
         chain = estate_audit_bundle::chain_next(&chain, &leaf);
         leaves.push(leaf);
-        sqlx::query::<sqlx::Any>(
-            "INSERT INTO audit_entries (tenant_id, idx, event_id, event_hex, leaf_hash, chain_hash, estate_id, \
-             person_pseudonym, action, occurred_at, appended_at, relayed) \
-             VALUES ($1, $2, $3, $4, $5, $6, '', '', $7, 0, 0, 1)",
-        )
-        .bind("tenant-a")
-        .bind(i as i64)
-        .bind(e.event_id.clone())
-        .bind(hex::encode(bytes))
-        .bind(hex::encode(leaf))
-        .bind(hex::encode(chain))
-        .bind(e.action.clone())
-        .execute(db.pool())
-        .await?;
+        insert_hex_entry(&db, i, entry, chain, "", "").await?;
     }
 
     estate_audit::migrate(&db).await?;
@@ -321,28 +343,10 @@ async fn entries_stored_as_hex_are_carried_over_as_bytes() -> anyhow::Result<()>
 #[tokio::test]
 async fn index_rows_are_kept_when_the_index_tables_are_rebuilt() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
-    let (test_db, db) = with_outbox(dir.path(), 2).await?;
-    // The schema before 5004 and 5005: the portable migrations only.
-    db.migrate("audit", sqlx::migrate!("./migrations")).await?;
+    let (test_db, db) = before_5004(dir.path()).await?;
     let persons = ["person-b", "person-a", "person-b", "", "person-a"];
     for (i, person) in persons.iter().enumerate() {
-        let (bytes, e) = event(i);
-        sqlx::query::<sqlx::Any>(
-            "INSERT INTO audit_entries (tenant_id, idx, event_id, event_hex, leaf_hash, chain_hash, estate_id, \
-             person_pseudonym, action, occurred_at, appended_at, relayed) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 0, 0, 1)",
-        )
-        .bind("tenant-a")
-        .bind(i as i64)
-        .bind(e.event_id.clone())
-        .bind(hex::encode(&bytes))
-        .bind(hex::encode(estate_merkle::leaf_hash(&bytes)))
-        .bind(hex::encode([0u8; 32]))
-        .bind("estate-1")
-        .bind(*person)
-        .bind(e.action.clone())
-        .execute(db.pool())
-        .await?;
+        insert_hex_entry(&db, i, &event(i), [0u8; 32], "estate-1", person).await?;
     }
     // Entries 0 to 2 were indexed before the migration.
     for (i, person) in persons.iter().enumerate().take(3) {

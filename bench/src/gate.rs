@@ -50,6 +50,11 @@ struct Args {
     /// Cards issued (decisions cycle through them).
     #[arg(long, default_value_t = 1000)]
     cards: usize,
+    /// Gates the decisions are spread over, in turn, each with its own
+    /// token (an estate has many; each gate's last-seen time is recorded at
+    /// most once a second, so more gates mean more of those writes).
+    #[arg(long, default_value_t = 1)]
+    deciding_gates: usize,
     /// Gates watching the change stream in the revocation phase.
     #[arg(long, default_value_t = 1000)]
     gates: usize,
@@ -374,7 +379,8 @@ struct Recipe {
     /// One gate-service endpoint per connection.
     gates: Vec<String>,
     credentials: String,
-    gate_token: String,
+    /// One token per deciding gate.
+    gate_tokens: Vec<String>,
     op_token: String,
     holder: (String, String),
     cards: Vec<String>,
@@ -383,7 +389,8 @@ struct Recipe {
 struct Load {
     recipe: Arc<Recipe>,
     health: Vec<HealthClient<Channel>>,
-    gates: Vec<Gates>,
+    /// Per connection, a client per deciding gate.
+    gates: Vec<Vec<Gates>>,
     operators: Vec<Credentials>,
     next: Arc<AtomicU64>,
     /// Failed calls by kind (status code, or the refusal's reason), with
@@ -405,8 +412,14 @@ impl Load {
             gates: channels
                 .iter()
                 .map(|c| {
-                    let token = AsciiMetadataValue::try_from(recipe.gate_token.as_str())?;
-                    Ok(GateServiceClient::with_interceptor(c.clone(), GateToken(token)))
+                    recipe
+                        .gate_tokens
+                        .iter()
+                        .map(|t| {
+                            let token = AsciiMetadataValue::try_from(t.as_str())?;
+                            Ok(GateServiceClient::with_interceptor(c.clone(), GateToken(token)))
+                        })
+                        .collect::<anyhow::Result<Vec<_>>>()
                 })
                 .collect::<anyhow::Result<Vec<_>>>()?,
             operators: operator_channels
@@ -465,8 +478,10 @@ impl Load {
                 }
             }
             Call::Decide => {
-                let mut g = self.gates[lane % self.gates.len()].clone();
-                let i = self.next.fetch_add(1, Ordering::Relaxed) as usize % self.recipe.cards.len();
+                let n = self.next.fetch_add(1, Ordering::Relaxed) as usize;
+                let clients = &self.gates[lane % self.gates.len()];
+                let mut g = clients[n % clients.len()].clone();
+                let i = n % self.recipe.cards.len();
                 let req = DecideRequest {
                     presented: Some(decide_request::Presented::Card(PresentedCard {
                         uid: self.recipe.cards[i].clone(),
@@ -718,11 +733,25 @@ async fn main() -> anyhow::Result<()> {
         "bench-gate",
     )
     .await?;
+    let mut gate_tokens = vec![gate_token.clone()];
+    for g in 1..args.deciding_gates.max(1) {
+        let more = op
+            .create_gate(CreateGateRequest {
+                estate_id: estate.id.clone(),
+                name: format!("Gate {g}"),
+                direction: GateDirection::Both as i32,
+                supported_kinds: vec![CredentialKind::Card as i32, CredentialKind::Qr as i32],
+            })
+            .await?
+            .into_inner();
+        let principal = issue_token_request::Principal::Gate(GateGrant { gate_id: more.id.clone() });
+        gate_tokens.push(issue_token(&mut op, principal, &format!("bench-gate-{g}")).await?);
+    }
     let recipe = Recipe {
         // The connections alternate over the gate replicas (one when in-process).
         gates: (0..args.connections.max(1)).map(|i| mesh.gates[i % mesh.gates.len()].clone()).collect(),
         credentials: mesh.credentials.clone(),
-        gate_token: gate_token.clone(),
+        gate_tokens,
         op_token: op_token.clone(),
         holder: (holder.clone(), estate.id.clone()),
         cards,

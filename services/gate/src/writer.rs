@@ -7,12 +7,14 @@
 //! batch is durable. A failed batch fails each of its decisions with
 //! UNAVAILABLE: no answer without an audit. Anti-passback passages kept in
 //! memory are recorded in the same transaction. Gates' last-seen times follow,
-//! at most once a second per gate, after the answers.
+//! at most once a second per gate, after the answers, written by a task of
+//! their own.
 //!
 //! Where the audit log shares the database (the all-in-one process), the
 //! batch is appended to the hash-chained log itself
-//! ([`AuditSink::append_committed`]); otherwise (a gate replica with its own database) it goes
-//! to the outbox, for the relay to ship to the audit service.
+//! ([`AuditSink::append_committed`]); otherwise (a gate replica with its own
+//! database) it goes to the outbox, for the relay to ship to the audit
+//! service.
 
 use crate::presence::{self, Passage};
 use estate_core::{Error, Result};
@@ -80,6 +82,8 @@ impl DecisionWriter {
 async fn run(db: Db, log: Option<Arc<dyn AuditSink>>, mut rx: mpsc::Receiver<Job>, batch: usize) {
     let mut jobs: Vec<Job> = Vec::with_capacity(batch);
     let mut written = Written::new();
+    let (seen, seen_rx) = mpsc::channel::<LastSeen>(64);
+    tokio::spawn(touch_loop(db.clone(), seen_rx));
     while rx.recv_many(&mut jobs, batch).await > 0 {
         // Let the decisions already under way join this batch: a few yields
         // cost microseconds and save a transaction per handful of decisions.
@@ -112,8 +116,14 @@ async fn run(db: Db, log: Option<Arc<dyn AuditSink>>, mut rx: mpsc::Receiver<Job
             };
             let _ = reply.send(r);
         }
-        if result.is_ok() {
-            touch_due(&db, due, &mut written).await;
+        if result.is_ok() && !due.is_empty() {
+            // Recorded by a task of its own: waiting here for a second
+            // write turn (behind the audit relay, the indexer or a
+            // checkpoint) held up the next batch of decisions, after nearly
+            // every batch when many gates decide. Remembered as written now;
+            // if this update is lost, the gate is due again a second later.
+            remember(&mut written, &due);
+            let _ = seen.try_send(due);
         }
     }
 }
@@ -161,21 +171,26 @@ async fn commit_to_log(db: &Db, log: &dyn AuditSink, jobs: &mut [Job]) -> Result
     Ok(())
 }
 
-/// Records the last-seen times of a batch's gates that are due (once a
-/// second per gate), after the decisions were answered, in a transaction of its
-/// own; a failure is only logged.
-async fn touch_due(db: &Db, seen: LastSeen, written: &mut Written) {
-    if seen.is_empty() {
-        return;
-    }
-    let touched = async {
-        let mut tx = db.begin().await?;
-        touch_all(&mut tx, &seen).await?;
-        tx.commit().await.map_err(db_error)
-    };
-    match touched.await {
-        Ok(()) => remember(written, seen),
-        Err(e) => tracing::warn!(error = %e, "gates' last-seen times not recorded"),
+/// Records the last-seen times of gates that are due (once a second per
+/// gate), as the writer sends them after answering their decisions, each
+/// lot (with any queued behind it) in a transaction of its own; a failure
+/// is only logged.
+async fn touch_loop(db: Db, mut rx: mpsc::Receiver<LastSeen>) {
+    while let Some(mut seen) = rx.recv().await {
+        while let Ok(more) = rx.try_recv() {
+            for (gate, (tenant, estate, at)) in more {
+                let entry = seen.entry(gate).or_insert((tenant, estate, at));
+                entry.2 = entry.2.max(at);
+            }
+        }
+        let touched = async {
+            let mut tx = db.begin().await?;
+            touch_all(&mut tx, &seen).await?;
+            tx.commit().await.map_err(db_error)
+        };
+        if let Err(e) = touched.await {
+            tracing::warn!(error = %e, "gates' last-seen times not recorded");
+        }
     }
 }
 
@@ -211,10 +226,10 @@ fn due<'a>(decisions: impl Iterator<Item = (&'a Pending, &'a AuditEvent)>, writt
 
 /// Records what a committed batch wrote. The map is pruned of gates silent
 /// for a minute, so it holds the gates deciding now.
-fn remember(written: &mut Written, seen: LastSeen) {
+fn remember(written: &mut Written, seen: &LastSeen) {
     let newest = seen.values().map(|(_, _, at)| *at).max();
     for (gate, (_, _, at)) in seen {
-        written.insert(gate, at);
+        written.insert(gate.clone(), *at);
     }
     if let Some(now) = newest
         && written.len() > 1024
@@ -223,10 +238,30 @@ fn remember(written: &mut Written, seen: LastSeen) {
     }
 }
 
-/// Updates each gate's last-seen time.
+/// Gates per statement of [`touch_all`] (four parameters each).
+const TOUCH_ROWS: usize = 256;
+
+/// Updates each gate's last-seen time, many gates per statement: with a
+/// statement per gate, an estate of 1,000 gates deciding at once cost
+/// 1,000 statements a second, each a hand-off to the database's thread
+/// inside the write turn every decision batch waits for (gate-bench
+/// `--deciding-gates 1000`: BENCHMARKS.md, session 24).
 async fn touch_all(conn: &mut sqlx::AnyConnection, seen: &LastSeen) -> Result<()> {
-    for (gate, (tenant, estate, at)) in seen {
-        touch(&mut *conn, tenant, gate, estate, *at).await?;
+    let rows: Vec<(&String, &(String, String, i64))> = seen.iter().collect();
+    for chunk in rows.chunks(TOUCH_ROWS) {
+        let values: Vec<String> =
+            (0..chunk.len()).map(|r| format!("({}, 0, 0)", estate_store::params(conn, r * 4 + 1, 4))).collect();
+        let sql = format!(
+            "INSERT INTO gate_status (tenant_id, gate_id, estate_id, last_seen_at, bundle_version_issued, \
+             bundle_version_acked) VALUES {} \
+             ON CONFLICT (tenant_id, gate_id) DO UPDATE SET last_seen_at = excluded.last_seen_at",
+            values.join(", ")
+        );
+        let mut q = sqlx::query::<Any>(sqlx::AssertSqlSafe(sql));
+        for (gate, (tenant, estate, at)) in chunk {
+            q = q.bind(tenant.as_str()).bind(gate.as_str()).bind(estate.as_str()).bind(*at);
+        }
+        q.execute(&mut *conn).await.map_err(db_error)?;
     }
     Ok(())
 }
@@ -246,4 +281,62 @@ pub async fn touch(conn: &mut sqlx::AnyConnection, tenant: &str, gate: &str, est
     .await
     .map_err(db_error)?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// On SQLite, or on PostgreSQL when the tests are pointed at it: the
+    /// last-seen times of more gates than one statement takes are recorded,
+    /// brought up to date later, and the bundle versions of a gate already
+    /// known are left alone.
+    #[tokio::test]
+    async fn last_seen_times_of_many_gates_are_recorded_and_updated() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let test_db = estate_test_support::TestDatabase::create(dir.path()).await?;
+        let db = Db::connect(&estate_store::DbOptions {
+            url: test_db.url().to_owned(),
+            max_connections: 2,
+            acquire_timeout: std::time::Duration::from_secs(5),
+            statement_timeout_ms: 0,
+        })
+        .await?;
+        crate::migrate(&db).await?;
+        let gates = TOUCH_ROWS * 2 + 3;
+        let seen = |at: i64| -> LastSeen {
+            (0..gates).map(|g| (format!("g{g:04}"), ("t".to_owned(), "e".to_owned(), at + g as i64))).collect()
+        };
+        let stored = |db: Db| async move {
+            let rows: Vec<(String, i64, i64)> = sqlx::query_as::<Any, (String, i64, i64)>(
+                "SELECT gate_id, last_seen_at, bundle_version_acked FROM gate_status ORDER BY gate_id",
+            )
+            .fetch_all(db.pool())
+            .await?;
+            anyhow::Ok(rows)
+        };
+        let (tx, rx) = mpsc::channel(4);
+        let toucher = tokio::spawn(touch_loop(db.clone(), rx));
+        tx.send(seen(1_000)).await?;
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while stored(db.clone()).await?.len() < gates && std::time::Instant::now() < deadline {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        let rows = stored(db.clone()).await?;
+        assert_eq!(rows.len(), gates);
+        assert!(rows.iter().enumerate().all(|(g, r)| r.1 == 1_000 + g as i64), "{:?}", &rows[..3]);
+
+        sqlx::query::<Any>("UPDATE gate_status SET bundle_version_acked = 7 WHERE gate_id = 'g0001'")
+            .execute(db.pool())
+            .await?;
+        tx.send(seen(5_000)).await?;
+        drop(tx);
+        toucher.await?;
+        let rows = stored(db.clone()).await?;
+        assert_eq!(rows.len(), gates);
+        assert!(rows.iter().enumerate().all(|(g, r)| r.1 == 5_000 + g as i64), "{:?}", &rows[..3]);
+        assert_eq!(rows[1], ("g0001".to_owned(), 5_001, 7));
+        db.close().await;
+        test_db.drop().await
+    }
 }

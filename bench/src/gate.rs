@@ -244,7 +244,7 @@ impl Mesh {
 }
 
 async fn issue_token(
-    id: &mut IdentityServiceClient<InterceptedService<Channel, Bearer>>,
+    id: &mut Identity,
     principal: issue_token_request::Principal,
     subject: &str,
 ) -> anyhow::Result<String> {
@@ -263,6 +263,23 @@ impl tonic::service::Interceptor for Bearer {
         req.metadata_mut().insert("authorization", self.0.clone());
         Ok(req)
     }
+}
+
+/// The operator's client of the identity service.
+type Identity = IdentityServiceClient<InterceptedService<Channel, Bearer>>;
+
+/// A gate of `estate` taking cards and QR codes both ways; its id.
+async fn create_gate(op: &mut Identity, estate: &str, name: String) -> anyhow::Result<String> {
+    let gate = op
+        .create_gate(CreateGateRequest {
+            estate_id: estate.to_owned(),
+            name,
+            direction: GateDirection::Both as i32,
+            supported_kinds: vec![CredentialKind::Card as i32, CredentialKind::Qr as i32],
+        })
+        .await?
+        .into_inner();
+    Ok(gate.id)
 }
 
 fn bearer(token: &str) -> anyhow::Result<Bearer> {
@@ -664,15 +681,7 @@ async fn main() -> anyhow::Result<()> {
         })
         .await?
         .into_inner();
-    let gate = op
-        .create_gate(CreateGateRequest {
-            estate_id: estate.id.clone(),
-            name: "Main gate".into(),
-            direction: GateDirection::Both as i32,
-            supported_kinds: vec![CredentialKind::Card as i32, CredentialKind::Qr as i32],
-        })
-        .await?
-        .into_inner();
+    let gate_id = create_gate(&mut op, &estate.id, "Main gate".into()).await?;
     let mut holder = String::new();
     let mut cards = Vec::with_capacity(args.cards);
     let mut card_ids = Vec::with_capacity(args.cards);
@@ -727,24 +736,12 @@ async fn main() -> anyhow::Result<()> {
             card_ids.push(issued.credential.map(|c| c.id).unwrap_or_default());
         }
     }
-    let gate_token = issue_token(
-        &mut op,
-        issue_token_request::Principal::Gate(GateGrant { gate_id: gate.id.clone() }),
-        "bench-gate",
-    )
-    .await?;
-    let mut gate_tokens = vec![gate_token.clone()];
+    let gate_token =
+        issue_token(&mut op, issue_token_request::Principal::Gate(GateGrant { gate_id }), "bench-gate").await?;
+    let mut gate_tokens = vec![gate_token];
     for g in 1..args.deciding_gates.max(1) {
-        let more = op
-            .create_gate(CreateGateRequest {
-                estate_id: estate.id.clone(),
-                name: format!("Gate {g}"),
-                direction: GateDirection::Both as i32,
-                supported_kinds: vec![CredentialKind::Card as i32, CredentialKind::Qr as i32],
-            })
-            .await?
-            .into_inner();
-        let principal = issue_token_request::Principal::Gate(GateGrant { gate_id: more.id.clone() });
+        let gate_id = create_gate(&mut op, &estate.id, format!("Gate {g}")).await?;
+        let principal = issue_token_request::Principal::Gate(GateGrant { gate_id });
         gate_tokens.push(issue_token(&mut op, principal, &format!("bench-gate-{g}")).await?);
     }
     let recipe = Recipe {
@@ -872,16 +869,7 @@ async fn main() -> anyhow::Result<()> {
     if args.gates > 0 && args.revocations > 0 {
         let mut created = Vec::new();
         for i in 0..args.gates {
-            let g = op
-                .create_gate(CreateGateRequest {
-                    estate_id: estate.id.clone(),
-                    name: format!("Watch gate {i}"),
-                    direction: GateDirection::Both as i32,
-                    supported_kinds: vec![CredentialKind::Card as i32, CredentialKind::Qr as i32],
-                })
-                .await?
-                .into_inner();
-            created.push(g.id);
+            created.push(create_gate(&mut op, &estate.id, format!("Watch gate {i}")).await?);
         }
         let (seen_tx, mut seen_rx) = tokio::sync::mpsc::unbounded_channel::<(String, Instant)>();
         let (ready_tx, mut ready_rx) = tokio::sync::mpsc::unbounded_channel::<()>();
@@ -1010,7 +998,7 @@ fn rss_mib() -> f64 {
 /// server).
 async fn idle_streams<F, Fut>(
     args: &Args,
-    op: &mut IdentityServiceClient<InterceptedService<Channel, Bearer>>,
+    op: &mut Identity,
     tokens: &estate_auth::TokenAuthority,
     tenant: &str,
     estate: &str,
@@ -1023,16 +1011,7 @@ where
     let n = args.idle_streams;
     let mut gate_ids = Vec::with_capacity(n);
     for i in 0..n {
-        let g = op
-            .create_gate(CreateGateRequest {
-                estate_id: estate.to_owned(),
-                name: format!("Idle gate {i}"),
-                direction: GateDirection::Both as i32,
-                supported_kinds: vec![CredentialKind::Card as i32, CredentialKind::Qr as i32],
-            })
-            .await?
-            .into_inner();
-        gate_ids.push(g.id);
+        gate_ids.push(create_gate(op, estate, format!("Idle gate {i}")).await?);
     }
     let mut channels = Vec::new();
     for _ in 0..n.div_ceil(100) {

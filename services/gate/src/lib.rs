@@ -74,6 +74,22 @@ pub async fn service(
     Ok((desk, vec![writer_task, follower]))
 }
 
+/// A migrated gate database for a unit test (SQLite in `dir`, or PostgreSQL
+/// when the tests are pointed at it) and its handle, to drop at the end.
+#[cfg(test)]
+pub(crate) async fn test_db(dir: &std::path::Path) -> anyhow::Result<(estate_test_support::TestDatabase, Db)> {
+    let test_db = estate_test_support::TestDatabase::create(dir).await?;
+    let db = Db::connect(&estate_store::DbOptions {
+        url: test_db.url().to_owned(),
+        max_connections: 2,
+        acquire_timeout: Duration::from_secs(5),
+        statement_timeout_ms: 0,
+    })
+    .await?;
+    migrate(&db).await?;
+    Ok((test_db, db))
+}
+
 /// The tonic server wrapper with the configured message size limit.
 pub fn server(runtime: &Runtime, desk: GateDesk) -> GateServiceServer<GateDesk> {
     let max = runtime.settings.limits.max_message_bytes;

@@ -191,15 +191,7 @@ mod tests {
     #[tokio::test]
     async fn recorded_passages_are_restored_and_old_ones_pruned() -> anyhow::Result<()> {
         let dir = tempfile::tempdir()?;
-        let test_db = estate_test_support::TestDatabase::create(dir.path()).await?;
-        let db = Db::connect(&estate_store::DbOptions {
-            url: test_db.url().to_owned(),
-            max_connections: 2,
-            acquire_timeout: std::time::Duration::from_secs(5),
-            statement_timeout_ms: 0,
-        })
-        .await?;
-        crate::migrate(&db).await?;
+        let (test_db, db) = crate::test_db(dir.path()).await?;
         let now = estate_core::now_ms();
         let passage = |person: &str, direction: &'static str, at: i64| Passage {
             tenant: "t".into(),

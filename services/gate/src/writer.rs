@@ -294,15 +294,7 @@ mod tests {
     #[tokio::test]
     async fn last_seen_times_of_many_gates_are_recorded_and_updated() -> anyhow::Result<()> {
         let dir = tempfile::tempdir()?;
-        let test_db = estate_test_support::TestDatabase::create(dir.path()).await?;
-        let db = Db::connect(&estate_store::DbOptions {
-            url: test_db.url().to_owned(),
-            max_connections: 2,
-            acquire_timeout: std::time::Duration::from_secs(5),
-            statement_timeout_ms: 0,
-        })
-        .await?;
-        crate::migrate(&db).await?;
+        let (test_db, db) = crate::test_db(dir.path()).await?;
         let gates = TOUCH_ROWS * 2 + 3;
         let seen = |at: i64| -> LastSeen {
             (0..gates).map(|g| (format!("g{g:04}"), ("t".to_owned(), "e".to_owned(), at + g as i64))).collect()

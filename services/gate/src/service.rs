@@ -353,11 +353,15 @@ impl GateDesk {
     async fn view(&self, tenant: &str, gate_id: &str) -> Result<Arc<GateView>> {
         let k = (tenant.to_owned(), gate_id.to_owned());
         self.views
-            .get(&k, || async {
-                let info = ident::gate(&self.db, tenant, gate_id).await?.ok_or(Error::NotFound("gate"))?;
-                let rules = self.rules(tenant, gate_id).await?;
-                let accepted = creds::accepted_kinds(&self.db, tenant, &info.estate_id).await?;
-                Ok(GateView { tenant: tenant.to_owned(), info, rules, accepted })
+            .get(&k, || {
+                // The load may run in a task of its own (a refresh).
+                let (db, (tenant, gate_id)) = (self.db.clone(), k.clone());
+                async move {
+                    let info = ident::gate(&db, &tenant, &gate_id).await?.ok_or(Error::NotFound("gate"))?;
+                    let rules = Self::rules(&db, &tenant, &gate_id).await?;
+                    let accepted = creds::accepted_kinds(&db, &tenant, &info.estate_id).await?;
+                    Ok(GateView { tenant, info, rules, accepted })
+                }
             })
             .await
     }
@@ -366,14 +370,14 @@ impl GateDesk {
         self.views.forget(&(tenant.to_owned(), gate_id.to_owned()));
     }
 
-    async fn rules(&self, tenant: &str, gate_id: &str) -> Result<Rules> {
+    async fn rules(db: &Db, tenant: &str, gate_id: &str) -> Result<Rules> {
         let row: Option<(i64, String, i64, i64, i64)> = sqlx::query_as::<Any, (i64, String, i64, i64, i64)>(
             "SELECT anti_passback, windows, bundle_ttl_secs, utc_offset_minutes, updated_at FROM gate_rules \
              WHERE tenant_id = $1 AND gate_id = $2",
         )
         .bind(tenant)
         .bind(gate_id)
-        .fetch_optional(self.db.pool())
+        .fetch_optional(db.pool())
         .await
         .map_err(db_error)?;
         Ok(match row {
@@ -1155,7 +1159,7 @@ impl GateDesk {
 
     async fn get_gate_rules(&self, caller: &Caller, r: GetGateRulesRequest) -> Result<GateRules> {
         let (tenant, info) = self.operator_gate(caller, &r.gate_id).await?;
-        let rules = self.rules(&tenant, &info.id).await?;
+        let rules = Self::rules(&self.db, &tenant, &info.id).await?;
         Ok(Self::rules_proto(&info, &rules))
     }
 

@@ -7,10 +7,15 @@
 //! `facts_ttl_secs`) sent about a hundred decisions to the database at once,
 //! three queries each, and those arriving while the pool was busy with them
 //! joined the crowd (BENCHMARKS.md, gate, session 20). Now:
-//! - a view younger than three quarters of the time to live is used as is;
-//! - an older one that is still within it is used too, while one decision
-//!   (the one that finds it so and nobody refreshing it) reloads it; if that
-//!   fails, the old view is still used until it expires;
+//! - a view younger than its refresh age (drawn for each load between half
+//!   and nine tenths of the time to live) is used as is;
+//! - an older one that is still within it is used too, and the decision
+//!   that finds it so (with nobody refreshing it) starts a reload in a task
+//!   of its own, without waiting for it; if that fails, the old view is
+//!   still used until it expires (until session 25 that decision waited for
+//!   the reload's three queries: with 1,000 deciding gates, a wave of slow
+//!   decisions at three quarters of every time to live, when all were
+//!   refreshed at that age);
 //! - a missing or expired view is loaded by one decision while the others
 //!   asking for it wait for that load, and then use it;
 //! - [`ViewCache::forget`] (a change to the gate or its rules) drops the
@@ -34,8 +39,9 @@ pub(crate) struct ViewCache<K, V> {
 
 #[derive(Debug)]
 struct Slot<V> {
-    /// The view and when its load began.
-    view: Option<(Arc<V>, Instant)>,
+    /// The view, when its load began, and the age from which it is
+    /// refreshed.
+    view: Option<(Arc<V>, Instant, Duration)>,
     /// Held by the decision loading or refreshing the view.
     loading: Arc<Mutex<()>>,
     /// Bumped by [`ViewCache::forget`]: a load that began under an older
@@ -44,18 +50,20 @@ struct Slot<V> {
 }
 
 impl<V> Slot<V> {
-    /// The view and its age, unless there is none or it is `ttl` old.
-    fn unexpired(&self, ttl: Duration) -> Option<(&Arc<V>, Duration)> {
-        let (view, at) = self.view.as_ref()?;
+    /// The view and whether it is due a refresh, unless there is none or it
+    /// is `ttl` old.
+    fn unexpired(&self, ttl: Duration) -> Option<(&Arc<V>, bool)> {
+        let (view, at, refresh_from) = self.view.as_ref()?;
         let age = at.elapsed();
-        (age < ttl).then_some((view, age))
+        (age < ttl).then_some((view, age >= *refresh_from))
     }
 }
 
 /// What a caller does with what it found.
 enum Plan<V> {
     Use(Arc<V>),
-    /// Reload while holding the slot's turn; keep `stale` if that fails.
+    /// Use `stale`, and reload in the background while holding the slot's
+    /// turn.
     Refresh {
         turn: tokio::sync::OwnedMutexGuard<()>,
         stale: Arc<V>,
@@ -65,16 +73,21 @@ enum Plan<V> {
     Wait(Arc<Mutex<()>>),
 }
 
-impl<K: Eq + Hash + Clone, V> ViewCache<K, V> {
+impl<K, V> ViewCache<K, V>
+where
+    K: Eq + Hash + Clone + Send + Sync + 'static,
+    V: Send + Sync + 'static,
+{
     pub(crate) fn new(ttl: Duration) -> Self {
         Self { ttl, slots: RwLock::default() }
     }
 
-    /// The view of `key`, from `load` when it must be (re)read.
-    pub(crate) async fn get<F, Fut>(&self, key: &K, load: F) -> Result<Arc<V>>
+    /// The view of `key`, from `load` when it must be (re)read. `load` is
+    /// called only then, so what it captures is cloned only then.
+    pub(crate) async fn get<F, Fut>(self: &Arc<Self>, key: &K, load: F) -> Result<Arc<V>>
     where
         F: FnOnce() -> Fut,
-        Fut: Future<Output = Result<V>>,
+        Fut: Future<Output = Result<V>> + Send + 'static,
     {
         let plan = match self.plan(key) {
             Some(plan) => plan,
@@ -83,15 +96,20 @@ impl<K: Eq + Hash + Clone, V> ViewCache<K, V> {
         match plan {
             Plan::Use(view) => Ok(view),
             Plan::Refresh { turn, stale, generation } => {
-                let began = Instant::now();
-                match load().await {
-                    Ok(view) => Ok(self.store(key, view, began, generation)),
-                    Err(e) => {
-                        tracing::warn!(error = %e, "gate view not refreshed; using the one read earlier until it expires");
-                        drop(turn);
-                        Ok(stale)
+                let (cache, key, loading) = (self.clone(), key.clone(), load());
+                tokio::spawn(async move {
+                    let began = Instant::now();
+                    match loading.await {
+                        Ok(view) => {
+                            cache.store(&key, view, began, generation);
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "gate view not refreshed; using the one read earlier until it expires");
+                        }
                     }
-                }
+                    drop(turn);
+                });
+                Ok(stale)
             }
             Plan::Wait(lock) => {
                 let _turn = lock.lock_owned().await;
@@ -134,8 +152,8 @@ impl<K: Eq + Hash + Clone, V> ViewCache<K, V> {
         let slots = self.read();
         let slot = slots.get(key)?;
         Some(match slot.unexpired(self.ttl) {
-            Some((view, age)) => {
-                if age < self.ttl / 4 * 3 {
+            Some((view, due)) => {
+                if !due {
                     Plan::Use(view.clone())
                 } else {
                     match slot.loading.clone().try_lock_owned() {
@@ -166,7 +184,7 @@ impl<K: Eq + Hash + Clone, V> ViewCache<K, V> {
         let mut slots = self.write();
         let slot = slots.entry(key.clone()).or_insert_with(|| Slot { view: None, loading: Arc::default(), generation });
         if slot.generation == generation {
-            slot.view = Some((view.clone(), began));
+            slot.view = Some((view.clone(), began, refresh_age(self.ttl)));
         }
         view
     }
@@ -189,6 +207,16 @@ impl<K: Eq + Hash + Clone, V> ViewCache<K, V> {
     }
 }
 
+/// The age from which a view of `ttl` is refreshed: drawn between half and
+/// nine tenths of it, so that views loaded together (a replica's first
+/// decisions from 1,000 gates) are not all refreshed together ever after.
+fn refresh_age(ttl: Duration) -> Duration {
+    use std::hash::{BuildHasher, RandomState};
+    // Each RandomState is keyed afresh: a cheap draw, not a secret.
+    let draw = RandomState::new().hash_one(Instant::now()) % 1_000;
+    ttl.mul_f64(0.5 + 0.4 * draw as f64 / 1_000.0)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -208,7 +236,7 @@ mod tests {
         let tasks: Vec<_> = (0..n)
             .map(|_| {
                 let (cache, loads) = (cache.clone(), loads.clone());
-                tokio::spawn(async move { cache.get(&"g", || counted(&loads, ms)).await })
+                tokio::spawn(async move { cache.get(&"g", || counted(loads, ms)).await })
             })
             .collect();
         let mut seen = Vec::new();
@@ -219,7 +247,7 @@ mod tests {
     }
 
     /// A load that counts itself and takes `ms`, answering the count.
-    async fn counted(loads: &AtomicUsize, ms: u64) -> Result<usize> {
+    async fn counted(loads: Arc<AtomicUsize>, ms: u64) -> Result<usize> {
         let n = loads.fetch_add(1, Ordering::SeqCst) + 1;
         tokio::time::sleep(Duration::from_millis(ms)).await;
         Ok(n)
@@ -238,7 +266,7 @@ mod tests {
     async fn an_expired_view_is_loaded_once_by_the_callers_that_find_it_so() -> Result<()> {
         let cache = Arc::new(Cache::new(Duration::from_millis(300)));
         let loads = Arc::new(AtomicUsize::new(0));
-        assert_eq!(*cache.get(&"g", || counted(&loads, 0)).await?, 1);
+        assert_eq!(*cache.get(&"g", || counted(loads.clone(), 0)).await?, 1);
         tokio::time::sleep(Duration::from_millis(350)).await;
         assert!(crowd(&cache, &loads, 20, 10).await?.iter().all(|&v| v == 2));
         assert_eq!(loads.load(Ordering::SeqCst), 2);
@@ -246,32 +274,29 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_view_near_expiry_is_refreshed_by_one_caller_while_the_others_use_it() -> Result<()> {
-        let cache = Arc::new(Cache::new(Duration::from_secs(1)));
+    async fn a_view_near_expiry_is_refreshed_in_the_background_while_callers_use_it() -> Result<()> {
+        let cache = Arc::new(Cache::new(Duration::from_secs(2)));
         let loads = Arc::new(AtomicUsize::new(0));
-        assert_eq!(*cache.get(&"g", || counted(&loads, 0)).await?, 1);
-        // Past three quarters of its life, not expired.
-        tokio::time::sleep(Duration::from_millis(800)).await;
-        let refresher = {
-            let (cache, loads) = (cache.clone(), loads.clone());
-            tokio::spawn(async move { cache.get(&"g", || counted(&loads, 50)).await })
-        };
-        tokio::time::sleep(Duration::from_millis(10)).await;
-        // While it refreshes, others get the old view at once.
-        let seen = cache.get(&"g", || counted(&loads, 0)).await?;
-        assert_eq!(*seen, 1);
-        assert_eq!(*joined(refresher.await)?, 2);
-        assert_eq!(*cache.get(&"g", || counted(&loads, 0)).await?, 2);
+        assert_eq!(*cache.get(&"g", || counted(loads.clone(), 0)).await?, 1);
+        // Past its refresh age (at most nine tenths of its life), not expired.
+        tokio::time::sleep(Duration::from_millis(1850)).await;
+        // The caller that finds it so starts a reload (taking 50 ms) and is
+        // answered with the view it has, without waiting for the reload.
+        assert_eq!(*cache.get(&"g", || counted(loads.clone(), 50)).await?, 1);
+        // While it reloads, others get the old view too and load nothing.
+        assert_eq!(*cache.get(&"g", || counted(loads.clone(), 0)).await?, 1);
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        assert_eq!(*cache.get(&"g", || counted(loads.clone(), 0)).await?, 2, "the reloaded view");
         assert_eq!(loads.load(Ordering::SeqCst), 2);
         Ok(())
     }
 
     #[tokio::test]
     async fn a_failed_refresh_keeps_the_old_view_until_it_expires() -> Result<()> {
-        let cache = Cache::new(Duration::from_secs(1));
-        let loads = AtomicUsize::new(0);
-        assert_eq!(*cache.get(&"g", || counted(&loads, 0)).await?, 1);
-        tokio::time::sleep(Duration::from_millis(800)).await;
+        let cache = Arc::new(Cache::new(Duration::from_secs(2)));
+        let loads = Arc::new(AtomicUsize::new(0));
+        assert_eq!(*cache.get(&"g", || counted(loads.clone(), 0)).await?, 1);
+        tokio::time::sleep(Duration::from_millis(1850)).await;
         let kept = cache.get(&"g", || async { Err(Error::Unavailable("database down".into())) }).await;
         assert_eq!(*kept?, 1);
         tokio::time::sleep(Duration::from_millis(300)).await;
@@ -286,21 +311,30 @@ mod tests {
         let loads = Arc::new(AtomicUsize::new(0));
         let early = {
             let (cache, loads) = (cache.clone(), loads.clone());
-            tokio::spawn(async move { cache.get(&"g", || counted(&loads, 50)).await })
+            tokio::spawn(async move { cache.get(&"g", || counted(loads.clone(), 50)).await })
         };
         tokio::time::sleep(Duration::from_millis(10)).await;
         cache.forget(&"g");
         assert_eq!(*joined(early.await)?, 1);
-        assert_eq!(*cache.get(&"g", || counted(&loads, 0)).await?, 2, "read again");
+        assert_eq!(*cache.get(&"g", || counted(loads.clone(), 0)).await?, 2, "read again");
         Ok(())
     }
 
     #[tokio::test]
     async fn a_failed_first_load_leaves_nothing_behind() -> Result<()> {
-        let cache = Cache::new(Duration::from_secs(60));
+        let cache = Arc::new(Cache::new(Duration::from_secs(60)));
         let r = cache.get(&"nope", || async { Err(Error::NotFound("gate")) }).await;
         assert!(r.is_err());
         assert!(cache.read().is_empty());
         Ok(())
+    }
+
+    #[test]
+    fn refresh_ages_are_spread_between_half_and_nine_tenths_of_the_time_to_live() {
+        let ttl = Duration::from_secs(10);
+        let ages: Vec<Duration> = (0..1_000).map(|_| refresh_age(ttl)).collect();
+        assert!(ages.iter().all(|a| *a >= ttl / 2 && *a < ttl.mul_f64(0.9)), "out of bounds");
+        let early = ages.iter().filter(|a| **a < ttl.mul_f64(0.7)).count();
+        assert!((300..700).contains(&early), "{early} of 1,000 in the first half of the range");
     }
 }

@@ -77,6 +77,10 @@ struct Args {
     /// Only run closed-loop decisions for this many seconds (for profiling).
     #[arg(long)]
     profile_decide: Option<u64>,
+    /// Only run the closed-loop no-op for this many seconds (for profiling
+    /// it the same way, to set the two profiles side by side).
+    #[arg(long)]
+    profile_noop: Option<u64>,
     /// Only run decisions paced at this rate (calls/s) for `--seconds`, then
     /// the no-op at the same rate (for profiling the open loop's tail).
     #[arg(long)]
@@ -776,6 +780,12 @@ async fn main() -> anyhow::Result<()> {
     if let Some(secs) = args.profile_decide {
         eprintln!("profiling window starts");
         line("card decision (GateService/Decide)", &load.closed(Call::Decide, args.concurrency, secs).await);
+        mesh.stop().await;
+        return Ok(());
+    }
+    if let Some(secs) = args.profile_noop {
+        eprintln!("profiling window starts");
+        line("no-op unary (Health/Check)", &load.closed(Call::Noop, args.concurrency, secs).await);
         mesh.stop().await;
         return Ok(());
     }

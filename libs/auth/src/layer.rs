@@ -60,7 +60,7 @@ fn request_id_of<B>(req: &http::Request<B>) -> String {
         .and_then(|v| v.to_str().ok())
         .filter(|v| !v.is_empty() && v.len() <= 128 && v.chars().all(|c| c.is_ascii_graphic()))
         .map(str::to_owned)
-        .unwrap_or_else(|| uuid::Uuid::new_v4().to_string())
+        .unwrap_or_else(|| estate_core::encode_id(uuid::Uuid::new_v4()))
 }
 
 /// The token a request carries: `authorization: Bearer <token>` or
@@ -135,7 +135,17 @@ where
 /// The authenticated caller of a request. Fails only if the server was built
 /// without [`AuthLayer`], which is a bug.
 pub fn caller<T>(req: &tonic::Request<T>) -> Result<Caller, Status> {
-    req.extensions().get::<Caller>().cloned().ok_or_else(|| Status::unauthenticated("the call was not authenticated"))
+    req.extensions().get::<Caller>().cloned().ok_or_else(not_authenticated)
+}
+
+/// [`caller`], taken out of the request rather than copied (a unary call's
+/// handler, which has no further use for it there).
+pub fn take_caller<T>(req: &mut tonic::Request<T>) -> Result<Caller, Status> {
+    req.extensions_mut().remove::<Caller>().ok_or_else(not_authenticated)
+}
+
+fn not_authenticated() -> Status {
+    Status::unauthenticated("the call was not authenticated")
 }
 
 #[cfg(test)]
@@ -180,6 +190,22 @@ mod tests {
         let forged = format!("{}{swapped}{}", &token[..at], &token[at + 1..]);
         let forged = authenticate(keys, &request(&[(TOKEN_HEADER, &forged)]));
         assert!(forged.is_err_and(|s| s.code() == tonic::Code::Unauthenticated));
+        Ok(())
+    }
+
+    #[test]
+    fn a_handler_takes_the_caller_the_layer_put_there() -> Result<(), Box<dyn std::error::Error>> {
+        let authority = TokenAuthority::new("estate-mesh", &SigningKeyPair::from_seed([3; 32]))?;
+        let gate = Principal::Gate { tenant_id: "t1".into(), estate_id: "e1".into(), gate_id: "g1".into() };
+        let token = authority.issue(gate.clone(), "gate", 60)?.token;
+        let authenticated = authenticate(authority.verifying_keys(), &request(&[(TOKEN_HEADER, &token)]))?;
+        let mut req = tonic::Request::new(());
+        req.extensions_mut().insert(authenticated);
+        assert_eq!(take_caller(&mut req)?.principal, gate);
+        let again = take_caller(&mut req);
+        assert!(again.is_err_and(|s| s.code() == tonic::Code::Unauthenticated), "taken once");
+        let unauthenticated = caller(&tonic::Request::new(()));
+        assert!(unauthenticated.is_err_and(|s| s.code() == tonic::Code::Unauthenticated));
         Ok(())
     }
 }

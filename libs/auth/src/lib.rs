@@ -13,7 +13,7 @@ mod principal;
 pub mod tls;
 mod token;
 
-pub use layer::{AuthLayer, AuthService, REQUEST_ID_HEADER, TOKEN_HEADER, caller};
+pub use layer::{AuthLayer, AuthService, REQUEST_ID_HEADER, TOKEN_HEADER, caller, take_caller};
 pub use principal::{Caller, Principal};
 pub use token::{IssuedToken, TokenAuthority, VerifyingKeys};
 
@@ -45,7 +45,8 @@ macro_rules! unary_rpcs {
                 );
                 Box::pin(::tracing::Instrument::instrument(
                     async move {
-                        let caller = $crate::caller(&request)?;
+                        let mut request = request;
+                        let caller = $crate::take_caller(&mut request)?;
                         let result = <$ty>::$name(self, &caller, request.into_inner()).await;
                         if let Err(e) = &result {
                             ::tracing::debug!(code = ?e.code(), "call refused");

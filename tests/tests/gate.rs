@@ -187,10 +187,24 @@ async fn every_reason_code_is_reachable_and_every_decision_is_audited() -> anyho
     assert_eq!(reason(&mut north, card("04:a1:b2:c3")).await?, Reason::Ok);
     assert_eq!(reason(&mut north, card("DEADBEEF")).await?, Reason::Unknown);
 
+    // A change reaches the gates' view of cards when the bus delivers it
+    // (revoke-to-gate, BENCHMARKS.md), not when the operator's call returns;
+    // a gate that has heard of it is never admitted by the old view.
+    let mut stream = at_all.watch_changes(WatchChangesRequest {}).await?.into_inner();
+    let first = stream.message().await?.ok_or_else(|| anyhow::anyhow!("stream ended"))?;
+    assert_eq!(first.change, "subscribed");
     let revoked = op.issue_credential(card_request(&w.person.id, &[estate], "11110001")).await?.into_inner();
     op.revoke_credential(ChangeCredentialRequest { id: id_of(&revoked), reason: "lost".into() }).await?;
     let suspended = op.issue_credential(card_request(&w.person.id, &[estate], "11110002")).await?.into_inner();
     op.suspend_credential(ChangeCredentialRequest { id: id_of(&suspended), reason: "unpaid".into() }).await?;
+    let mut awaited = vec![("revoke", id_of(&revoked)), ("suspend", id_of(&suspended))];
+    while !awaited.is_empty() {
+        let c = tokio::time::timeout(Duration::from_secs(5), stream.message())
+            .await??
+            .ok_or_else(|| anyhow::anyhow!("stream ended"))?;
+        awaited.retain(|(change, id)| (c.change.as_str(), c.credential_id.as_str()) != (*change, id.as_str()));
+    }
+    drop(stream);
     assert_eq!(reason(&mut at_all, card("11110001")).await?, Reason::Revoked);
     assert_eq!(reason(&mut at_all, card("11110002")).await?, Reason::Suspended);
 

@@ -251,13 +251,7 @@ async fn touch_all(conn: &mut sqlx::AnyConnection, seen: &LastSeen) -> Result<()
     for chunk in rows.chunks(TOUCH_ROWS) {
         let values: Vec<String> =
             (0..chunk.len()).map(|r| format!("({}, 0, 0)", estate_store::params(conn, r * 4 + 1, 4))).collect();
-        let sql = format!(
-            "INSERT INTO gate_status (tenant_id, gate_id, estate_id, last_seen_at, bundle_version_issued, \
-             bundle_version_acked) VALUES {} \
-             ON CONFLICT (tenant_id, gate_id) DO UPDATE SET last_seen_at = excluded.last_seen_at",
-            values.join(", ")
-        );
-        let mut q = sqlx::query::<Any>(sqlx::AssertSqlSafe(sql));
+        let mut q = sqlx::query::<Any>(sqlx::AssertSqlSafe(touch_sql(&values.join(", "))));
         for (gate, (tenant, estate, at)) in chunk {
             q = q.bind(tenant.as_str()).bind(gate.as_str()).bind(estate.as_str()).bind(*at);
         }
@@ -266,20 +260,26 @@ async fn touch_all(conn: &mut sqlx::AnyConnection, seen: &LastSeen) -> Result<()
     Ok(())
 }
 
+/// The upsert of gates' last-seen times from these `VALUES` groups (tenant,
+/// gate, estate, time; a new gate's bundle versions 0).
+fn touch_sql(values: &str) -> String {
+    format!(
+        "INSERT INTO gate_status (tenant_id, gate_id, estate_id, last_seen_at, bundle_version_issued, \
+         bundle_version_acked) VALUES {values} \
+         ON CONFLICT (tenant_id, gate_id) DO UPDATE SET last_seen_at = excluded.last_seen_at"
+    )
+}
+
 /// Records that a gate was heard from at `at` (ms).
 pub async fn touch(conn: &mut sqlx::AnyConnection, tenant: &str, gate: &str, estate: &str, at: i64) -> Result<()> {
-    sqlx::query::<Any>(
-        "INSERT INTO gate_status (tenant_id, gate_id, estate_id, last_seen_at, bundle_version_issued, bundle_version_acked) \
-         VALUES ($1, $2, $3, $4, 0, 0) \
-         ON CONFLICT (tenant_id, gate_id) DO UPDATE SET last_seen_at = excluded.last_seen_at",
-    )
-    .bind(tenant)
-    .bind(gate)
-    .bind(estate)
-    .bind(at)
-    .execute(conn)
-    .await
-    .map_err(db_error)?;
+    sqlx::query::<Any>(sqlx::AssertSqlSafe(touch_sql("($1, $2, $3, $4, 0, 0)")))
+        .bind(tenant)
+        .bind(gate)
+        .bind(estate)
+        .bind(at)
+        .execute(conn)
+        .await
+        .map_err(db_error)?;
     Ok(())
 }
 

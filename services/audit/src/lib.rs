@@ -10,7 +10,7 @@ mod log;
 mod relay;
 mod service;
 
-pub use log::{Appended, AuditLog};
+pub use log::{Appended, AuditLog, IndexOf};
 pub use relay::{relay_once, spawn_relay};
 pub use service::AuditDesk;
 

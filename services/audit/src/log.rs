@@ -330,68 +330,177 @@ pub(crate) enum Pace {
     Spread(std::time::Duration),
 }
 
-/// The derived indexes of the log that [`AuditLog::index_entries`] fills.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub(crate) enum IndexOf {
-    /// Entries by person pseudonym (`audit_person_entries`, migration 5001).
+/// The derived indexes of the log that [`AuditLog::index_entries`] fills
+/// (`audit_index_postings`, migration 5006).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum IndexOf {
+    /// Entries by person pseudonym.
     Person,
-    /// Entries by estate (`audit_estate_entries`, migration 5003).
+    /// Entries by estate id.
     Estate,
 }
 
-/// A row of a derived index: which index, its key (a pseudonym or an estate
-/// id) and the entry's index.
-pub(crate) type IndexRow = (IndexOf, String, i64);
-
-/// The index rows of `entries` (index, person, estate), sorted by index,
-/// then key, then entry.
-fn index_rows(entries: Vec<(i64, String, String)>) -> Vec<IndexRow> {
-    let mut rows: Vec<IndexRow> = Vec::with_capacity(entries.len() * 2);
-    for (idx, person, estate) in entries {
-        if !person.is_empty() {
-            rows.push((IndexOf::Person, person, idx));
-        }
-        if !estate.is_empty() {
-            rows.push((IndexOf::Estate, estate, idx));
+impl IndexOf {
+    /// The `kind` column's value.
+    fn kind(self) -> &'static str {
+        match self {
+            IndexOf::Person => "person",
+            IndexOf::Estate => "estate",
         }
     }
-    rows.sort_unstable();
-    rows
 }
 
-/// The INSERT of `which` index's rows from these `VALUES` groups (tenant,
-/// key, index); rows already there (another indexer's) are skipped.
-fn index_insert_sql(which: IndexOf, values: &str) -> String {
-    let (table, key) = match which {
-        IndexOf::Person => ("audit_person_entries", "person_pseudonym"),
-        IndexOf::Estate => ("audit_estate_entries", "estate_id"),
-    };
+/// One key's entries within one indexed window: a row of
+/// `audit_index_postings`. A posting list per key and window, not a row per
+/// entry: the indexer's write of a window is then a row per person and
+/// estate met in it (about a hundred for a second of the gate benchmark's
+/// 16,000 decisions) where it was two B-tree rows per entry, written in 64
+/// transactions of 512 rows that each held the write turn every all-in-one
+/// decision waits for for 2–3 ms (BENCHMARKS.md, sessions 21–26).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Posting {
+    which: IndexOf,
+    key: String,
+    /// Entry indexes, ascending.
+    entries: Vec<i64>,
+}
+
+/// A run of the log's entries, from the mark `start` to `last`, and their
+/// postings: written in one transaction that also moves the mark from
+/// `start` to `last + 1`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Window {
+    start: i64,
+    last: i64,
+    /// Entries in the run (read from the log: `last - start + 1` unless the
+    /// log has a gap).
+    entries: usize,
+    /// Sorted by index, then key.
+    postings: Vec<Posting>,
+}
+
+/// `entries` (index, person, estate; ascending, from the mark `next` on)
+/// cut into windows of at most `max_postings` postings each, so that a
+/// window's transaction stays short whatever the number of people in it.
+pub(crate) fn windows(next: i64, entries: Vec<(i64, String, String)>, max_postings: usize) -> Vec<Window> {
+    /// The window being filled: its first entry's mark, and where each key's
+    /// posting is.
+    struct Open {
+        window: Window,
+        at: [HashMap<String, usize>; 2],
+    }
+    fn open(start: i64) -> Open {
+        Open { window: Window { start, last: start, entries: 0, postings: Vec::new() }, at: Default::default() }
+    }
+    fn close(open: Open, out: &mut Vec<Window>) {
+        let mut window = open.window;
+        window.postings.sort_unstable_by(|a, b| (a.which, &a.key).cmp(&(b.which, &b.key)));
+        out.push(window);
+    }
+    let max_postings = max_postings.max(2);
+    let mut out = Vec::new();
+    let mut cur = open(next);
+    for (idx, person, estate) in entries {
+        let keys = [(IndexOf::Person, person), (IndexOf::Estate, estate)];
+        let new = keys.iter().filter(|(w, k)| !k.is_empty() && !cur.at[*w as usize].contains_key(k.as_str())).count();
+        if cur.window.entries > 0 && cur.window.postings.len() + new > max_postings {
+            let start = cur.window.last + 1;
+            close(std::mem::replace(&mut cur, open(start)), &mut out);
+        }
+        for (which, key) in keys {
+            if key.is_empty() {
+                continue;
+            }
+            match cur.at[which as usize].get(key.as_str()) {
+                Some(&i) => cur.window.postings[i].entries.push(idx),
+                None => {
+                    cur.at[which as usize].insert(key.clone(), cur.window.postings.len());
+                    cur.window.postings.push(Posting { which, key, entries: vec![idx] });
+                }
+            }
+        }
+        cur.window.last = idx;
+        cur.window.entries += 1;
+    }
+    if cur.window.entries > 0 {
+        close(cur, &mut out);
+    }
+    out
+}
+
+/// A posting's entries after the first, as the varint-encoded gaps between
+/// them (one byte each for a key met at least every 128 entries).
+fn encode_entries(entries: &[i64]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(entries.len());
+    for pair in entries.windows(2) {
+        prost::encoding::encode_varint(u64::try_from(pair[1] - pair[0]).unwrap_or(0), &mut out);
+    }
+    out
+}
+
+/// The entries of a posting from `first` to `last` whose gaps are
+/// `encoded` ([`encode_entries`]); an error if they do not add up.
+fn decode_entries(first: i64, last: i64, encoded: &[u8]) -> Result<Vec<i64>> {
+    let corrupt = || Error::Internal("an audit index posting is corrupt; rebuild the index".into());
+    let mut out = vec![first];
+    let mut buf = encoded;
+    let mut cur = first;
+    while !buf.is_empty() {
+        let gap = prost::encoding::decode_varint(&mut buf).map_err(|_| corrupt())?;
+        cur = i64::try_from(gap).ok().filter(|g| *g > 0).and_then(|g| cur.checked_add(g)).ok_or_else(corrupt)?;
+        out.push(cur);
+    }
+    if cur != last {
+        return Err(corrupt());
+    }
+    Ok(out)
+}
+
+/// Columns of a posting's INSERT ([`postings_insert_sql`]).
+const POSTING_COLUMNS: usize = 6;
+
+/// The INSERT of postings from these `VALUES` groups.
+fn postings_insert_sql(values: &str) -> String {
     format!(
-        "INSERT INTO {table} (tenant_id, {key}, idx) VALUES {values} \
-         ON CONFLICT (tenant_id, {key}, idx) DO NOTHING"
+        "INSERT INTO audit_index_postings (tenant_id, kind, index_key, last_idx, first_idx, entries) VALUES {values}"
     )
 }
 
-/// Binds index `rows` of `tenant` in [`index_insert_sql`]'s order.
-fn bind_index<'q, 'r>(
+/// Binds `postings` of `tenant` in [`postings_insert_sql`]'s order.
+fn bind_postings<'q>(
     mut q: sqlx::query::Query<'q, Any, sqlx::any::AnyArguments>,
     tenant: &str,
-    rows: impl IntoIterator<Item = &'r IndexRow>,
+    postings: &[Posting],
 ) -> sqlx::query::Query<'q, Any, sqlx::any::AnyArguments> {
-    for (_, key, idx) in rows {
-        q = q.bind(tenant.to_owned()).bind(key.clone()).bind(*idx);
+    for p in postings {
+        let (first, last) = (p.entries.first().copied().unwrap_or(0), p.entries.last().copied().unwrap_or(0));
+        q = q
+            .bind(tenant.to_owned())
+            .bind(p.which.kind())
+            .bind(p.key.clone())
+            .bind(last)
+            .bind(first)
+            .bind(encode_entries(&p.entries));
     }
     q
 }
 
-/// Moves a tenant's index mark forward (never back) to `next`.
-fn index_mark_sql(tenant: &str, next: &str) -> String {
+/// Moves a tenant's index mark from `start` to `next`, or fails (a NOT NULL
+/// violation, see [`is_mark_moved`]) when the mark is no longer at `start`:
+/// another indexer wrote that window first. A tenant without a mark has
+/// its first.
+fn index_mark_sql(tenant: &str, next: &str, start: &str) -> String {
     format!(
         "INSERT INTO audit_person_indexed (tenant_id, next_idx) VALUES ({tenant}, {next}) \
          ON CONFLICT (tenant_id) DO UPDATE SET next_idx = CASE \
-         WHEN excluded.next_idx > audit_person_indexed.next_idx THEN excluded.next_idx \
-         ELSE audit_person_indexed.next_idx END"
+         WHEN audit_person_indexed.next_idx = {start} THEN excluded.next_idx END"
     )
+}
+
+/// Whether `err` may be [`index_mark_sql`]'s refusal (the mark had moved);
+/// the mark is read to be sure.
+fn is_mark_moved(err: &sqlx::Error) -> bool {
+    matches!(err, sqlx::Error::Database(db) if db.kind() == sqlx::error::ErrorKind::NotNullViolation)
 }
 
 /// How events reach the log, which decides whether their ids are indexed
@@ -434,20 +543,19 @@ const INSERT_COLUMNS: usize = 12;
 /// statement, so one round trip to the database.
 const INSERT_ROWS: usize = 256;
 
-/// Entries the indexer reads at a time (a window). It sorts them by
-/// person (and by estate) before inserting, so that a person's entries of the window land
-/// together: with 1,000 people and a window of 16,384 entries a B-tree page
-/// takes about sixteen rows per write, where indexing each entry as it was
-/// appended (or in log order, a few hundred at a time: session 9) wrote
-/// nearly one page per entry. A larger window writes fewer pages per entry,
-/// costs memory, and leaves more entries for a query by person to read
+/// Entries the indexer reads at a time. Each key met in them gets one
+/// posting (per [`Window`]), so a longer read writes fewer, longer postings;
+/// it costs memory, and leaves more entries for a query by person to read
 /// unindexed.
 const INDEX_WINDOW: i64 = 16_384;
 
-/// Sorted rows per write transaction of the indexer (3 parameters
-/// each, one statement). The gate's decisions wait while it holds the write
-/// turn, so a window is written in many short transactions.
-const INDEX_ROWS_PER_TX: usize = 512;
+/// Postings per write transaction of the indexer (6 parameters each, one
+/// statement): a read naming more people than this is written as several
+/// windows. The gate's decisions wait while it holds the write turn.
+const INDEX_POSTINGS_PER_TX: usize = 512;
+
+/// Postings a query reads at a time ([`AuditLog::indexed`]).
+const POSTINGS_PER_READ: i64 = 256;
 
 impl AuditLog {
     /// A log over `db`, signing checkpoints with `key`.
@@ -744,49 +852,46 @@ impl AuditLog {
         Ok(())
     }
 
-    /// Brings the tenant's derived indexes (`audit_person_entries`,
-    /// `audit_estate_entries`) up to the log's head and returns how many
-    /// entries it went past. A window of [`INDEX_WINDOW`] entries is
-    /// read (outside the write turn), its rows sorted by index, then key,
-    /// and written [`INDEX_ROWS_PER_TX`] rows per write transaction; the
-    /// last of them moves the tenant's mark past the window. A window cut
-    /// short (a crash, an error) leaves the mark where it was and is
-    /// written again next time; queries read the indexes only below the
-    /// mark. Safe to run in several processes at once: rows already there
-    /// are skipped and the mark only moves forward.
+    /// Brings the tenant's person and estate indexes
+    /// (`audit_index_postings`) up to the log's head and returns how many
+    /// entries it went past. Up to [`INDEX_WINDOW`] entries are read at a
+    /// time (outside the write turn), gathered into one posting per person
+    /// and estate ([`windows`]: several windows when they name more than
+    /// [`INDEX_POSTINGS_PER_TX`]), and each window is written in one
+    /// transaction that also moves the tenant's mark past it, so the mark
+    /// and the postings below it always agree: queries read the indexes
+    /// only below the mark. Safe to run in several processes at once: a
+    /// window is written only if the mark is still where its read began
+    /// ([`index_mark_sql`]); otherwise the other indexer's is kept and this
+    /// one goes on from the new mark.
     ///
-    /// This is the background indexer's pace: the write transactions of
-    /// each window are spread evenly `over` the time given (the indexer
-    /// runs every second and gives each sweep half of it), so that the
-    /// writing connection is taken in short turns evenly apart. A window
-    /// with more than another window behind it is written back to back, so
-    /// that an indexer that fell behind (a restart, a stall) catches up.
-    /// Written back to back, a second of the all-in-one gate's decisions
-    /// (16,000 entries, 64 transactions) held it for 200–440 ms in one
-    /// burst, and every decision arriving meanwhile queued behind it
-    /// (BENCHMARKS.md, session 19). Resting after each transaction as long
-    /// as it took, as sessions 19 and 20 did, still left bursts of 100–190
-    /// ms at 17,000 decisions/s, where a second's entries fill a window
-    /// (BENCHMARKS.md, session 21).
+    /// This is the background indexer's pace: the write transactions of a
+    /// read are spread evenly `over` the time given (the indexer runs every
+    /// second and gives each sweep half of it), so that the writing
+    /// connection is taken in short turns evenly apart. A full read with
+    /// more than another behind it is written back to back, so that an
+    /// indexer that fell behind (a restart, a stall) catches up. Written
+    /// back to back, a second of the all-in-one gate's decisions indexed
+    /// a row per entry held the turn for 200–440 ms in one burst
+    /// (BENCHMARKS.md, session 19).
     pub async fn index_entries(&self, tenant: &str, over: std::time::Duration) -> Result<usize> {
-        self.index_entries_by(tenant, INDEX_WINDOW, INDEX_ROWS_PER_TX, Pace::Spread(over)).await
+        self.index_entries_by(tenant, INDEX_WINDOW, INDEX_POSTINGS_PER_TX, Pace::Spread(over)).await
     }
 
     /// [`Self::index_entries`] without waits between transactions: the
     /// indexes up to the head as fast as the database goes (a catch-up
     /// whose cost is to be measured, as gate-bench does).
     pub async fn index_entries_now(&self, tenant: &str) -> Result<usize> {
-        self.index_entries_by(tenant, INDEX_WINDOW, INDEX_ROWS_PER_TX, Pace::Flat).await
+        self.index_entries_by(tenant, INDEX_WINDOW, INDEX_POSTINGS_PER_TX, Pace::Flat).await
     }
 
-    /// [`Self::index_entries`] with windows of `window` entries and `per_tx`
-    /// rows per transaction, at `pace`.
-    pub(crate) async fn index_entries_by(&self, tenant: &str, window: i64, per_tx: usize, pace: Pace) -> Result<usize> {
-        let per_tx = per_tx.max(1);
+    /// [`Self::index_entries`] reading `read` entries at a time, with at
+    /// most `per_tx` postings per transaction, at `pace`.
+    pub(crate) async fn index_entries_by(&self, tenant: &str, read: i64, per_tx: usize, pace: Pace) -> Result<usize> {
         let mut total = 0;
         loop {
             let next = self.indexed_below(tenant).await?;
-            let entries: Vec<(i64, String, String)> = match self.take_unindexed(tenant, next, window) {
+            let entries: Vec<(i64, String, String)> = match self.take_unindexed(tenant, next, read) {
                 Some(kept) => kept,
                 None => sqlx::query_as::<Any, (i64, String, String)>(
                     "SELECT idx, person_pseudonym, estate_id FROM audit_entries WHERE tenant_id = $1 AND idx >= $2 \
@@ -794,40 +899,38 @@ impl AuditLog {
                 )
                 .bind(tenant)
                 .bind(next)
-                .bind(window)
+                .bind(read)
                 .fetch_all(self.db.pool())
                 .await
                 .map_err(db_error)?,
             };
             let Some(&(last, _, _)) = entries.last() else { break };
-            let went = entries.len();
-            // A full window may have more behind it: when the log reaches
-            // more than another window beyond it, the indexer catches up
+            // A full read may have more behind it: when the log reaches
+            // more than another read beyond it, the indexer catches up
             // without waits, so that spreading never lets it fall more than
-            // two windows behind.
-            let full = went >= usize::try_from(window).unwrap_or(usize::MAX);
-            let pace = if full && self.behind_beyond(tenant, last, window) { Pace::Flat } else { pace };
-            // A window's rows take milliseconds to sort (3–8 ms for 16,384
-            // entries here): on a thread of their own, not on one of the
-            // runtime's, where every task queued behind them would wait
-            // (the gate's decisions among them).
-            let rows = tokio::task::spawn_blocking(move || index_rows(entries))
+            // two reads behind.
+            let full = entries.len() >= usize::try_from(read).unwrap_or(usize::MAX);
+            let pace = if full && self.behind_beyond(tenant, last, read) { Pace::Flat } else { pace };
+            // Gathering 16,384 entries' postings takes milliseconds: on a
+            // thread of its own, not on one of the runtime's, where every
+            // task queued behind it would wait (the gate's decisions among
+            // them).
+            let windows = tokio::task::spawn_blocking(move || windows(next, entries, per_tx))
                 .await
-                .map_err(|e| Error::Internal(format!("the index rows were not sorted: {e}")))?;
-            // A window that names nobody and no estate still moves the mark:
-            // one empty chunk.
-            let mut chunks: Vec<&[IndexRow]> = rows.chunks(per_tx).collect();
-            if chunks.is_empty() {
-                chunks.push(&[]);
-            }
+                .map_err(|e| Error::Internal(format!("the index postings were not gathered: {e}")))?;
             let first = tokio::time::Instant::now();
-            let n = u32::try_from(chunks.len()).unwrap_or(u32::MAX);
-            for (i, chunk) in chunks.iter().enumerate() {
-                let mark = (i + 1 == chunks.len()).then_some(last + 1);
-                self.write_index(tenant, chunk, mark).await?;
+            let n = u32::try_from(windows.len()).unwrap_or(u32::MAX);
+            let mut moved = false;
+            for (i, window) in windows.iter().enumerate() {
+                if !self.write_window(tenant, window).await? {
+                    // Another indexer wrote it: go on from its mark.
+                    moved = true;
+                    break;
+                }
+                total += window.entries;
                 // Between transactions only: a wait after the last would
-                // only hold up the next window and the next tenant.
-                let more = i + 1 < chunks.len();
+                // only hold up the next read and the next tenant.
+                let more = i + 1 < windows.len();
                 match pace {
                     // Let the writers waiting for their turn go first.
                     Pace::Flat => tokio::task::yield_now().await,
@@ -838,61 +941,96 @@ impl AuditLog {
                     Pace::Spread(_) => {}
                 }
             }
-            total += went;
-            if !full {
+            if !full && !moved {
                 break;
             }
         }
         Ok(total)
     }
 
-    /// Inserts index `rows` of `tenant` and, when given, moves its mark to
-    /// `mark` (a mark already past it stays), in one write transaction; on
-    /// SQLite in one call to the writing connection's thread, so the write
-    /// turn is held for the inserts, not for round trips.
-    pub(crate) async fn write_index(&self, tenant: &str, rows: &[IndexRow], mark: Option<i64>) -> Result<()> {
-        let parts: Vec<(IndexOf, Vec<&IndexRow>)> = [IndexOf::Person, IndexOf::Estate]
-            .into_iter()
-            .map(|which| (which, rows.iter().filter(|r| r.0 == which).collect::<Vec<_>>()))
-            .filter(|(_, part)| !part.is_empty())
-            .collect();
-        if self.db.backend() == Backend::Sqlite {
+    /// Writes `window`'s postings of `tenant` and moves its mark from the
+    /// window's start past its last entry, in one write transaction (on
+    /// SQLite in one call to the writing connection's thread, so the turn
+    /// is held for the inserts, not for round trips). False, with nothing
+    /// written, when the mark was no longer at the window's start.
+    pub(crate) async fn write_window(&self, tenant: &str, window: &Window) -> Result<bool> {
+        let (start, next) = (window.start, window.last + 1);
+        let ran = if self.db.backend() == Backend::Sqlite {
             let mut sql = String::from("BEGIN IMMEDIATE;\n");
-            for (which, part) in &parts {
-                sql.push_str(&index_insert_sql(*which, &vec!["(?, ?, ?)"; part.len()].join(", ")));
-                sql.push_str(";\n");
-            }
-            if mark.is_some() {
-                sql.push_str(&index_mark_sql("?", "?"));
+            sql.push_str(&index_mark_sql("?", "?", "?"));
+            sql.push_str(";\n");
+            if !window.postings.is_empty() {
+                let values = vec![format!("({})", ["?"; POSTING_COLUMNS].join(", ")); window.postings.len()];
+                sql.push_str(&postings_insert_sql(&values.join(", ")));
                 sql.push_str(";\n");
             }
             sql.push_str("COMMIT");
-            let mut q = sqlx::query::<Any>(sqlx::AssertSqlSafe(sql));
-            for (_, part) in &parts {
-                q = bind_index(q, tenant, part.iter().copied());
-            }
-            if let Some(mark) = mark {
-                q = q.bind(tenant.to_owned()).bind(mark);
-            }
-            return self.db.write_script(q).await?.map_err(db_error);
-        }
-        let mut tx = self.db.begin().await?;
-        for (which, part) in &parts {
-            let sql = index_insert_sql(*which, &estate_store::value_rows(&tx, part.len(), 3));
-            bind_index(sqlx::query::<Any>(sqlx::AssertSqlSafe(sql)), tenant, part.iter().copied())
-                .execute(&mut *tx)
-                .await
-                .map_err(db_error)?;
-        }
-        if let Some(mark) = mark {
-            sqlx::query::<Any>(sqlx::AssertSqlSafe(index_mark_sql("$1", "$2")))
+            let q = sqlx::query::<Any>(sqlx::AssertSqlSafe(sql)).bind(tenant.to_owned()).bind(next).bind(start);
+            self.db.write_script(bind_postings(q, tenant, &window.postings)).await?
+        } else {
+            let mut tx = self.db.begin().await?;
+            let mut ran = sqlx::query::<Any>(sqlx::AssertSqlSafe(index_mark_sql("$1", "$2", "$3")))
                 .bind(tenant)
-                .bind(mark)
+                .bind(next)
+                .bind(start)
                 .execute(&mut *tx)
                 .await
-                .map_err(db_error)?;
+                .map(|_| ());
+            if ran.is_ok() && !window.postings.is_empty() {
+                let values = estate_store::value_rows(&tx, window.postings.len(), POSTING_COLUMNS);
+                let q = sqlx::query::<Any>(sqlx::AssertSqlSafe(postings_insert_sql(&values)));
+                ran = bind_postings(q, tenant, &window.postings).execute(&mut *tx).await.map(|_| ());
+            }
+            match ran {
+                Ok(()) => tx.commit().await,
+                Err(e) => {
+                    // Dropping the transaction rolls it back.
+                    drop(tx);
+                    Err(e)
+                }
+            }
+        };
+        match ran {
+            Ok(()) => Ok(true),
+            // The mark's refusal, unless the mark is still at the start
+            // (then the NOT NULL violation was something else's).
+            Err(e) if is_mark_moved(&e) && self.indexed_below(tenant).await? != start => Ok(false),
+            Err(e) => Err(db_error(e)),
         }
-        tx.commit().await.map_err(db_error)
+    }
+
+    /// The entries listed under `key` in index `which` of `tenant`, after
+    /// `after` and below `below` (the mark, read before), in log order,
+    /// from at most [`POSTINGS_PER_READ`] postings; and, when there may be
+    /// more, the `after` to ask for the rest with.
+    pub async fn indexed(
+        &self,
+        tenant: &str,
+        which: IndexOf,
+        key: &str,
+        after: i64,
+        below: i64,
+    ) -> Result<(Vec<i64>, Option<i64>)> {
+        let rows: Vec<(i64, i64, Vec<u8>)> = sqlx::query_as::<Any, (i64, i64, Vec<u8>)>(
+            "SELECT first_idx, last_idx, entries FROM audit_index_postings \
+             WHERE tenant_id = $1 AND kind = $2 AND index_key = $3 AND last_idx > $4 AND first_idx < $5 \
+             ORDER BY last_idx LIMIT $6",
+        )
+        .bind(tenant)
+        .bind(which.kind())
+        .bind(key)
+        .bind(after)
+        .bind(below)
+        .bind(POSTINGS_PER_READ)
+        .fetch_all(self.db.pool())
+        .await
+        .map_err(db_error)?;
+        let more = (rows.len() as i64 >= POSTINGS_PER_READ).then(|| rows.last().map_or(after, |r| r.1));
+        let mut out = Vec::new();
+        for (first, last, encoded) in rows {
+            out.extend(decode_entries(first, last, &encoded)?.into_iter().filter(|i| *i > after && *i < below));
+        }
+        Ok((out, more))
     }
 
     /// Every entry of the tenant below this index is in the person and
@@ -935,5 +1073,79 @@ impl AuditLog {
             .await
             .map_err(db_error)?;
         Ok(rows.into_iter().map(|(t,)| t).collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Entries `from..to`: person `p{i % 3}` (none every fifth), all at one
+    /// estate.
+    fn entries(from: i64, to: i64) -> Vec<(i64, String, String)> {
+        (from..to)
+            .map(|i| (i, if i % 5 == 4 { String::new() } else { format!("p{}", i % 3) }, "estate-1".to_owned()))
+            .collect()
+    }
+
+    /// Windows cover the entries from the mark on without a gap or an
+    /// overlap, hold at most the postings asked for, list each entry under
+    /// its person and estate, and are sorted by index and key.
+    #[test]
+    fn windows_cover_the_entries_and_keep_to_the_postings_asked() {
+        let all = windows(100, entries(100, 160), 1000);
+        assert_eq!(all.len(), 1);
+        let w = &all[0];
+        assert_eq!((w.start, w.last, w.entries), (100, 159, 60));
+        let keys: Vec<(IndexOf, &str, usize)> =
+            w.postings.iter().map(|p| (p.which, p.key.as_str(), p.entries.len())).collect();
+        assert_eq!(
+            keys,
+            vec![
+                (IndexOf::Person, "p0", 16),
+                (IndexOf::Person, "p1", 16),
+                (IndexOf::Person, "p2", 16),
+                (IndexOf::Estate, "estate-1", 60)
+            ]
+        );
+        assert!(w.postings.iter().all(|p| p.entries.windows(2).all(|x| x[0] < x[1])));
+
+        // At most three postings: the estate and two people, so a window
+        // ends before the third person.
+        let small = windows(100, entries(100, 160), 3);
+        assert!(small.len() > 1);
+        let mut next = 100;
+        let mut listed = Vec::new();
+        for w in &small {
+            assert_eq!(w.start, next, "windows follow on");
+            assert!(w.postings.len() <= 3);
+            assert_eq!(w.entries as i64, w.last - w.start + 1);
+            next = w.last + 1;
+            listed.extend(w.postings.iter().filter(|p| p.which == IndexOf::Estate).flat_map(|p| p.entries.clone()));
+        }
+        assert_eq!(next, 160);
+        assert_eq!(listed, (100..160).collect::<Vec<_>>());
+
+        // Entries naming nobody still make a window (the mark moves on).
+        let nobody = windows(7, vec![(7, String::new(), String::new())], 8);
+        assert_eq!(nobody, vec![Window { start: 7, last: 7, entries: 1, postings: vec![] }]);
+        assert!(windows(7, Vec::new(), 8).is_empty());
+    }
+
+    /// A posting's entries come back as they went in, whatever the gaps;
+    /// a posting whose bytes do not add up to its last entry is refused.
+    #[test]
+    fn postings_decode_to_what_was_encoded_and_refuse_corruption() -> Result<()> {
+        for list in [vec![5], vec![0, 1, 2, 3], vec![3, 130, 131, 1 << 40, (1 << 40) + 300]] {
+            let encoded = encode_entries(&list);
+            assert_eq!(decode_entries(list[0], *list.last().unwrap_or(&0), &encoded)?, list);
+        }
+        assert!(encode_entries(&[9]).is_empty(), "a single entry is its first");
+        let encoded = encode_entries(&[3, 4, 10]);
+        assert!(decode_entries(3, 11, &encoded).is_err(), "a wrong last entry");
+        assert!(decode_entries(3, 10, &encoded[..1]).is_err(), "bytes cut short");
+        assert!(decode_entries(3, 10, &[0x80]).is_err(), "a varint cut short");
+        assert!(decode_entries(3, 3, &[0]).is_err(), "a gap of zero lists an entry twice");
+        Ok(())
     }
 }

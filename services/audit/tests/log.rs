@@ -336,19 +336,20 @@ async fn entries_stored_as_hex_are_carried_over_as_bytes() -> anyhow::Result<()>
     test_db.drop().await
 }
 
-/// Migration 5005 (SQLite) rebuilds the person and estate indexes as
-/// WITHOUT ROWID tables: the rows indexed before it are all still there,
-/// the indexer goes on from its mark without indexing an entry twice, and
-/// on SQLite the tables no longer have a rowid.
+/// Migrations 5005 (SQLite: the index tables without rowids) and 5006 (the
+/// indexes as posting lists): the rows indexed before are dropped with
+/// their tables, the mark goes back to the start, and the indexer rebuilds
+/// the postings from the log, listing every entry exactly once.
 #[tokio::test]
-async fn index_rows_are_kept_when_the_index_tables_are_rebuilt() -> anyhow::Result<()> {
+async fn the_indexes_are_rebuilt_from_the_log_as_posting_lists() -> anyhow::Result<()> {
+    use estate_audit::IndexOf;
     let dir = tempfile::tempdir()?;
     let (test_db, db) = before_5004(dir.path()).await?;
     let persons = ["person-b", "person-a", "person-b", "", "person-a"];
     for (i, person) in persons.iter().enumerate() {
         insert_hex_entry(&db, i, &event(i), [0u8; 32], "estate-1", person).await?;
     }
-    // Entries 0 to 2 were indexed before the migration.
+    // Entries 0 to 2 were indexed before the migrations.
     for (i, person) in persons.iter().enumerate().take(3) {
         for (sql, key) in [
             ("INSERT INTO audit_person_entries (tenant_id, person_pseudonym, idx) VALUES ($1, $2, $3)", *person),
@@ -363,30 +364,21 @@ async fn index_rows_are_kept_when_the_index_tables_are_rebuilt() -> anyhow::Resu
 
     estate_audit::migrate(&db).await?;
     let log = AuditLog::new(db.clone(), estate_crypto::SigningKeyPair::generate()?, 1000, 60);
-    assert_eq!(log.index_entries_now("tenant-a").await?, 2, "the indexer did not go on from its mark");
-    let by_person: Vec<(String, i64)> = sqlx::query_as::<sqlx::Any, (String, i64)>(
-        "SELECT person_pseudonym, idx FROM audit_person_entries WHERE tenant_id = $1 ORDER BY person_pseudonym, idx",
-    )
-    .bind("tenant-a")
-    .fetch_all(db.pool())
-    .await?;
-    let want: Vec<(String, i64)> =
-        [("person-a", 1), ("person-a", 4), ("person-b", 0), ("person-b", 2)].map(|(p, i)| (p.to_owned(), i)).into();
-    assert_eq!(by_person, want);
-    let by_estate: Vec<(i64,)> = sqlx::query_as::<sqlx::Any, (i64,)>(
-        "SELECT idx FROM audit_estate_entries WHERE tenant_id = $1 AND estate_id = 'estate-1' ORDER BY idx",
-    )
-    .bind("tenant-a")
-    .fetch_all(db.pool())
-    .await?;
-    assert_eq!(by_estate, (0..5).map(|i| (i,)).collect::<Vec<_>>());
-    if db.backend() == estate_store::Backend::Sqlite {
-        for table in ["audit_person_entries", "audit_estate_entries"] {
-            let rowid = sqlx::query::<sqlx::Any>(sqlx::AssertSqlSafe(format!("SELECT rowid FROM {table}")))
-                .fetch_all(db.pool())
-                .await;
-            assert!(rowid.is_err(), "{table} still has a rowid");
-        }
+    assert_eq!(log.indexed_below("tenant-a").await?, 0, "the mark was not reset");
+    assert_eq!(log.index_entries_now("tenant-a").await?, 5, "the indexer did not rebuild from the start");
+    assert_eq!(log.indexed_below("tenant-a").await?, 5);
+    for (which, key, want) in [
+        (IndexOf::Person, "person-a", vec![1, 4]),
+        (IndexOf::Person, "person-b", vec![0, 2]),
+        (IndexOf::Estate, "estate-1", vec![0, 1, 2, 3, 4]),
+    ] {
+        let (got, more) = log.indexed("tenant-a", which, key, -1, 5).await?;
+        assert_eq!((got, more), (want, None), "{key}");
+    }
+    for table in ["audit_person_entries", "audit_estate_entries"] {
+        let gone =
+            sqlx::query::<sqlx::Any>(sqlx::AssertSqlSafe(format!("SELECT 1 FROM {table}"))).fetch_all(db.pool()).await;
+        assert!(gone.is_err(), "{table} is still there");
     }
     db.close().await;
     test_db.drop().await

@@ -261,12 +261,16 @@ async fn touch_all(conn: &mut sqlx::AnyConnection, seen: &LastSeen) -> Result<()
 }
 
 /// The upsert of gates' last-seen times from these `VALUES` groups (tenant,
-/// gate, estate, time; a new gate's bundle versions 0).
+/// gate, estate, time; a new gate's bundle versions 0). A time never goes
+/// back: a decision's touch (timed when it was made) can commit after a
+/// later one's, from the batched touches or another replica.
 fn touch_sql(values: &str) -> String {
     format!(
         "INSERT INTO gate_status (tenant_id, gate_id, estate_id, last_seen_at, bundle_version_issued, \
          bundle_version_acked) VALUES {values} \
-         ON CONFLICT (tenant_id, gate_id) DO UPDATE SET last_seen_at = excluded.last_seen_at"
+         ON CONFLICT (tenant_id, gate_id) DO UPDATE SET last_seen_at = CASE \
+         WHEN excluded.last_seen_at > gate_status.last_seen_at THEN excluded.last_seen_at \
+         ELSE gate_status.last_seen_at END"
     )
 }
 
@@ -289,8 +293,8 @@ mod tests {
 
     /// On SQLite, or on PostgreSQL when the tests are pointed at it: the
     /// last-seen times of more gates than one statement takes are recorded,
-    /// brought up to date later, and the bundle versions of a gate already
-    /// known are left alone.
+    /// brought up to date later, never moved back, and the bundle versions
+    /// of a gate already known are left alone.
     #[tokio::test]
     async fn last_seen_times_of_many_gates_are_recorded_and_updated() -> anyhow::Result<()> {
         let dir = tempfile::tempdir()?;
@@ -328,6 +332,16 @@ mod tests {
         assert_eq!(rows.len(), gates);
         assert!(rows.iter().enumerate().all(|(g, r)| r.1 == 5_000 + g as i64), "{:?}", &rows[..3]);
         assert_eq!(rows[1], ("g0001".to_owned(), 5_001, 7));
+
+        // A touch older than the time recorded (committed late) leaves it;
+        // a newer one moves it on.
+        for (at, want) in [(4_000, 5_002), (9_000, 9_000)] {
+            let mut tx = db.begin().await?;
+            touch(&mut tx, "t", "g0002", "e", at).await?;
+            tx.commit().await?;
+            let rows = stored(db.clone()).await?;
+            assert_eq!(rows[2], ("g0002".to_owned(), want, 0), "after a touch at {at}");
+        }
         db.close().await;
         test_db.drop().await
     }

@@ -441,7 +441,7 @@ fn encode_entries(entries: &[i64]) -> Vec<u8> {
 /// The entries of a posting from `first` to `last` whose gaps are
 /// `encoded` ([`encode_entries`]); an error if they do not add up.
 fn decode_entries(first: i64, last: i64, encoded: &[u8]) -> Result<Vec<i64>> {
-    let corrupt = || Error::Internal("an audit index posting is corrupt; rebuild the index".into());
+    let corrupt = || Error::Internal("an audit index posting is corrupt".into());
     let mut out = vec![first];
     let mut buf = encoded;
     let mut cur = first;
@@ -553,6 +553,11 @@ const INDEX_WINDOW: i64 = 16_384;
 /// statement): a read naming more people than this is written as several
 /// windows. The gate's decisions wait while it holds the write turn.
 const INDEX_POSTINGS_PER_TX: usize = 512;
+
+/// Stores a signed checkpoint (a second one of the same size is skipped).
+const CHECKPOINT_INSERT: &str = "INSERT INTO audit_checkpoints (tenant_id, tree_size, root_hash, chain_hash, \
+     timestamp_unix, key_id, checkpoint_hex, signature_hex) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \
+     ON CONFLICT (tenant_id, tree_size) DO NOTHING";
 
 /// Postings a query reads at a time ([`AuditLog::indexed`]).
 const POSTINGS_PER_READ: i64 = 256;
@@ -813,13 +818,6 @@ impl AuditLog {
         // rates a checkpoint is due twenty times a second, and each round
         // trip waits for this task to be scheduled again while every
         // decision batch waits for the turn (BENCHMARKS.md, session 26).
-        let values = |n: fn(usize) -> String| (1..=8).map(n).collect::<Vec<_>>().join(", ");
-        let insert = |values: String| {
-            format!(
-                "INSERT INTO audit_checkpoints (tenant_id, tree_size, root_hash, chain_hash, timestamp_unix, key_id, \
-                 checkpoint_hex, signature_hex) VALUES ({values}) ON CONFLICT (tenant_id, tree_size) DO NOTHING"
-            )
-        };
         let bind = |q: sqlx::query::Query<'static, Any, sqlx::any::AnyArguments>| {
             q.bind(tenant.to_owned())
                 .bind(checkpoint.tree_size)
@@ -831,14 +829,11 @@ impl AuditLog {
                 .bind(hex::encode(&signed.signature))
         };
         if self.db.backend() == Backend::Sqlite {
-            let script = format!("BEGIN IMMEDIATE;\n{};\nCOMMIT", insert(values(|_| "?".to_owned())));
+            let script = format!("BEGIN IMMEDIATE;\n{CHECKPOINT_INSERT};\nCOMMIT");
             self.db.write_script(bind(sqlx::query::<Any>(sqlx::AssertSqlSafe(script)))).await?.map_err(db_error)?;
         } else {
             let mut tx = self.db.begin().await?;
-            bind(sqlx::query::<Any>(sqlx::AssertSqlSafe(insert(values(|i| format!("${i}"))))))
-                .execute(&mut *tx)
-                .await
-                .map_err(db_error)?;
+            bind(sqlx::query::<Any>(CHECKPOINT_INSERT)).execute(&mut *tx).await.map_err(db_error)?;
             tx.commit().await.map_err(db_error)?;
         }
         Ok(Some(signed))

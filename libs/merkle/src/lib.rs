@@ -49,27 +49,64 @@ fn split(n: u64) -> u64 {
 /// hashes per leaf (64 MB for a million entries).
 #[derive(Debug, Clone, Default)]
 pub struct Tree {
-    levels: Vec<Vec<Hash>>,
+    levels: Vec<Level>,
+}
+
+/// Hashes per block of a [`Level`] (2 MiB); four in this crate's tests, so
+/// that every tree they build spans blocks.
+const BLOCK: usize = if cfg!(test) { 4 } else { 1 << 16 };
+
+/// One level's hashes, in blocks of at most [`BLOCK`], so that a growing
+/// level never moves what it holds: as one vector, a level that outgrew its
+/// capacity was copied whole into one twice the size (with mimalloc, the
+/// mesh's allocator) — tens of MB copied and faulted in while the audit
+/// log's append that pushed the leaf, and every gate decision waiting on
+/// it, stood still.
+#[derive(Debug, Clone, Default)]
+struct Level {
+    blocks: Vec<Vec<Hash>>,
+    len: usize,
+}
+
+impl Level {
+    fn push(&mut self, hash: Hash) {
+        match self.blocks.last_mut() {
+            Some(block) if block.len() < BLOCK => block.push(hash),
+            _ => self.blocks.push(vec![hash]),
+        }
+        self.len += 1;
+    }
+
+    fn len(&self) -> usize {
+        self.len
+    }
+
+    fn get(&self, index: usize) -> Option<&Hash> {
+        self.blocks.get(index / BLOCK).and_then(|b| b.get(index % BLOCK))
+    }
 }
 
 impl Tree {
     /// An empty tree.
     pub fn new() -> Self {
-        Self { levels: vec![Vec::new()] }
+        Self { levels: vec![Level::default()] }
     }
 
     /// Appends a leaf hash.
     pub fn push(&mut self, leaf: Hash) {
         if self.levels.is_empty() {
-            self.levels.push(Vec::new());
+            self.levels.push(Level::default());
         }
         self.levels[0].push(leaf);
         let mut level = 0;
         while self.levels[level].len().is_multiple_of(2) {
             let n = self.levels[level].len();
-            let parent = node_hash(&self.levels[level][n - 2], &self.levels[level][n - 1]);
+            let (Some(left), Some(right)) = (self.levels[level].get(n - 2), self.levels[level].get(n - 1)) else {
+                break;
+            };
+            let parent = node_hash(left, right);
             if self.levels.len() == level + 1 {
-                self.levels.push(Vec::new());
+                self.levels.push(Level::default());
             }
             self.levels[level + 1].push(parent);
             level += 1;

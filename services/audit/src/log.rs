@@ -32,7 +32,9 @@ pub struct Appended {
 pub struct AuditLog {
     db: Db,
     key: SigningKeyPair,
-    trees: Arc<Mutex<HashMap<String, Arc<Mutex<Tree>>>>>,
+    /// Each tenant's tree. The map's lock is only ever held in memory
+    /// (never across an await), so an append can always reach its tree.
+    trees: Arc<std::sync::Mutex<HashMap<String, Arc<Mutex<Tree>>>>>,
     checkpoint_every: u64,
     checkpoint_interval_ms: i64,
     /// Entries appended through [`AuditSink`] per tenant since a checkpoint
@@ -164,6 +166,9 @@ impl AuditSink for AuditLog {
                 heads.extend(head.map(|h| (tenant.to_string(), h)));
             }
             tx.commit().await.map_err(db_error)?;
+            if heads.len() == groups.len() {
+                self.extend_trees(&runs(&groups, &heads));
+            }
             self.publish(heads);
             self.committed(events);
             Ok(())
@@ -189,7 +194,7 @@ impl AuditSink for AuditLog {
         for tenant in due {
             let log = self.clone();
             tokio::spawn(async move {
-                if let Err(e) = log.checkpoint_if_due(&tenant).await {
+                if let Err(e) = log.checkpoint_appended(&tenant).await {
                     tracing::warn!(error = %e, "checkpoint failed; the relay's sweep will retry");
                 }
             });
@@ -568,7 +573,7 @@ impl AuditLog {
         Self {
             db,
             key,
-            trees: Arc::new(Mutex::new(HashMap::new())),
+            trees: Arc::new(std::sync::Mutex::new(HashMap::new())),
             checkpoint_every: checkpoint_every.max(1),
             checkpoint_interval_ms: i64::try_from(checkpoint_interval_secs.saturating_mul(1000)).unwrap_or(i64::MAX),
             since_checkpoint: Arc::new(std::sync::Mutex::new(HashMap::new())),
@@ -618,7 +623,7 @@ impl AuditLog {
     /// busy or elsewhere (another writer's entries not yet read) is left to
     /// catch up from the stored entries ([`Self::tree`]), as before.
     fn extend_trees(&self, runs: &[Run<'_>]) {
-        let Ok(trees) = self.trees.try_lock() else { return };
+        let trees = self.trees.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         for &(tenant, first, list) in runs {
             let Some(handle) = trees.get(tenant) else { continue };
             let Ok(mut tree) = handle.try_lock() else { continue };
@@ -731,7 +736,7 @@ impl AuditLog {
     /// The tenant's tree, brought up to date with the stored entries.
     pub async fn tree(&self, tenant: &str) -> Result<Arc<Mutex<Tree>>> {
         let handle = {
-            let mut trees = self.trees.lock().await;
+            let mut trees = self.trees.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
             trees.entry(tenant.to_owned()).or_insert_with(|| Arc::new(Mutex::new(Tree::new()))).clone()
         };
         {
@@ -809,7 +814,12 @@ impl AuditLog {
             timestamp_unix: now_ms() / 1000,
         };
         drop(tree);
-        let signed = sign_checkpoint(&self.key, &checkpoint);
+        self.store_checkpoint(tenant, &checkpoint).await.map(Some)
+    }
+
+    /// Signs `checkpoint` and stores it.
+    async fn store_checkpoint(&self, tenant: &str, checkpoint: &Checkpoint) -> Result<SignedCheckpoint> {
+        let signed = sign_checkpoint(&self.key, checkpoint);
         // In a write transaction, so that on SQLite it takes its turn with
         // the process's other writers instead of meeting a busy database and
         // holding up the next writer in SQLite's busy handler; there, as one
@@ -836,7 +846,57 @@ impl AuditLog {
             bind(sqlx::query::<Any>(CHECKPOINT_INSERT)).execute(&mut *tx).await.map_err(db_error)?;
             tx.commit().await.map_err(db_error)?;
         }
-        Ok(Some(signed))
+        Ok(signed)
+    }
+
+    /// A checkpoint of the tenant's log as far as this process's tree in
+    /// memory and its last committed head agree, signed and stored without
+    /// reading the database; `false` (nothing done) when they do not agree
+    /// (another writer's entries, a tree not yet built or left behind). Both
+    /// describe committed entries only, so where the tree holds exactly the
+    /// entries up to the head, its root and the head's chain hash are those
+    /// of the stored log's first entries, even if another writer has since
+    /// appended more. The tree's lock is held only to take its root: an
+    /// append that finds it busy skips extending it and the tree then has
+    /// to be caught up from the database ([`Self::tree`]). At the all-in-one
+    /// gate's rates this is twenty checkpoints a second; read from the
+    /// database, each made five reads and held the tree's lock across one
+    /// (BENCHMARKS.md, session 27).
+    pub(crate) async fn checkpoint_from_memory(&self, tenant: &str) -> Result<bool> {
+        let handle = {
+            let trees = self.trees.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            trees.get(tenant).cloned()
+        };
+        let Some(handle) = handle else { return Ok(false) };
+        let (size, root, chain) = {
+            let tree = handle.lock().await;
+            let heads = self.heads.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            match heads.get(tenant) {
+                Some(&(last, chain)) if i64::try_from(tree.size()).is_ok_and(|size| size == last + 1) => {
+                    (last + 1, tree.root(), chain)
+                }
+                _ => return Ok(false),
+            }
+        };
+        let checkpoint = Checkpoint {
+            tenant_id: tenant.to_owned(),
+            tree_size: size,
+            root_hash: hex::encode(root),
+            chain_hash: hex::encode(chain),
+            timestamp_unix: now_ms() / 1000,
+        };
+        self.store_checkpoint(tenant, &checkpoint).await?;
+        Ok(true)
+    }
+
+    /// A checkpoint for the entries this process appended: from memory
+    /// ([`Self::checkpoint_from_memory`]) where it can, otherwise as
+    /// [`Self::checkpoint_if_due`] does.
+    async fn checkpoint_appended(&self, tenant: &str) -> Result<()> {
+        if self.checkpoint_from_memory(tenant).await? {
+            return Ok(());
+        }
+        self.checkpoint_if_due(tenant).await
     }
 
     /// Signs a checkpoint when `checkpoint_every` entries or the interval

@@ -671,6 +671,63 @@ mod tests {
         test_db.drop().await
     }
 
+    /// Checks the tenant's latest checkpoint: it covers `size` entries, with
+    /// the root of a tree rebuilt from the stored entries, the stored chain
+    /// hash of its last entry, and the log's signature.
+    async fn check_latest_checkpoint(db: &Db, log: &AuditLog, size: i64) -> anyhow::Result<()> {
+        let signed = log.latest_checkpoint("tenant-a").await?.ok_or_else(|| anyhow::anyhow!("no checkpoint"))?;
+        let cp = signed.decoded.clone().ok_or_else(|| anyhow::anyhow!("checkpoint not decoded"))?;
+        assert_eq!(cp.tree_size, size);
+        let rebuilt = AuditLog::new(db.clone(), estate_crypto::SigningKeyPair::generate()?, 100_000, 3600);
+        let tree = rebuilt.tree("tenant-a").await?;
+        let root = tree.lock().await.root_at(u64::try_from(size)?).ok_or_else(|| anyhow::anyhow!("short tree"))?;
+        assert_eq!(cp.root_hash, hex::encode(root), "root of the first {size} entries");
+        let (chain,): (Vec<u8>,) =
+            sqlx::query_as::<Any, (Vec<u8>,)>("SELECT chain_hash FROM audit_entries WHERE tenant_id = $1 AND idx = $2")
+                .bind("tenant-a")
+                .bind(size - 1)
+                .fetch_one(db.pool())
+                .await?;
+        assert_eq!(cp.chain_hash, hex::encode(chain), "chain hash of entry {}", size - 1);
+        assert_eq!(signed.signature, estate_audit_bundle::sign_checkpoint(log.key(), &cp).signature);
+        Ok(())
+    }
+
+    /// A checkpoint of the entries this process appended is signed from its
+    /// tree and head in memory, and agrees with the stored log. Where they
+    /// do not hold the whole log (no tree yet, another writer's entries in
+    /// between) nothing is signed from memory; a checkpoint made from the
+    /// database catches the tree up and memory serves again.
+    #[tokio::test]
+    async fn checkpoints_signed_from_memory_agree_with_the_stored_log() -> anyhow::Result<()> {
+        use estate_store::outbox::AuditSink;
+        let dir = tempfile::tempdir()?;
+        let (test_db, db, log) = with_log(dir.path()).await?;
+        let direct =
+            |from: usize, to: usize| -> Vec<_> { events(from, to).into_iter().map(|(_, e)| log.prepare(e)).collect() };
+        log.append_committed(&db, &direct(0, 10)).await?;
+        assert!(!log.checkpoint_from_memory("tenant-a").await?, "no tree in memory yet");
+        log.tree("tenant-a").await?;
+        log.append_committed(&db, &direct(10, 30)).await?;
+        assert!(log.checkpoint_from_memory("tenant-a").await?);
+        check_latest_checkpoint(&db, &log, 30).await?;
+
+        // Another writer appends; this process's next append finds the head
+        // moved, and its tree lacks the other writer's entries.
+        let other = AuditLog::new(db.clone(), estate_crypto::SigningKeyPair::generate()?, 100_000, 3600);
+        other.append(&events(30, 35)).await?;
+        log.append_committed(&db, &direct(35, 40)).await?;
+        assert!(!log.checkpoint_from_memory("tenant-a").await?, "a tree without another writer's entries");
+        check_latest_checkpoint(&db, &log, 30).await?;
+        log.checkpoint_now("tenant-a").await?;
+        check_latest_checkpoint(&db, &log, 40).await?;
+        log.append_committed(&db, &direct(40, 45)).await?;
+        assert!(log.checkpoint_from_memory("tenant-a").await?);
+        check_latest_checkpoint(&db, &log, 45).await?;
+        db.close().await;
+        test_db.drop().await
+    }
+
     /// A full window is written back to back only when the log reaches more
     /// than another window beyond it, or when this process does not know
     /// the log's head; otherwise it is spread like any other. A tenant with

@@ -316,7 +316,12 @@ pub struct ServiceApp {
     runtime: Runtime,
     background: Vec<tokio::task::JoinHandle<()>>,
     on_shutdown: Vec<ShutdownHook>,
+    after_serving: Vec<AfterServing>,
 }
+
+/// Work that finishes a service's background tasks once the server has
+/// stopped serving (see [`ServiceApp::after_serving`]).
+pub type AfterServing = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
 
 impl std::fmt::Debug for ServiceApp {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -324,6 +329,7 @@ impl std::fmt::Debug for ServiceApp {
             .field("app", &self.app)
             .field("background", &self.background.len())
             .field("on_shutdown", &self.on_shutdown.len())
+            .field("after_serving", &self.after_serving.len())
             .finish_non_exhaustive()
     }
 }
@@ -336,12 +342,19 @@ impl ServiceApp {
     /// Binds the listener and mounts `services` (see [`GrpcApp::build`]).
     pub async fn build(runtime: Runtime, services: RoutesBuilder, service_names: &[&str]) -> Result<Self, StartError> {
         let app = GrpcApp::build(&runtime, services, service_names).await?;
-        Ok(Self { app, runtime, background: Vec::new(), on_shutdown: Vec::new() })
+        Ok(Self { app, runtime, background: Vec::new(), on_shutdown: Vec::new(), after_serving: Vec::new() })
     }
 
     /// Adds a hook run when a stop is requested, before the server drains.
     pub fn on_shutdown(mut self, hook: impl FnOnce() + Send + 'static) -> Self {
         self.on_shutdown.push(Box::new(hook));
+        self
+    }
+
+    /// Adds work awaited once the server has stopped serving, before the
+    /// background tasks are stopped (e.g. a writer finishing its queue).
+    pub fn after_serving(mut self, work: impl std::future::Future<Output = ()> + Send + 'static) -> Self {
+        self.after_serving.push(Box::pin(work));
         self
     }
 
@@ -377,6 +390,9 @@ impl ServiceApp {
                 }
             })
             .await;
+        for work in self.after_serving {
+            work.await;
+        }
         for task in self.background {
             task.abort();
         }

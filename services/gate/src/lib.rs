@@ -41,7 +41,7 @@ pub async fn service(
     runtime: &Runtime,
     face: Option<Arc<dyn FaceMatcher>>,
     audit_log: Option<Arc<dyn AuditSink>>,
-) -> Result<(GateDesk, Vec<tokio::task::JoinHandle<()>>), StartError> {
+) -> Result<(GateDesk, GateTasks), StartError> {
     let s = &runtime.settings.gate;
     let cache =
         CredentialCache::new(runtime.redis.clone(), Duration::from_secs(s.cache_ttl_secs.max(1)), s.cache_capacity);
@@ -71,7 +71,35 @@ pub async fn service(
     )
     .with_face(face);
     let follower = desk.start_follower();
-    Ok((desk, vec![writer_task, follower]))
+    Ok((desk, GateTasks { writer: writer_task, follower }))
+}
+
+/// The gate service's background tasks: the decision writer and the bus
+/// follower.
+#[derive(Debug)]
+pub struct GateTasks {
+    writer: tokio::task::JoinHandle<()>,
+    follower: tokio::task::JoinHandle<()>,
+}
+
+/// How long a stopping gate service waits for its decision writer.
+const WRITER_GRACE: Duration = Duration::from_secs(5);
+
+impl GateTasks {
+    /// Stops them once the server has stopped serving: ends the follower,
+    /// drops `desk` (with it the last handle to the decision writer), and
+    /// waits up to five seconds for the writer to commit what is queued and
+    /// write the gates' last-seen times it holds; then it is cut off.
+    pub async fn stop(self, desk: GateDesk) {
+        self.follower.abort();
+        let _ = self.follower.await;
+        drop(desk);
+        let mut writer = self.writer;
+        if tokio::time::timeout(WRITER_GRACE, &mut writer).await.is_err() {
+            tracing::warn!("the decision writer did not finish in time; stopped");
+            writer.abort();
+        }
+    }
 }
 
 /// A migrated gate database for a unit test (SQLite in `dir`, or PostgreSQL
@@ -108,9 +136,9 @@ pub async fn application(runtime: Runtime) -> Result<ServiceApp, StartError> {
     let (desk, tasks) = service(&runtime, face, None).await?;
     let mut routes = tonic::service::RoutesBuilder::default();
     routes.add_service(server(&runtime, desk.clone()));
-    let mut app = ServiceApp::build(runtime, routes, &[SERVICE_NAME]).await?.on_shutdown(move || desk.close_streams());
-    for task in tasks {
-        app = app.with_background(task);
-    }
-    Ok(app)
+    let closing = desk.clone();
+    Ok(ServiceApp::build(runtime, routes, &[SERVICE_NAME])
+        .await?
+        .on_shutdown(move || closing.close_streams())
+        .after_serving(tasks.stop(desk)))
 }

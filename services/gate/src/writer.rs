@@ -83,7 +83,7 @@ async fn run(db: Db, log: Option<Arc<dyn AuditSink>>, mut rx: mpsc::Receiver<Job
     let mut jobs: Vec<Job> = Vec::with_capacity(batch);
     let mut written = Written::new();
     let (seen, seen_rx) = mpsc::channel::<LastSeen>(64);
-    tokio::spawn(touch_loop(db.clone(), seen_rx));
+    let toucher = tokio::spawn(touch_loop(db.clone(), seen_rx));
     while rx.recv_many(&mut jobs, batch).await > 0 {
         // Let the decisions already under way join this batch: a few yields
         // cost microseconds and save a transaction per handful of decisions.
@@ -126,6 +126,11 @@ async fn run(db: Db, log: Option<Arc<dyn AuditSink>>, mut rx: mpsc::Receiver<Job
             let _ = seen.try_send(due);
         }
     }
+    // Every decision handle is gone (the service is stopping): the last
+    // last-seen times are written before the writer's task ends, so that
+    // a shutdown that awaits it does not cut them off.
+    drop(seen);
+    let _ = toucher.await;
 }
 
 async fn commit(db: &Db, jobs: &[Job]) -> Result<()> {
@@ -342,6 +347,34 @@ mod tests {
             let rows = stored(db.clone()).await?;
             assert_eq!(rows[2], ("g0002".to_owned(), want, 0), "after a touch at {at}");
         }
+        db.close().await;
+        test_db.drop().await
+    }
+
+    /// When the service stops (every handle to the writer dropped), the
+    /// writer's task ends only after the last-seen times it handed on are
+    /// written: a shutdown that awaits the task does not cut them off.
+    #[tokio::test]
+    async fn the_writer_ends_after_the_last_seen_times_are_written() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let (test_db, db) = crate::test_db(dir.path()).await?;
+        db.migrate_outbox().await?;
+        let (writer, task) = DecisionWriter::start(db.clone(), 16, None);
+        let event = AuditEvent {
+            event_id: "evt-1".into(),
+            tenant_id: "t".into(),
+            estate_id: "e".into(),
+            action: "gate.decide".into(),
+            ..Default::default()
+        };
+        writer
+            .write(Pending { event, gate: Some(("g1".into(), "e".into())), trace_parent: None, passage: None })
+            .await?;
+        drop(writer);
+        task.await?;
+        let gates: Vec<(String,)> =
+            sqlx::query_as::<Any, (String,)>("SELECT gate_id FROM gate_status").fetch_all(db.pool()).await?;
+        assert_eq!(gates, [("g1".to_owned(),)]);
         db.close().await;
         test_db.drop().await
     }

@@ -55,7 +55,7 @@ pub struct Application {
     admin_token_path: PathBuf,
     audit_log: estate_audit::AuditLog,
     gate: estate_gate::GateDesk,
-    gate_tasks: Vec<tokio::task::JoinHandle<()>>,
+    gate_tasks: estate_gate::GateTasks,
     face: Option<Arc<dyn FaceMatcher>>,
     face_registry: Option<Arc<FaceRegistry>>,
 }
@@ -160,9 +160,7 @@ impl Application {
         sweep.abort();
         move_out.abort();
         relay.abort();
-        for task in self.gate_tasks {
-            task.abort();
-        }
+        self.gate_tasks.stop(self.gate).await;
         if let Some(registry) = &self.face_registry {
             registry.close().await;
         }

@@ -65,7 +65,6 @@ const BLOCK: usize = if cfg!(test) { 4 } else { 1 << 16 };
 #[derive(Debug, Clone, Default)]
 struct Level {
     blocks: Vec<Vec<Hash>>,
-    len: usize,
 }
 
 impl Level {
@@ -74,11 +73,11 @@ impl Level {
             Some(block) if block.len() < BLOCK => block.push(hash),
             _ => self.blocks.push(vec![hash]),
         }
-        self.len += 1;
     }
 
+    /// Every block but the last is full.
     fn len(&self) -> usize {
-        self.len
+        self.blocks.last().map_or(0, |last| (self.blocks.len() - 1) * BLOCK + last.len())
     }
 
     fn get(&self, index: usize) -> Option<&Hash> {

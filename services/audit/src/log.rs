@@ -83,6 +83,18 @@ fn runs<'a>(groups: &'a [(&'a str, Vec<&'a PreparedEvent>)], heads: &[(String, H
 /// A statement with its parameters bound.
 type Statement = sqlx::query::Query<'static, Any, sqlx::any::AnyArguments>;
 
+/// The checkpoint of a tenant's first `size` entries, with their tree's
+/// root and the last one's chain hash, stamped now.
+fn checkpoint_at(tenant: &str, size: i64, root: &Hash, chain: &Hash) -> Checkpoint {
+    Checkpoint {
+        tenant_id: tenant.to_owned(),
+        tree_size: size,
+        root_hash: hex::encode(root),
+        chain_hash: hex::encode(chain),
+        timestamp_unix: now_ms() / 1000,
+    }
+}
+
 fn hash_of(stored: &[u8]) -> Result<Hash> {
     <[u8; 32]>::try_from(stored).map_err(|_| Error::Internal("a stored audit hash is malformed".into()))
 }
@@ -806,13 +818,8 @@ impl AuditLog {
                 .fetch_one(self.db.pool())
                 .await
                 .map_err(db_error)?;
-        let checkpoint = Checkpoint {
-            tenant_id: tenant.to_owned(),
-            tree_size: i64::try_from(size).unwrap_or(i64::MAX),
-            root_hash: hex::encode(tree.root()),
-            chain_hash: hex::encode(hash_of(&chain)?),
-            timestamp_unix: now_ms() / 1000,
-        };
+        let checkpoint =
+            checkpoint_at(tenant, i64::try_from(size).unwrap_or(i64::MAX), &tree.root(), &hash_of(&chain)?);
         drop(tree);
         self.store_checkpoint(tenant, &checkpoint).await.map(Some)
     }
@@ -878,14 +885,7 @@ impl AuditLog {
                 _ => return Ok(false),
             }
         };
-        let checkpoint = Checkpoint {
-            tenant_id: tenant.to_owned(),
-            tree_size: size,
-            root_hash: hex::encode(root),
-            chain_hash: hex::encode(chain),
-            timestamp_unix: now_ms() / 1000,
-        };
-        self.store_checkpoint(tenant, &checkpoint).await?;
+        self.store_checkpoint(tenant, &checkpoint_at(tenant, size, &root, &chain)).await?;
         Ok(true)
     }
 

@@ -85,8 +85,9 @@ struct Args {
     /// the no-op at the same rate (for profiling the open loop's tail).
     #[arg(long)]
     profile_paced: Option<f64>,
-    /// With `--profile-paced`: write each paced call's scheduled start and
-    /// latency (µs, one call a line) to FILE.Decide and FILE.Noop, to see
+    /// With `--profile-paced`: write each paced call's scheduled start,
+    /// latency and how late the generator started it (µs, one call a line)
+    /// to FILE.Decide and FILE.Noop, to see
     /// when the slow calls came (session 19 found the audit indexer's
     /// bursts that way).
     #[arg(long, value_name = "FILE")]
@@ -329,6 +330,11 @@ struct Summary {
     errors: u64,
     /// The errors by kind, one line each ([`Load::take_failures`]).
     failures: String,
+    /// Paced phases: p99 of how late the load generator started a call
+    /// after its scheduled time, in ms. Latency counts from the scheduled
+    /// time, so this much of it is the generator's own thread waiting for
+    /// a core, not the service.
+    late_p99: Option<f64>,
 }
 
 fn percentile(sorted: &[u64], p: f64) -> f64 {
@@ -365,6 +371,7 @@ fn summarise(mut lat_us: Vec<u64>, elapsed: Duration, errors: u64, cpu_from: f64
         p999: percentile(&lat_us, 0.999),
         errors,
         failures: String::new(),
+        late_p99: None,
     }
 }
 
@@ -592,27 +599,35 @@ impl Load {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut in_flight = futures_util::stream::FuturesUnordered::new();
         let (mut lat, mut errors) = (Vec::with_capacity(total as usize), 0u64);
+        let mut late = Vec::with_capacity(total as usize);
         let mut sent = 0u64;
-        let mut trace: Vec<(u64, u64)> = Vec::new();
+        let mut trace: Vec<(u64, u64, u64)> = Vec::new();
         loop {
             // Every call whose scheduled start has come.
             let due = ((start.elapsed().as_secs_f64() * rate) as u64 + 1).min(total);
             while sent < due {
                 let scheduled = start + Duration::from_secs_f64(sent as f64 / rate);
                 let lane = sent as usize;
-                in_flight.push(async move { (self.one(call, lane).await, scheduled) });
+                in_flight.push(async move {
+                    // When the generator got to the call: later than
+                    // scheduled when its own thread waited for a core.
+                    let started = Instant::now();
+                    (self.one(call, lane).await, scheduled, started)
+                });
                 sent += 1;
             }
             if sent == total && in_flight.is_empty() {
                 break;
             }
             tokio::select! {
-                Some((ok, scheduled)) = in_flight.next() => {
+                Some((ok, scheduled, started)) = in_flight.next() => {
                     if ok {
                         let latency = scheduled.elapsed().as_micros() as u64;
                         lat.push(latency);
+                        let lag = started.saturating_duration_since(scheduled).as_micros() as u64;
+                        late.push(lag);
                         if trace_to.is_some() {
-                            trace.push(((scheduled - start).as_micros() as u64, latency));
+                            trace.push(((scheduled - start).as_micros() as u64, latency, lag));
                         }
                     } else {
                         errors += 1;
@@ -622,18 +637,21 @@ impl Load {
             }
         }
         if let Some(path) = trace_to {
-            let text: String = trace.iter().map(|(at, l)| format!("{at} {l}\n")).collect();
+            let text: String = trace.iter().map(|(at, l, lag)| format!("{at} {l} {lag}\n")).collect();
             if let Err(e) = std::fs::write(path.with_added_extension(format!("{call:?}")), text) {
                 eprintln!("latency trace not written: {e}");
             }
         }
-        Summary { failures: self.take_failures(), ..summarise(lat, start.elapsed(), errors, cpu_from) }
+        late.sort_unstable();
+        let late_p99 = Some(percentile(&late, 0.99));
+        Summary { failures: self.take_failures(), late_p99, ..summarise(lat, start.elapsed(), errors, cpu_from) }
     }
 }
 
 fn line(name: &str, s: &Summary) {
+    let late = s.late_p99.map(|ms| format!("   started late p99 {ms:.2} ms")).unwrap_or_default();
     println!(
-        "{name:<44} {:>9.0} calls/s   p50 {:>6.2} ms   p99 {:>6.2} ms   p99.9 {:>6.2} ms   cpu {:>5.1} µs/call   errors {}",
+        "{name:<44} {:>9.0} calls/s   p50 {:>6.2} ms   p99 {:>6.2} ms   p99.9 {:>6.2} ms   cpu {:>5.1} µs/call   errors {}{late}",
         s.rate(),
         s.p50,
         s.p99,

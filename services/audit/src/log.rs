@@ -45,17 +45,11 @@ pub struct AuditLog {
     /// [`AuditSink::append_committed`]). Only ever set after a commit; a head
     /// that another writer moved on is found out by the primary key.
     heads: Arc<std::sync::Mutex<HashMap<String, Head>>>,
-    /// Per tenant, the (person, estate) of the entries this process last
-    /// appended by script and the indexer has not yet gone past, so that
-    /// the indexer need not read them back ([`Self::index_entries`]).
-    unindexed: Arc<std::sync::Mutex<HashMap<String, Unindexed>>>,
-}
-
-/// Entries `start..start + keys.len()` of a tenant: their person and estate.
-#[derive(Debug, Default)]
-struct Unindexed {
-    start: i64,
-    keys: std::collections::VecDeque<(String, String)>,
+    /// Per tenant, the index windows of the entries this process last
+    /// appended by script and the indexer has not yet taken, so that the
+    /// indexer need not read them back nor gather their postings
+    /// ([`Self::index_entries`]).
+    unindexed: Arc<std::sync::Mutex<HashMap<String, WindowBuilder>>>,
 }
 
 /// The most entries kept per tenant for the indexer; past this (an indexer
@@ -400,49 +394,117 @@ pub(crate) struct Window {
 /// cut into windows of at most `max_postings` postings each, so that a
 /// window's transaction stays short whatever the number of people in it.
 pub(crate) fn windows(next: i64, entries: Vec<(i64, String, String)>, max_postings: usize) -> Vec<Window> {
-    /// The window being filled: its first entry's mark, and where each key's
-    /// posting is.
-    struct Open {
-        window: Window,
-        at: [HashMap<String, usize>; 2],
+    let mut built = WindowBuilder::new(next, max_postings, usize::MAX);
+    for (idx, person, estate) in &entries {
+        built.push(*idx, person, estate);
     }
-    fn open(start: i64) -> Open {
-        Open { window: Window { start, last: start, entries: 0, postings: Vec::new() }, at: Default::default() }
+    built.take()
+}
+
+/// Windows built one entry at a time (ascending indexes, from a mark on):
+/// a window ends before an entry that would take it past `max_postings`
+/// postings or `max_entries` entries. The indexer builds them from a read
+/// of the log ([`windows`]); the log builds them as it commits entries by
+/// script ([`AuditLog::keep_unindexed`]), a few at each commit, so that a
+/// sweep of the indexer finds them built instead of gathering 16,384
+/// entries' postings in one piece (3–8 ms of a core each second in the
+/// gate benchmark, and its decisions waited: BENCHMARKS.md, session 29).
+#[derive(Debug)]
+pub(crate) struct WindowBuilder {
+    max_postings: usize,
+    max_entries: usize,
+    /// Closed windows, not yet taken.
+    done: Vec<Window>,
+    /// The window being filled, and where each of its keys' postings is.
+    open: Window,
+    at: [HashMap<String, usize>; 2],
+    /// The index after the last entry pushed (the window's start before any).
+    next: i64,
+    /// Entries pushed since the windows were last taken.
+    pending: usize,
+}
+
+impl WindowBuilder {
+    pub(crate) fn new(start: i64, max_postings: usize, max_entries: usize) -> Self {
+        Self {
+            max_postings: max_postings.max(2),
+            max_entries: max_entries.max(1),
+            done: Vec::new(),
+            open: Window { start, last: start, entries: 0, postings: Vec::new() },
+            at: Default::default(),
+            next: start,
+            pending: 0,
+        }
     }
-    fn close(open: Open, out: &mut Vec<Window>) {
-        let mut window = open.window;
-        window.postings.sort_unstable_by(|a, b| (a.which, &a.key).cmp(&(b.which, &b.key)));
-        out.push(window);
-    }
-    let max_postings = max_postings.max(2);
-    let mut out = Vec::new();
-    let mut cur = open(next);
-    for (idx, person, estate) in entries {
+
+    /// Adds entry `idx` (past every entry pushed before), of `person` and
+    /// `estate` (either may be empty: no posting for it).
+    pub(crate) fn push(&mut self, idx: i64, person: &str, estate: &str) {
         let keys = [(IndexOf::Person, person), (IndexOf::Estate, estate)];
-        let new = keys.iter().filter(|(w, k)| !k.is_empty() && !cur.at[*w as usize].contains_key(k.as_str())).count();
-        if cur.window.entries > 0 && cur.window.postings.len() + new > max_postings {
-            let start = cur.window.last + 1;
-            close(std::mem::replace(&mut cur, open(start)), &mut out);
+        let new = keys.iter().filter(|(w, k)| !k.is_empty() && !self.at[*w as usize].contains_key(*k)).count();
+        if self.open.entries > 0
+            && (self.open.postings.len() + new > self.max_postings || self.open.entries >= self.max_entries)
+        {
+            self.close(self.open.last + 1);
         }
         for (which, key) in keys {
             if key.is_empty() {
                 continue;
             }
-            match cur.at[which as usize].get(key.as_str()) {
-                Some(&i) => cur.window.postings[i].entries.push(idx),
+            match self.at[which as usize].get(key) {
+                Some(&i) => self.open.postings[i].entries.push(idx),
                 None => {
-                    cur.at[which as usize].insert(key.clone(), cur.window.postings.len());
-                    cur.window.postings.push(Posting { which, key, entries: vec![idx] });
+                    self.at[which as usize].insert(key.to_owned(), self.open.postings.len());
+                    self.open.postings.push(Posting { which, key: key.to_owned(), entries: vec![idx] });
                 }
             }
         }
-        cur.window.last = idx;
-        cur.window.entries += 1;
+        self.open.last = idx;
+        self.open.entries += 1;
+        self.next = idx + 1;
+        self.pending += 1;
     }
-    if cur.window.entries > 0 {
-        close(cur, &mut out);
+
+    /// Closes the open window (when it has entries) and opens one at `start`.
+    fn close(&mut self, start: i64) {
+        let open = Window { start, last: start, entries: 0, postings: Vec::new() };
+        let mut window = std::mem::replace(&mut self.open, open);
+        for at in &mut self.at {
+            at.clear();
+        }
+        if window.entries > 0 {
+            window.postings.sort_unstable_by(|a, b| (a.which, &a.key).cmp(&(b.which, &b.key)));
+            self.done.push(window);
+        }
     }
-    out
+
+    /// The windows built so far, the open one closed; later entries go on
+    /// from after them.
+    pub(crate) fn take(&mut self) -> Vec<Window> {
+        self.close(self.next);
+        self.pending = 0;
+        std::mem::take(&mut self.done)
+    }
+}
+
+impl Window {
+    /// This window without its entries before `next` (none left: `None`).
+    /// For windows of entries without gaps (those the log built as it
+    /// committed): another indexer may have written part of them.
+    fn from(mut self, next: i64) -> Option<Window> {
+        if self.last < next {
+            return None;
+        }
+        if self.start < next {
+            for p in &mut self.postings {
+                p.entries.retain(|&i| i >= next);
+            }
+            self.postings.retain(|p| !p.entries.is_empty());
+            self.entries = usize::try_from(self.last - next + 1).unwrap_or(0);
+            self.start = next;
+        }
+        Some(self)
+    }
 }
 
 /// A posting's entries after the first, as the varint-encoded gaps between
@@ -566,6 +628,10 @@ const INSERT_ROWS: usize = 256;
 /// unindexed.
 const INDEX_WINDOW: i64 = 16_384;
 
+/// Entries per window of those the log keeps for the indexer as it
+/// commits them ([`WindowBuilder`]): as many as a read of the log.
+const KEPT_WINDOW_ENTRIES: usize = INDEX_WINDOW as usize;
+
 /// Postings per write transaction of the indexer (6 parameters each, one
 /// statement): a read naming more people than this is written as several
 /// windows. The gate's decisions wait while it holds the write turn.
@@ -647,39 +713,40 @@ impl AuditLog {
         }
     }
 
-    /// Keeps the person and estate of the entries a committed append left
+    /// Adds the entries a committed append left to the index windows kept
     /// for the indexer, after those already kept when they follow on;
     /// otherwise (another writer's entries in between) they start afresh.
     fn keep_unindexed(&self, runs: &[Run<'_>]) {
         let mut kept = self.unindexed.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         for &(tenant, first, list) in runs {
-            let entry = kept.entry(tenant.to_owned()).or_default();
-            if entry.start + entry.keys.len() as i64 != first || entry.keys.len() + list.len() > UNINDEXED_MAX {
-                *entry = Unindexed { start: first, keys: Default::default() };
+            let fresh = || WindowBuilder::new(first, INDEX_POSTINGS_PER_TX, KEPT_WINDOW_ENTRIES);
+            let built = match kept.get_mut(tenant) {
+                Some(built) => built,
+                None => kept.entry(tenant.to_owned()).or_insert_with(fresh),
+            };
+            if built.next != first || built.pending + list.len() > UNINDEXED_MAX {
+                *built = fresh();
             }
-            entry.keys.extend(list.iter().map(|p| (p.event.person_pseudonym.clone(), p.event.estate_id.clone())));
+            for (idx, p) in (first..).zip(list.iter()) {
+                built.push(idx, &p.event.person_pseudonym, &p.event.estate_id);
+            }
         }
     }
 
-    /// Up to `window` entries of `tenant` from `next` on, taken from those
-    /// kept by [`Self::keep_unindexed`] when they start there (entries
-    /// before `next` are already indexed and are dropped). Taken, not
-    /// copied: if their window is not written, the next sweep finds the
-    /// kept entries no longer start at its mark and reads the window from
-    /// the database.
-    fn take_unindexed(&self, tenant: &str, next: i64, window: i64) -> Option<Vec<(i64, String, String)>> {
+    /// The windows kept for `tenant` by [`Self::keep_unindexed`] from its
+    /// mark `next` on, when they reach back to it (entries before `next`
+    /// are already indexed and are dropped). Taken, not copied: if they are
+    /// not written, the next sweep finds the kept windows no longer start
+    /// at its mark and reads the entries from the database.
+    fn take_unindexed(&self, tenant: &str, next: i64) -> Option<Vec<Window>> {
         let mut kept = self.unindexed.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        let entry = kept.get_mut(tenant)?;
-        while entry.start < next && entry.keys.pop_front().is_some() {
-            entry.start += 1;
-        }
-        if entry.start != next || entry.keys.is_empty() {
+        let built = kept.get_mut(tenant)?;
+        let start = built.done.first().map_or(built.open.start, |w| w.start);
+        if start > next || built.next <= next {
             return None;
         }
-        let n = entry.keys.len().min(usize::try_from(window).unwrap_or(usize::MAX));
-        let taken = (next..).zip(entry.keys.drain(..n)).map(|(i, (p, e))| (i, p, e)).collect();
-        entry.start += i64::try_from(n).unwrap_or(i64::MAX);
-        Some(taken)
+        let taken: Vec<Window> = built.take().into_iter().filter_map(|w| w.from(next)).collect();
+        (!taken.is_empty()).then_some(taken)
     }
 
     /// Records heads a commit left.
@@ -957,38 +1024,51 @@ impl AuditLog {
     }
 
     /// [`Self::index_entries`] reading `read` entries at a time, with at
-    /// most `per_tx` postings per transaction, at `pace`.
+    /// most `per_tx` postings per transaction, at `pace`. Windows the log
+    /// kept as it committed are taken as it cut them
+    /// ([`INDEX_POSTINGS_PER_TX`], [`KEPT_WINDOW_ENTRIES`]).
     pub(crate) async fn index_entries_by(&self, tenant: &str, read: i64, per_tx: usize, pace: Pace) -> Result<usize> {
         let mut total = 0;
         loop {
             let next = self.indexed_below(tenant).await?;
-            let entries: Vec<(i64, String, String)> = match self.take_unindexed(tenant, next, read) {
-                Some(kept) => kept,
-                None => sqlx::query_as::<Any, (i64, String, String)>(
-                    "SELECT idx, person_pseudonym, estate_id FROM audit_entries WHERE tenant_id = $1 AND idx >= $2 \
-                 ORDER BY idx LIMIT $3",
-                )
-                .bind(tenant)
-                .bind(next)
-                .bind(read)
-                .fetch_all(self.db.pool())
-                .await
-                .map_err(db_error)?,
+            // The windows, whether more may follow them now (a full read),
+            // and whether to write them without waits.
+            let (windows, more, behind) = match self.take_unindexed(tenant, next) {
+                Some(kept) => {
+                    // All the log kept: more than a read's worth is written
+                    // without waits, as a full read far behind would be.
+                    let entries: usize = kept.iter().map(|w| w.entries).sum();
+                    (kept, false, entries > usize::try_from(read).unwrap_or(usize::MAX))
+                }
+                None => {
+                    let entries = sqlx::query_as::<Any, (i64, String, String)>(
+                        "SELECT idx, person_pseudonym, estate_id FROM audit_entries WHERE tenant_id = $1 AND idx >= $2 \
+                         ORDER BY idx LIMIT $3",
+                    )
+                    .bind(tenant)
+                    .bind(next)
+                    .bind(read)
+                    .fetch_all(self.db.pool())
+                    .await
+                    .map_err(db_error)?;
+                    let Some(&(last, _, _)) = entries.last() else { break };
+                    // A full read may have more behind it: when the log
+                    // reaches more than another read beyond it, the indexer
+                    // catches up without waits, so that spreading never
+                    // lets it fall more than two reads behind.
+                    let full = entries.len() >= usize::try_from(read).unwrap_or(usize::MAX);
+                    let behind = full && self.behind_beyond(tenant, last, read);
+                    // Gathering 16,384 entries' postings takes milliseconds:
+                    // on a thread of its own, not on one of the runtime's,
+                    // where every task queued behind it would wait (the
+                    // gate's decisions among them).
+                    let windows = tokio::task::spawn_blocking(move || windows(next, entries, per_tx))
+                        .await
+                        .map_err(|e| Error::Internal(format!("the index postings were not gathered: {e}")))?;
+                    (windows, full, behind)
+                }
             };
-            let Some(&(last, _, _)) = entries.last() else { break };
-            // A full read may have more behind it: when the log reaches
-            // more than another read beyond it, the indexer catches up
-            // without waits, so that spreading never lets it fall more than
-            // two reads behind.
-            let full = entries.len() >= usize::try_from(read).unwrap_or(usize::MAX);
-            let pace = if full && self.behind_beyond(tenant, last, read) { Pace::Flat } else { pace };
-            // Gathering 16,384 entries' postings takes milliseconds: on a
-            // thread of its own, not on one of the runtime's, where every
-            // task queued behind it would wait (the gate's decisions among
-            // them).
-            let windows = tokio::task::spawn_blocking(move || windows(next, entries, per_tx))
-                .await
-                .map_err(|e| Error::Internal(format!("the index postings were not gathered: {e}")))?;
+            let pace = if behind { Pace::Flat } else { pace };
             let first = tokio::time::Instant::now();
             let n = u32::try_from(windows.len()).unwrap_or(u32::MAX);
             let mut moved = false;
@@ -1001,18 +1081,18 @@ impl AuditLog {
                 total += window.entries;
                 // Between transactions only: a wait after the last would
                 // only hold up the next read and the next tenant.
-                let more = i + 1 < windows.len();
+                let another = i + 1 < windows.len();
                 match pace {
                     // Let the writers waiting for their turn go first.
                     Pace::Flat => tokio::task::yield_now().await,
-                    Pace::Spread(over) if more => {
+                    Pace::Spread(over) if another => {
                         let done = u32::try_from(i + 1).unwrap_or(u32::MAX);
                         tokio::time::sleep_until(first + over / n * done).await;
                     }
                     Pace::Spread(_) => {}
                 }
             }
-            if !full && !moved {
+            if !more && !moved {
                 break;
             }
         }
@@ -1201,6 +1281,60 @@ mod tests {
         let nobody = windows(7, vec![(7, String::new(), String::new())], 8);
         assert_eq!(nobody, vec![Window { start: 7, last: 7, entries: 1, postings: vec![] }]);
         assert!(windows(7, Vec::new(), 8).is_empty());
+    }
+
+    /// Windows built as entries are committed, a few at a time and taken
+    /// between, hold what windows of one read of the same entries hold:
+    /// they follow on from the mark without a gap, list every entry under
+    /// its person and estate once, and keep to the postings and entries
+    /// asked. A kept window another indexer wrote part of keeps only the
+    /// rest.
+    #[test]
+    fn windows_built_as_entries_come_hold_what_one_read_holds() -> Result<()> {
+        let all = entries(100, 400);
+        let listed = |ws: &[Window]| {
+            let mut out: Vec<(IndexOf, String, i64)> = ws
+                .iter()
+                .flat_map(|w| w.postings.iter().flat_map(|p| p.entries.iter().map(|&i| (p.which, p.key.clone(), i))))
+                .collect();
+            out.sort();
+            out
+        };
+        let read = windows(100, all.clone(), 3);
+        let mut built = WindowBuilder::new(100, 3, 50);
+        let mut taken = Vec::new();
+        for (n, chunk) in all.chunks(32).enumerate() {
+            for (idx, person, estate) in chunk {
+                built.push(*idx, person, estate);
+            }
+            if n % 3 == 2 {
+                taken.extend(built.take());
+            }
+        }
+        taken.extend(built.take());
+        assert!(built.take().is_empty(), "nothing pushed since");
+        assert_eq!(listed(&taken), listed(&read));
+        let mut next = 100;
+        for w in &taken {
+            assert_eq!(w.start, next, "windows follow on");
+            assert!(w.postings.len() <= 3 && w.entries <= 50 && w.entries > 0);
+            assert_eq!(w.entries as i64, w.last - w.start + 1);
+            next = w.last + 1;
+        }
+        assert_eq!(next, 400);
+
+        // Another indexer wrote up to entry 109 of a kept window.
+        let mut one = WindowBuilder::new(100, 1000, 1000);
+        for (idx, person, estate) in &entries(100, 130) {
+            one.push(*idx, person, estate);
+        }
+        let kept = one.take().remove(0);
+        assert_eq!(kept.clone().from(100), Some(kept.clone()), "nothing before the mark");
+        assert!(kept.clone().from(130).is_none(), "all of it written");
+        let rest = kept.from(110).ok_or_else(|| Error::Internal("entries 110..130 are left".into()))?;
+        assert_eq!((rest.start, rest.last, rest.entries), (110, 129, 20));
+        assert_eq!(listed(std::slice::from_ref(&rest)), listed(&windows(110, entries(110, 130), 1000)));
+        Ok(())
     }
 
     /// A posting's entries come back as they went in, whatever the gaps;

@@ -491,7 +491,7 @@ impl Window {
     /// This window without its entries before `next` (none left: `None`).
     /// For windows of entries without gaps (those the log built as it
     /// committed): another indexer may have written part of them.
-    fn from(mut self, next: i64) -> Option<Window> {
+    fn trimmed_to(mut self, next: i64) -> Option<Window> {
         if self.last < next {
             return None;
         }
@@ -745,7 +745,7 @@ impl AuditLog {
         if start > next || built.next <= next {
             return None;
         }
-        let taken: Vec<Window> = built.take().into_iter().filter_map(|w| w.from(next)).collect();
+        let taken: Vec<Window> = built.take().into_iter().filter_map(|w| w.trimmed_to(next)).collect();
         (!taken.is_empty()).then_some(taken)
     }
 
@@ -1329,9 +1329,9 @@ mod tests {
             one.push(*idx, person, estate);
         }
         let kept = one.take().remove(0);
-        assert_eq!(kept.clone().from(100), Some(kept.clone()), "nothing before the mark");
-        assert!(kept.clone().from(130).is_none(), "all of it written");
-        let rest = kept.from(110).ok_or_else(|| Error::Internal("entries 110..130 are left".into()))?;
+        assert_eq!(kept.clone().trimmed_to(100), Some(kept.clone()), "nothing before the mark");
+        assert!(kept.clone().trimmed_to(130).is_none(), "all of it written");
+        let rest = kept.trimmed_to(110).ok_or_else(|| Error::Internal("entries 110..130 are left".into()))?;
         assert_eq!((rest.start, rest.last, rest.entries), (110, 129, 20));
         assert_eq!(listed(std::slice::from_ref(&rest)), listed(&windows(110, entries(110, 130), 1000)));
         Ok(())

@@ -418,10 +418,6 @@ pub(crate) struct WindowBuilder {
     /// The window being filled, and where each of its keys' postings is.
     open: Window,
     at: [HashMap<String, usize>; 2],
-    /// The index after the last entry pushed (the window's start before any).
-    next: i64,
-    /// Entries pushed since the windows were last taken.
-    pending: usize,
 }
 
 impl WindowBuilder {
@@ -432,9 +428,18 @@ impl WindowBuilder {
             done: Vec::new(),
             open: Window { start, last: start, entries: 0, postings: Vec::new() },
             at: Default::default(),
-            next: start,
-            pending: 0,
         }
+    }
+
+    /// The index after the last entry pushed (the open window's start
+    /// before any).
+    fn next(&self) -> i64 {
+        if self.open.entries > 0 { self.open.last + 1 } else { self.open.start }
+    }
+
+    /// Entries pushed since the windows were last taken.
+    fn pending(&self) -> usize {
+        self.done.iter().map(|w| w.entries).sum::<usize>() + self.open.entries
     }
 
     /// Adds entry `idx` (past every entry pushed before), of `person` and
@@ -461,8 +466,6 @@ impl WindowBuilder {
         }
         self.open.last = idx;
         self.open.entries += 1;
-        self.next = idx + 1;
-        self.pending += 1;
     }
 
     /// Closes the open window (when it has entries) and opens one at `start`.
@@ -481,8 +484,7 @@ impl WindowBuilder {
     /// The windows built so far, the open one closed; later entries go on
     /// from after them.
     pub(crate) fn take(&mut self) -> Vec<Window> {
-        self.close(self.next);
-        self.pending = 0;
+        self.close(self.next());
         std::mem::take(&mut self.done)
     }
 }
@@ -724,7 +726,7 @@ impl AuditLog {
                 Some(built) => built,
                 None => kept.entry(tenant.to_owned()).or_insert_with(fresh),
             };
-            if built.next != first || built.pending + list.len() > UNINDEXED_MAX {
+            if built.next() != first || built.pending() + list.len() > UNINDEXED_MAX {
                 *built = fresh();
             }
             for (idx, p) in (first..).zip(list.iter()) {
@@ -742,7 +744,7 @@ impl AuditLog {
         let mut kept = self.unindexed.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let built = kept.get_mut(tenant)?;
         let start = built.done.first().map_or(built.open.start, |w| w.start);
-        if start > next || built.next <= next {
+        if start > next || built.next() <= next {
             return None;
         }
         let taken: Vec<Window> = built.take().into_iter().filter_map(|w| w.trimmed_to(next)).collect();

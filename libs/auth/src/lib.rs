@@ -13,6 +13,7 @@ mod principal;
 pub mod tls;
 mod token;
 
+pub use estate_telemetry::HANDLER_SPAN;
 pub use layer::{AuthLayer, AuthService, REQUEST_ID_HEADER, TOKEN_HEADER, caller, take_caller};
 pub use principal::{Caller, Principal};
 pub use token::{IssuedToken, TokenAuthority, VerifyingKeys};
@@ -38,7 +39,7 @@ macro_rules! unary_rpcs {
                 Self: 'async_trait,
             {
                 let span = ::tracing::info_span!(
-                    "rpc",
+                    $crate::HANDLER_SPAN,
                     otel.name = concat!($service, ".", stringify!($name)),
                     service = $service,
                     method = stringify!($name)

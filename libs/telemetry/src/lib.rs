@@ -74,9 +74,86 @@ pub fn init(settings: &TelemetrySettings, service_name: &'static str) -> Result<
     };
 
     set_propagator();
-    let _already_set =
-        tracing_subscriber::registry().with(fmt_layer.with_filter(filter)).with(otel_layer).with(db_layer).try_init();
+    let _already_set = tracing_subscriber::registry()
+        .with(fmt_layer.with_filter(LogFilter(filter)))
+        .with(otel_layer)
+        .with(db_layer)
+        .try_init();
     Ok(guard)
+}
+
+/// The name of the span `estate_auth::unary_rpcs!` opens around each RPC's
+/// handler, inside the server's per-call span (`grpc.server`, which names
+/// the method). It is there for the trace's shape (the handler's own spans
+/// and the audit append hang from it).
+pub const HANDLER_SPAN: &str = "rpc.handler";
+
+/// The log layer's filter: the configured `log_filter`, less the handler
+/// span ([`HANDLER_SPAN`]).
+///
+/// The log layer formats the fields of every span it enables as the span
+/// opens, to prefix the lines logged inside it. For the handler span that
+/// repeated what the server's span already shows (service and method) and
+/// cost each call about 1.7 µs of CPU, 3% of a card decision (BENCHMARKS.md,
+/// session 30). Lines logged in a handler keep the server span's prefix, and
+/// traces keep the handler span: the OpenTelemetry layer has its own filter.
+///
+/// The level hint is the configured filter's: a filter without one leaves
+/// the process's maximum level at TRACE, and sqlx then prepares its
+/// statement log for every query (it checks that level): a combined filter
+/// that lost the hint made card decisions 70% dearer.
+struct LogFilter(EnvFilter);
+
+fn is_handler_span(meta: &tracing::Metadata<'_>) -> bool {
+    meta.is_span() && meta.name() == HANDLER_SPAN
+}
+
+impl<S: tracing::Subscriber> tracing_subscriber::layer::Filter<S> for LogFilter {
+    fn enabled(&self, meta: &tracing::Metadata<'_>, cx: &tracing_subscriber::layer::Context<'_, S>) -> bool {
+        !is_handler_span(meta) && tracing_subscriber::layer::Filter::<S>::enabled(&self.0, meta, cx)
+    }
+
+    fn callsite_enabled(&self, meta: &'static tracing::Metadata<'static>) -> tracing::subscriber::Interest {
+        if is_handler_span(meta) {
+            tracing::subscriber::Interest::never()
+        } else {
+            tracing_subscriber::layer::Filter::<S>::callsite_enabled(&self.0, meta)
+        }
+    }
+
+    fn max_level_hint(&self) -> Option<tracing::level_filters::LevelFilter> {
+        tracing_subscriber::layer::Filter::<S>::max_level_hint(&self.0)
+    }
+
+    fn on_new_span(
+        &self,
+        attrs: &tracing::span::Attributes<'_>,
+        id: &tracing::span::Id,
+        cx: tracing_subscriber::layer::Context<'_, S>,
+    ) {
+        tracing_subscriber::layer::Filter::<S>::on_new_span(&self.0, attrs, id, cx);
+    }
+
+    fn on_record(
+        &self,
+        id: &tracing::span::Id,
+        values: &tracing::span::Record<'_>,
+        cx: tracing_subscriber::layer::Context<'_, S>,
+    ) {
+        tracing_subscriber::layer::Filter::<S>::on_record(&self.0, id, values, cx);
+    }
+
+    fn on_enter(&self, id: &tracing::span::Id, cx: tracing_subscriber::layer::Context<'_, S>) {
+        tracing_subscriber::layer::Filter::<S>::on_enter(&self.0, id, cx);
+    }
+
+    fn on_exit(&self, id: &tracing::span::Id, cx: tracing_subscriber::layer::Context<'_, S>) {
+        tracing_subscriber::layer::Filter::<S>::on_exit(&self.0, id, cx);
+    }
+
+    fn on_close(&self, id: tracing::span::Id, cx: tracing_subscriber::layer::Context<'_, S>) {
+        tracing_subscriber::layer::Filter::<S>::on_close(&self.0, id, cx);
+    }
 }
 
 #[cfg(feature = "otlp")]
@@ -138,4 +215,69 @@ pub fn context_of(traceparent: &str) -> opentelemetry::Context {
 pub fn set_parent(span: &tracing::Span, traceparent: &str) {
     use tracing_opentelemetry::OpenTelemetrySpanExt;
     let _ = span.set_parent(context_of(traceparent));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::{Arc, Mutex};
+    use tracing_subscriber::layer::Filter;
+
+    /// A log destination the test can read back.
+    #[derive(Clone, Default)]
+    struct Captured(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Captured {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().map_err(|_| std::io::Error::other("poisoned"))?.extend_from_slice(buf);
+            Ok(buf.len())
+        }
+
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn logged(log_filter: &str) -> Result<String, Box<dyn std::error::Error>> {
+        let out = Captured::default();
+        let sink = out.clone();
+        let layer = tracing_subscriber::fmt::layer().with_ansi(false).with_writer(move || sink.clone());
+        let subscriber =
+            tracing_subscriber::registry().with(layer.with_filter(LogFilter(EnvFilter::try_new(log_filter)?)));
+        tracing::subscriber::with_default(subscriber, || {
+            let server = tracing::info_span!("grpc.server", rpc.method = "/estate.gate.v1.GateService/Decide");
+            let _s = server.enter();
+            let handler = tracing::info_span!(HANDLER_SPAN, service = "gate", method = "decide");
+            let _h = handler.enter();
+            tracing::info!(code = "NotFound", "call refused");
+        });
+        let bytes = out.0.lock().map_err(|_| "poisoned")?.clone();
+        Ok(String::from_utf8(bytes)?)
+    }
+
+    #[test]
+    fn lines_logged_in_a_handler_carry_the_server_span_but_not_the_handler_span()
+    -> Result<(), Box<dyn std::error::Error>> {
+        for filter in ["info", "debug", "trace"] {
+            let out = logged(filter)?;
+            assert!(out.contains("call refused"), "{filter}: the line is logged: {out}");
+            assert!(out.contains("grpc.server{"), "{filter}: with the server span: {out}");
+            assert!(out.contains("GateService/Decide"), "{filter}: naming the method: {out}");
+            assert!(!out.contains(HANDLER_SPAN), "{filter}: without the handler span: {out}");
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn the_log_filter_keeps_the_configured_level_hint() -> Result<(), Box<dyn std::error::Error>> {
+        // Without it the process's maximum level is TRACE, and sqlx prepares
+        // a statement log line for every query.
+        use tracing::level_filters::LevelFilter;
+        let hint = |f: &str| -> Result<Option<LevelFilter>, Box<dyn std::error::Error>> {
+            Ok(Filter::<tracing_subscriber::Registry>::max_level_hint(&LogFilter(EnvFilter::try_new(f)?)))
+        };
+        assert_eq!(hint("info")?, Some(LevelFilter::INFO));
+        assert_eq!(hint("warn,estate_gate=debug")?, Some(LevelFilter::DEBUG));
+        Ok(())
+    }
 }

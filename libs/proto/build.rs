@@ -25,6 +25,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let out_dir = PathBuf::from(std::env::var("OUT_DIR")?);
     let mut config = prost_build::Config::new();
     config.protoc_executable(protoc_bin_vendored::protoc_bin_path()?);
+    // An audit event's attributes as an ordered map: encoded in key order, so
+    // the same event always has the same bytes, and built without hashing
+    // (every card decision builds five).
+    config.btree_map([".estate.common.v1.AuditEvent.attributes"]);
 
     let wkt = protoc_bin_vendored::include_path()?;
     tonic_prost_build::configure()

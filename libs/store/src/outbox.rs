@@ -8,7 +8,7 @@ use estate_core::Result;
 use estate_proto::common::{Actor, AuditEvent};
 use prost::Message;
 use sqlx::{Any, AnyConnection, Row};
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 
 /// Writes `event` to the outbox on `conn` (which should be a transaction).
 pub async fn record(conn: &mut AnyConnection, event: &AuditEvent) -> Result<()> {
@@ -308,7 +308,7 @@ impl<'a> Change<'a> {
             person_pseudonym: self.person_pseudonym.to_owned(),
             occurred_at: Some(prost_types::Timestamp { seconds, nanos }),
             request_id: request_id.to_owned(),
-            attributes: self.attributes.into_iter().map(|(k, v)| (k.to_owned(), v)).collect::<HashMap<_, _>>(),
+            attributes: self.attributes.into_iter().map(|(k, v)| (k.to_owned(), v)).collect::<BTreeMap<_, _>>(),
             concerns_minor: self.concerns_minor,
             source: source.to_owned(),
         }

@@ -9,7 +9,10 @@ pub mod db;
 
 use estate_config::TelemetrySettings;
 use opentelemetry_sdk::trace::SdkTracerProvider;
-use tracing_subscriber::layer::SubscriberExt;
+use tracing::level_filters::LevelFilter;
+use tracing::subscriber::Interest;
+use tracing::{Metadata, span};
+use tracing_subscriber::layer::{Context, Filter, SubscriberExt};
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Layer};
 
@@ -104,55 +107,42 @@ pub const HANDLER_SPAN: &str = "rpc.handler";
 /// that lost the hint made card decisions 70% dearer.
 struct LogFilter(EnvFilter);
 
-fn is_handler_span(meta: &tracing::Metadata<'_>) -> bool {
+fn is_handler_span(meta: &Metadata<'_>) -> bool {
     meta.is_span() && meta.name() == HANDLER_SPAN
 }
 
-impl<S: tracing::Subscriber> tracing_subscriber::layer::Filter<S> for LogFilter {
-    fn enabled(&self, meta: &tracing::Metadata<'_>, cx: &tracing_subscriber::layer::Context<'_, S>) -> bool {
-        !is_handler_span(meta) && tracing_subscriber::layer::Filter::<S>::enabled(&self.0, meta, cx)
+impl<S: tracing::Subscriber> Filter<S> for LogFilter {
+    fn enabled(&self, meta: &Metadata<'_>, cx: &Context<'_, S>) -> bool {
+        !is_handler_span(meta) && Filter::<S>::enabled(&self.0, meta, cx)
     }
 
-    fn callsite_enabled(&self, meta: &'static tracing::Metadata<'static>) -> tracing::subscriber::Interest {
-        if is_handler_span(meta) {
-            tracing::subscriber::Interest::never()
-        } else {
-            tracing_subscriber::layer::Filter::<S>::callsite_enabled(&self.0, meta)
-        }
+    fn callsite_enabled(&self, meta: &'static Metadata<'static>) -> Interest {
+        if is_handler_span(meta) { Interest::never() } else { Filter::<S>::callsite_enabled(&self.0, meta) }
     }
 
-    fn max_level_hint(&self) -> Option<tracing::level_filters::LevelFilter> {
-        tracing_subscriber::layer::Filter::<S>::max_level_hint(&self.0)
+    fn max_level_hint(&self) -> Option<LevelFilter> {
+        Filter::<S>::max_level_hint(&self.0)
     }
 
-    fn on_new_span(
-        &self,
-        attrs: &tracing::span::Attributes<'_>,
-        id: &tracing::span::Id,
-        cx: tracing_subscriber::layer::Context<'_, S>,
-    ) {
-        tracing_subscriber::layer::Filter::<S>::on_new_span(&self.0, attrs, id, cx);
+    // The configured filter follows spans for its span-scoped directives.
+    fn on_new_span(&self, attrs: &span::Attributes<'_>, id: &span::Id, cx: Context<'_, S>) {
+        Filter::<S>::on_new_span(&self.0, attrs, id, cx);
     }
 
-    fn on_record(
-        &self,
-        id: &tracing::span::Id,
-        values: &tracing::span::Record<'_>,
-        cx: tracing_subscriber::layer::Context<'_, S>,
-    ) {
-        tracing_subscriber::layer::Filter::<S>::on_record(&self.0, id, values, cx);
+    fn on_record(&self, id: &span::Id, values: &span::Record<'_>, cx: Context<'_, S>) {
+        Filter::<S>::on_record(&self.0, id, values, cx);
     }
 
-    fn on_enter(&self, id: &tracing::span::Id, cx: tracing_subscriber::layer::Context<'_, S>) {
-        tracing_subscriber::layer::Filter::<S>::on_enter(&self.0, id, cx);
+    fn on_enter(&self, id: &span::Id, cx: Context<'_, S>) {
+        Filter::<S>::on_enter(&self.0, id, cx);
     }
 
-    fn on_exit(&self, id: &tracing::span::Id, cx: tracing_subscriber::layer::Context<'_, S>) {
-        tracing_subscriber::layer::Filter::<S>::on_exit(&self.0, id, cx);
+    fn on_exit(&self, id: &span::Id, cx: Context<'_, S>) {
+        Filter::<S>::on_exit(&self.0, id, cx);
     }
 
-    fn on_close(&self, id: tracing::span::Id, cx: tracing_subscriber::layer::Context<'_, S>) {
-        tracing_subscriber::layer::Filter::<S>::on_close(&self.0, id, cx);
+    fn on_close(&self, id: span::Id, cx: Context<'_, S>) {
+        Filter::<S>::on_close(&self.0, id, cx);
     }
 }
 
@@ -221,7 +211,6 @@ pub fn set_parent(span: &tracing::Span, traceparent: &str) {
 mod tests {
     use super::*;
     use std::sync::{Arc, Mutex};
-    use tracing_subscriber::layer::Filter;
 
     /// A log destination the test can read back.
     #[derive(Clone, Default)]
@@ -272,7 +261,6 @@ mod tests {
     fn the_log_filter_keeps_the_configured_level_hint() -> Result<(), Box<dyn std::error::Error>> {
         // Without it the process's maximum level is TRACE, and sqlx prepares
         // a statement log line for every query.
-        use tracing::level_filters::LevelFilter;
         let hint = |f: &str| -> Result<Option<LevelFilter>, Box<dyn std::error::Error>> {
             Ok(Filter::<tracing_subscriber::Registry>::max_level_hint(&LogFilter(EnvFilter::try_new(f)?)))
         };

@@ -357,6 +357,32 @@ mod tests {
         assert_eq!(left, ["pending"]);
         Ok(())
     }
+
+    #[test]
+    fn an_events_bytes_do_not_depend_on_the_order_of_its_attributes() {
+        // The log keeps events' bytes as appended; with the attributes in key
+        // order, the same event always has the same bytes.
+        let actor = || Actor { kind: 1, id: "gate-1".into() };
+        let change = || Change::new("t", "gate.decide", "gate", "gate-1").person("p-1", false);
+        let mut a = change().attr("verdict", "ADMIT").attr("reason", "OK").attr("kind", "card").into_event(
+            actor(),
+            "req",
+            "gate",
+        );
+        let mut b = change().attr("kind", "card").attr("reason", "OK").attr("verdict", "ADMIT").into_event(
+            actor(),
+            "req",
+            "gate",
+        );
+        // Ids and times are fresh per event.
+        b.event_id.clone_from(&a.event_id);
+        b.occurred_at = a.occurred_at;
+        a.attributes.insert("decision_id".into(), "d-1".into());
+        b.attributes.insert("decision_id".into(), "d-1".into());
+        assert_eq!(a.encode_to_vec(), b.encode_to_vec());
+        let keys: Vec<&str> = a.attributes.keys().map(String::as_str).collect();
+        assert_eq!(keys, ["decision_id", "kind", "reason", "verdict"]);
+    }
 }
 
 /// The audit log itself, reachable inside a write transaction: in the

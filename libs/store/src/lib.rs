@@ -269,11 +269,80 @@ struct Writer {
     wal_syncs: Arc<AtomicU64>,
     /// Database file syncs the checkpointer made.
     db_syncs: Arc<AtomicU64>,
+    /// The database file, for [`Inline`] connections.
+    file: Option<std::path::PathBuf>,
+    /// The page cache size of writing connections, in KiB.
+    cache_kib: i64,
+    /// The WAL size, in pages, past which SQLite truncates it (`journal_size_limit`).
+    wal_restart_pages: i64,
 }
 
 #[derive(Debug)]
 struct WriterSlot {
     conn: Option<sqlx::AnyConnection>,
+    /// The writing connection of [`Db::write_inline`], used only while
+    /// the turn is held; `None` until its first use and after it failed.
+    inline: Option<Inline>,
+}
+
+/// A second writing connection, driven through rusqlite on the thread that
+/// holds the turn. sqlx runs each SQLite connection on a thread of its own;
+/// a write there is a hand-off to that thread and a wake-up back, and on a
+/// machine with as many busy threads as cores the connection's thread can
+/// only run by pushing a runtime worker off its core while the other core
+/// runs out of tasks (BENCHMARKS.md, session 31).
+struct Inline(rusqlite::Connection);
+
+impl std::fmt::Debug for Inline {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Inline")
+    }
+}
+
+impl Inline {
+    /// Opens `file` set up as the pool's connections are, except that it
+    /// never waits for a lock: it runs on a runtime worker, which must not
+    /// sleep in SQLite's busy handler.
+    fn open(file: &std::path::Path, cache_kib: i64, wal_restart_pages: i64) -> rusqlite::Result<Self> {
+        let conn = rusqlite::Connection::open_with_flags(
+            file,
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_WRITE | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )?;
+        conn.busy_timeout(Duration::ZERO)?;
+        conn.execute_batch(&format!(
+            "PRAGMA foreign_keys = ON; PRAGMA synchronous = NORMAL; PRAGMA temp_store = MEMORY; \
+             PRAGMA wal_autocheckpoint = 0; PRAGMA journal_size_limit = {}; PRAGMA cache_size = -{cache_kib};",
+            wal_restart_pages * 4096
+        ))?;
+        let mode: String = conn.query_row("PRAGMA journal_mode", [], |r| r.get(0))?;
+        if !mode.eq_ignore_ascii_case("wal") {
+            return Err(rusqlite::Error::InvalidQuery);
+        }
+        Ok(Self(conn))
+    }
+}
+
+/// Why [`Db::write_inline`] wrote nothing.
+#[derive(Debug)]
+pub enum InlineError {
+    /// Another connection held the write lock (a write outside this
+    /// process's turns), or no inline connection could be opened: write
+    /// the usual way, which waits.
+    Busy,
+    /// A constraint failed (the transaction was rolled back).
+    Constraint,
+    /// Anything else (the transaction was rolled back).
+    Failed(rusqlite::Error),
+}
+
+impl From<rusqlite::Error> for InlineError {
+    fn from(e: rusqlite::Error) -> Self {
+        match e.sqlite_error_code() {
+            Some(rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked) => Self::Busy,
+            Some(rusqlite::ErrorCode::ConstraintViolation) => Self::Constraint,
+            _ => Self::Failed(e),
+        }
+    }
 }
 
 impl Writer {
@@ -528,15 +597,25 @@ impl Db {
                 .connect_with(connect_opts)
                 .await
                 .map_err(StoreError::Connect)?;
-            let slot = Arc::new(tokio::sync::Mutex::new(WriterSlot { conn: None }));
+            let slot = Arc::new(tokio::sync::Mutex::new(WriterSlot { conn: None, inline: None }));
             let (written, wal_syncs, db_syncs) =
                 (Arc::new(Notify::new()), Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
             if let Some(file) = &sqlite_file {
                 spawn_wal_syncer(pool.clone(), format!("{file}-wal").into(), written.clone(), wal_syncs.clone());
             }
             let db_file = sqlite_file.map(std::path::PathBuf::from);
-            spawn_checkpointer(pool.clone(), slot.clone(), wal_restart_pages, db_file, db_syncs.clone());
-            Some(Writer { slot, writes, dirty: Arc::new(AtomicBool::new(false)), written, wal_syncs, db_syncs })
+            spawn_checkpointer(pool.clone(), slot.clone(), wal_restart_pages, db_file.clone(), db_syncs.clone());
+            Some(Writer {
+                slot,
+                writes,
+                dirty: Arc::new(AtomicBool::new(false)),
+                written,
+                wal_syncs,
+                db_syncs,
+                file: db_file,
+                cache_kib: WRITER_CACHE_KIB,
+                wal_restart_pages,
+            })
         } else {
             None
         };
@@ -615,6 +694,55 @@ impl Db {
         .await
     }
 
+    /// Runs `body` in a write transaction (`BEGIN IMMEDIATE` … `COMMIT`) on
+    /// SQLite's inline writing connection, in the writers' turn, on the
+    /// calling thread: for short, hot writes (the all-in-one gate's audit
+    /// appends), where a hand-off to sqlx's connection thread and back cost
+    /// more than the write. The transaction is rolled back if `body` fails.
+    /// It never waits for another connection's lock ([`InlineError::Busy`]).
+    /// The outer error is the turn's (INTERNAL on PostgreSQL).
+    pub async fn write_inline<T>(
+        &self,
+        body: impl FnOnce(&rusqlite::Transaction<'_>) -> rusqlite::Result<T>,
+    ) -> Result<Result<T, InlineError>, Error> {
+        let Some(writer) = &self.writer else {
+            return Err(Error::Internal("inline writes need SQLite's writing connection".into()));
+        };
+        let Some(file) = &writer.file else {
+            return Ok(Err(InlineError::Busy));
+        };
+        let mut slot = writer.slot.lock().await;
+        // A transaction left open on the other writing connection holds the
+        // write lock: roll it back first.
+        writer.clean(&mut slot).await;
+        if slot.inline.is_none() {
+            match Inline::open(file, writer.cache_kib, writer.wal_restart_pages) {
+                Ok(inline) => slot.inline = Some(inline),
+                Err(e) => {
+                    tracing::warn!(error = %e, "the inline SQLite connection could not be opened");
+                    return Ok(Err(InlineError::Busy));
+                }
+            }
+        }
+        let Some(Inline(conn)) = slot.inline.as_mut() else {
+            return Ok(Err(InlineError::Busy));
+        };
+        let written = (|| {
+            let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+            let out = body(&tx)?;
+            tx.commit()?;
+            Ok(out)
+        })();
+        if let Err(InlineError::Failed(e)) = &written {
+            // Whatever state it is in, the next inline write opens afresh.
+            tracing::warn!(error = %e, "an inline SQLite write failed; reopening its connection");
+            slot.inline = None;
+        }
+        drop(slot);
+        writer.written.notify_one();
+        Ok(written)
+    }
+
     /// Database file syncs the checkpointer has made (SQLite; 0 on
     /// PostgreSQL).
     pub fn db_syncs(&self) -> u64 {
@@ -631,6 +759,7 @@ impl Db {
         if let Some(writer) = &self.writer {
             let mut slot = writer.slot.lock().await;
             writer.clean(&mut slot).await;
+            slot.inline = None;
             if let Some(conn) = slot.conn.take() {
                 let _ = sqlx::Connection::close(conn).await;
             }
@@ -743,6 +872,51 @@ mod tests {
         assert!(ok.is_ok(), "{ok:?}");
         let ids: Vec<i64> = sqlx::query_scalar("SELECT id FROM t ORDER BY id").fetch_all(db.pool()).await?;
         assert_eq!(ids, vec![3, 4]);
+        db.close().await;
+        Ok(())
+    }
+
+    /// Inline writes commit, or leave nothing when their body fails; a
+    /// transaction left open on the sqlx writing connection is rolled back
+    /// first; another connection's write lock is reported as busy instead
+    /// of waited for; and both writing connections see each other's rows.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn inline_writes_commit_roll_back_and_do_not_wait_for_locks() -> Result<(), Box<dyn std::error::Error>> {
+        let dir = tempfile::tempdir()?;
+        let file = dir.path().join("inline.db");
+        let db = Db::connect(&sqlite_options(&file, 2)).await?;
+        sqlx::query("CREATE TABLE t (id INTEGER PRIMARY KEY)").execute(db.pool()).await?;
+        let insert = |ids: &'static [i64]| {
+            move |tx: &rusqlite::Transaction<'_>| -> rusqlite::Result<()> {
+                for id in ids {
+                    tx.execute("INSERT INTO t (id) VALUES (?1)", [id])?;
+                }
+                Ok(())
+            }
+        };
+        assert!(db.write_inline(insert(&[1])).await?.is_ok());
+        let failed = db.write_inline(insert(&[2, 1])).await?;
+        assert!(matches!(failed, Err(InlineError::Constraint)), "{failed:?}");
+        {
+            let mut tx = db.begin().await?;
+            sqlx::query("INSERT INTO t (id) VALUES (5)").execute(&mut *tx).await?;
+            // Dropped: its transaction holds the write lock until rolled back.
+        }
+        assert!(db.write_inline(insert(&[3])).await?.is_ok());
+        let other = rusqlite::Connection::open(&file)?;
+        other.execute_batch("BEGIN IMMEDIATE; INSERT INTO t (id) VALUES (9);")?;
+        let busy = db.write_inline(insert(&[4])).await?;
+        assert!(matches!(busy, Err(InlineError::Busy)), "{busy:?}");
+        other.execute_batch("ROLLBACK")?;
+        assert!(db.write_inline(insert(&[4])).await?.is_ok());
+        let mut tx = db.begin().await?;
+        let seen: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM t").fetch_one(&mut *tx).await?;
+        sqlx::query("INSERT INTO t (id) VALUES (6)").execute(&mut *tx).await?;
+        tx.commit().await?;
+        assert_eq!(seen, 3);
+        assert!(db.write_inline(insert(&[7])).await?.is_ok());
+        let ids: Vec<i64> = sqlx::query_scalar("SELECT id FROM t ORDER BY id").fetch_all(db.pool()).await?;
+        assert_eq!(ids, vec![1, 3, 4, 6, 7]);
         db.close().await;
         Ok(())
     }

@@ -7,7 +7,7 @@ use estate_merkle::{Hash, Tree, leaf_hash};
 use estate_proto::audit::{Checkpoint, SignedCheckpoint};
 use estate_proto::common::AuditEvent;
 use estate_store::outbox::{AuditSink, PreparedEvent};
-use estate_store::{Backend, Db, db_error};
+use estate_store::{Backend, Db, InlineError, db_error};
 use prost::Message;
 use sqlx::{Any, AnyConnection};
 use std::collections::HashMap;
@@ -46,7 +46,7 @@ pub struct AuditLog {
     /// that another writer moved on is found out by the primary key.
     heads: Arc<std::sync::Mutex<HashMap<String, Head>>>,
     /// Per tenant, the index windows of the entries this process last
-    /// appended by script and the indexer has not yet taken, so that the
+    /// appended inline and the indexer has not yet taken, so that the
     /// indexer need not read them back nor gather their postings
     /// ([`Self::index_entries`]).
     unindexed: Arc<std::sync::Mutex<HashMap<String, WindowBuilder>>>,
@@ -64,8 +64,8 @@ type Head = (i64, Hash);
 /// first entry's index, the entries in order.
 type Run<'a> = (&'a str, i64, &'a [&'a PreparedEvent]);
 
-/// What a committed script append left, from its groups and the heads
-/// after it (in the same order, [`AuditLog::script`]).
+/// What a committed inline append left, from its groups and the heads
+/// after it (in the same order, [`AuditLog::chained`]).
 fn runs<'a>(groups: &'a [(&'a str, Vec<&'a PreparedEvent>)], heads: &[(String, Head)]) -> Vec<Run<'a>> {
     groups
         .iter()
@@ -73,9 +73,6 @@ fn runs<'a>(groups: &'a [(&'a str, Vec<&'a PreparedEvent>)], heads: &[(String, H
         .map(|((tenant, list), (_, (last, _)))| (*tenant, last + 1 - list.len() as i64, list.as_slice()))
         .collect()
 }
-
-/// A statement with its parameters bound.
-type Statement = sqlx::query::Query<'static, Any, sqlx::any::AnyArguments>;
 
 /// The checkpoint of a tenant's first `size` entries, with their tree's
 /// root and the last one's chain hash, stamped now.
@@ -136,11 +133,13 @@ impl AuditSink for AuditLog {
     }
 
     /// On SQLite, with every tenant's head known, the whole append is one
-    /// script (`Db::write_script`): BEGIN, one INSERT per tenant, COMMIT,
-    /// a single call to the database's thread instead of four. If another
-    /// writer moved a head on, the insert at the expected index meets the
-    /// primary key, the script is rolled back and the append is made again
-    /// the usual way, reading the heads.
+    /// transaction on the inline writing connection (`Db::write_inline`),
+    /// on this thread: a prepared single-row INSERT per entry, no hand-off
+    /// to sqlx's connection thread and no multi-row statement to build. If
+    /// another writer moved a head on, the insert at the expected index
+    /// meets the primary key, the transaction is rolled back and the append
+    /// is made again the usual way, reading the heads; so it is when the
+    /// inline connection meets another connection's write lock.
     fn append_committed<'a>(
         &'a self,
         db: &'a Db,
@@ -150,9 +149,11 @@ impl AuditSink for AuditLog {
             let mut groups = by_tenant(events, |e| e.event.tenant_id.as_str());
             groups.sort_by(|a, b| a.0.cmp(b.0));
             if db.backend() == Backend::Sqlite
-                && let Some((script, heads)) = self.script(&groups)
+                && let Some((tenants, heads)) = self.chained(&groups)
             {
-                match db.write_script(script).await? {
+                let now = now_ms();
+                let inserted = db.write_inline(|tx| insert_inline(tx, &tenants, now)).await?;
+                match inserted {
                     Ok(()) => {
                         let runs = runs(&groups, &heads);
                         self.extend_trees(&runs);
@@ -161,8 +162,12 @@ impl AuditSink for AuditLog {
                         self.committed(events);
                         return Ok(());
                     }
-                    Err(e) if estate_store::is_unique_violation(&e) => self.forget(groups.iter().map(|g| g.0)),
-                    Err(e) => return Err(db_error(e)),
+                    Err(InlineError::Constraint) => self.forget(groups.iter().map(|g| g.0)),
+                    Err(InlineError::Busy) => {}
+                    Err(InlineError::Failed(e)) => {
+                        tracing::error!(error = %e, "audit append failed");
+                        return Err(Error::Internal("the audit log could not be written".into()));
+                    }
                 }
             }
             let mut tx = db.begin().await?;
@@ -295,6 +300,40 @@ async fn append_in(
     Ok((out, head))
 }
 
+/// Each tenant's entries, chained, for [`insert_inline`].
+type Chained<'a> = Vec<(&'a str, Vec<Row<'a>>)>;
+
+/// The INSERT of one entry, for [`insert_inline`]; its columns and their
+/// order are [`insert_sql`]'s.
+const INSERT_ONE: &str = "INSERT INTO audit_entries (tenant_id, idx, event_id, event, leaf_hash, chain_hash, \
+     estate_id, person_pseudonym, action, occurred_at, appended_at, relayed) \
+     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, 0)";
+
+/// Inserts directly appended entries in `tx` (SQLite's inline writing
+/// connection), one prepared statement, kept by the connection, for all.
+fn insert_inline(tx: &rusqlite::Transaction<'_>, tenants: &Chained<'_>, now: i64) -> rusqlite::Result<()> {
+    let mut insert = tx.prepare_cached(INSERT_ONE)?;
+    for (tenant, rows) in tenants {
+        for row in rows {
+            let event = &row.prepared.event;
+            insert.execute(rusqlite::params![
+                tenant,
+                row.idx,
+                event.event_id,
+                row.prepared.bytes,
+                row.prepared.leaf.as_slice(),
+                row.chain.as_slice(),
+                event.estate_id,
+                event.person_pseudonym,
+                event.action,
+                row.occurred,
+                now,
+            ])?;
+        }
+    }
+    Ok(())
+}
+
 /// The INSERT of entries with these `VALUES` groups.
 fn insert_sql(values: &str) -> String {
     format!(
@@ -404,8 +443,8 @@ pub(crate) fn windows(next: i64, entries: Vec<(i64, String, String)>, max_postin
 /// Windows built one entry at a time (ascending indexes, from a mark on):
 /// a window ends before an entry that would take it past `max_postings`
 /// postings or `max_entries` entries. The indexer builds them from a read
-/// of the log ([`windows`]); the log builds them as it commits entries by
-/// script ([`AuditLog::keep_unindexed`]), a few at each commit, so that a
+/// of the log ([`windows`]); the log builds them as it commits entries
+/// inline ([`AuditLog::keep_unindexed`]), a few at each commit, so that a
 /// sweep of the indexer finds them built instead of gathering 16,384
 /// entries' postings in one piece (3–8 ms of a core each second in the
 /// gate benchmark, and its decisions waited: BENCHMARKS.md, session 29).
@@ -662,15 +701,15 @@ impl AuditLog {
         }
     }
 
-    /// The append script of [`AuditSink::append_committed`] and the heads it
-    /// leaves, if every tenant's head is known.
-    fn script(&self, groups: &[(&str, Vec<&PreparedEvent>)]) -> Option<(Statement, Vec<(String, Head)>)> {
+    /// The entries of [`AuditSink::append_committed`] chained on from the
+    /// heads this process last committed, and the heads they leave, if
+    /// every tenant's head is known.
+    fn chained<'a>(&self, groups: &[(&'a str, Vec<&'a PreparedEvent>)]) -> Option<(Chained<'a>, Vec<(String, Head)>)> {
         let known: Vec<Head> = {
             let heads = self.heads.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
             groups.iter().map(|(tenant, _)| heads.get(*tenant).copied()).collect::<Option<Vec<_>>>()?
         };
-        let now = now_ms();
-        let mut tenants: Vec<(&str, Vec<Row>)> = Vec::with_capacity(groups.len());
+        let mut tenants: Chained<'a> = Vec::with_capacity(groups.len());
         let mut after = Vec::with_capacity(groups.len());
         for ((tenant, list), (last, mut chain)) in groups.iter().zip(known) {
             let mut rows = Vec::with_capacity(list.len());
@@ -681,20 +720,7 @@ impl AuditLog {
             after.push((tenant.to_string(), (last + list.len() as i64, chain)));
             tenants.push((tenant, rows));
         }
-        let mut sql = String::from("BEGIN IMMEDIATE;\n");
-        for (_, rows) in &tenants {
-            for chunk in rows.chunks(INSERT_ROWS) {
-                let row = format!("({})", ["?"; INSERT_COLUMNS].join(", "));
-                sql.push_str(&insert_sql(&vec![row; chunk.len()].join(", ")));
-                sql.push_str(";\n");
-            }
-        }
-        sql.push_str("COMMIT");
-        let mut q = sqlx::query::<Any>(sqlx::AssertSqlSafe(sql));
-        for (tenant, rows) in &tenants {
-            q = bind_rows(q, tenant, rows, Arrival::Direct, now);
-        }
-        Some((q, after))
+        Some((tenants, after))
     }
 
     /// Pushes the leaves a committed append left onto the tenants' trees in

@@ -207,6 +207,45 @@ async fn a_head_moved_by_another_writer_is_found_and_the_chain_stays_whole() -> 
     test_db.drop().await
 }
 
+/// On SQLite, an append that meets another connection's write lock (a
+/// write outside this process's turns, as another process's would be) is
+/// not waited for on the runtime's thread: it is made the usual way, which
+/// waits for the lock, and the chain stays whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_append_that_meets_another_connections_lock_is_made_the_usual_way() -> anyhow::Result<()> {
+    use estate_store::outbox::AuditSink;
+    let dir = tempfile::tempdir()?;
+    let (test_db, db) = migrated(dir.path(), 2).await?;
+    let Some(file) = test_db.url().strip_prefix("sqlite://").map(|p| p.split('?').next().unwrap_or(p).to_owned())
+    else {
+        db.close().await;
+        return test_db.drop().await;
+    };
+    let log = AuditLog::new(db.clone(), estate_crypto::SigningKeyPair::generate()?, 1000, 60);
+    let prepared = |from: usize, to: usize| -> Vec<_> {
+        (from..to).map(|i| log.prepare(event_of("tenant-a", format!("e{i}")))).collect()
+    };
+    // The head is known from here on: the next append goes inline.
+    log.append_committed(&db, &prepared(0, 10)).await?;
+    let (locked, is_locked) = tokio::sync::oneshot::channel();
+    let holder = std::thread::spawn(move || -> anyhow::Result<()> {
+        let conn = rusqlite::Connection::open(&file)?;
+        conn.execute_batch("BEGIN IMMEDIATE")?;
+        let _ = locked.send(());
+        std::thread::sleep(Duration::from_millis(300));
+        conn.execute_batch("COMMIT")?;
+        Ok(())
+    });
+    is_locked.await?;
+    log.append_committed(&db, &prepared(10, 20)).await?;
+    holder.join().map_err(|_| anyhow::anyhow!("the lock holder panicked"))??;
+    assert_eq!(chained_entries(&db, "tenant-a").await?, 20);
+    log.append_committed(&db, &prepared(20, 25)).await?;
+    assert_eq!(chained_entries(&db, "tenant-a").await?, 25);
+    db.close().await;
+    test_db.drop().await
+}
+
 /// The leaves a committed append leaves are pushed onto the tree in memory
 /// only where that tree ends just before them: with another writer's entries
 /// in between, the tree catches up from the database instead, and either

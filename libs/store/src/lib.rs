@@ -705,42 +705,50 @@ impl Db {
         &self,
         body: impl FnOnce(&rusqlite::Transaction<'_>) -> rusqlite::Result<T>,
     ) -> Result<Result<T, InlineError>, Error> {
+        use tracing::Instrument;
         let Some(writer) = &self.writer else {
             return Err(Error::Internal("inline writes need SQLite's writing connection".into()));
         };
         let Some(file) = &writer.file else {
             return Ok(Err(InlineError::Busy));
         };
-        let mut slot = writer.slot.lock().await;
-        // A transaction left open on the other writing connection holds the
-        // write lock: roll it back first.
-        writer.clean(&mut slot).await;
-        if slot.inline.is_none() {
-            match Inline::open(file, writer.cache_kib, writer.wal_restart_pages) {
-                Ok(inline) => slot.inline = Some(inline),
-                Err(e) => {
-                    tracing::warn!(error = %e, "the inline SQLite connection could not be opened");
-                    return Ok(Err(InlineError::Busy));
+        // The span of any write transaction, from asking for the turn to
+        // the commit.
+        let span = tracing::info_span!("db.transaction", otel.kind = "client", db.system = "sqlite");
+        async move {
+            let mut slot = writer.slot.lock().await;
+            // A transaction left open on the other writing connection holds
+            // the write lock: roll it back first.
+            writer.clean(&mut slot).await;
+            if slot.inline.is_none() {
+                match Inline::open(file, writer.cache_kib, writer.wal_restart_pages) {
+                    Ok(inline) => slot.inline = Some(inline),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "the inline SQLite connection could not be opened");
+                        return Ok(Err(InlineError::Busy));
+                    }
                 }
             }
+            let Some(Inline(conn)) = slot.inline.as_mut() else {
+                return Ok(Err(InlineError::Busy));
+            };
+            let written = (|| {
+                let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+                let out = body(&tx)?;
+                tx.commit()?;
+                Ok(out)
+            })();
+            if let Err(InlineError::Failed(e)) = &written {
+                // Whatever state it is in, the next inline write opens afresh.
+                tracing::warn!(error = %e, "an inline SQLite write failed; reopening its connection");
+                slot.inline = None;
+            }
+            drop(slot);
+            writer.written.notify_one();
+            Ok(written)
         }
-        let Some(Inline(conn)) = slot.inline.as_mut() else {
-            return Ok(Err(InlineError::Busy));
-        };
-        let written = (|| {
-            let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-            let out = body(&tx)?;
-            tx.commit()?;
-            Ok(out)
-        })();
-        if let Err(InlineError::Failed(e)) = &written {
-            // Whatever state it is in, the next inline write opens afresh.
-            tracing::warn!(error = %e, "an inline SQLite write failed; reopening its connection");
-            slot.inline = None;
-        }
-        drop(slot);
-        writer.written.notify_one();
-        Ok(written)
+        .instrument(span)
+        .await
     }
 
     /// Database file syncs the checkpointer has made (SQLite; 0 on

@@ -271,8 +271,6 @@ struct Writer {
     db_syncs: Arc<AtomicU64>,
     /// The database file, for [`Inline`] connections.
     file: Option<std::path::PathBuf>,
-    /// The page cache size of writing connections, in KiB.
-    cache_kib: i64,
     /// The WAL size, in pages, past which SQLite truncates it (`journal_size_limit`).
     wal_restart_pages: i64,
 }
@@ -303,17 +301,13 @@ impl Inline {
     /// Opens `file` set up as the pool's connections are, except that it
     /// never waits for a lock: it runs on a runtime worker, which must not
     /// sleep in SQLite's busy handler.
-    fn open(file: &std::path::Path, cache_kib: i64, wal_restart_pages: i64) -> rusqlite::Result<Self> {
+    fn open(file: &std::path::Path, wal_restart_pages: i64) -> rusqlite::Result<Self> {
         let conn = rusqlite::Connection::open_with_flags(
             file,
             rusqlite::OpenFlags::SQLITE_OPEN_READ_WRITE | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
         )?;
         conn.busy_timeout(Duration::ZERO)?;
-        conn.execute_batch(&format!(
-            "PRAGMA foreign_keys = ON; PRAGMA synchronous = NORMAL; PRAGMA temp_store = MEMORY; \
-             PRAGMA wal_autocheckpoint = 0; PRAGMA journal_size_limit = {}; PRAGMA cache_size = -{cache_kib};",
-            wal_restart_pages * 4096
-        ))?;
+        conn.execute_batch(&sqlite_pragmas(wal_restart_pages, WRITER_CACHE_KIB).join(";\n"))?;
         let mode: String = conn.query_row("PRAGMA journal_mode", [], |r| r.get(0))?;
         if !mode.eq_ignore_ascii_case("wal") {
             return Err(rusqlite::Error::InvalidQuery);
@@ -431,6 +425,28 @@ struct WriterTx {
 /// index pages that writes touch stay in memory.
 const WRITER_CACHE_KIB: i64 = 32 * 1024;
 
+/// The settings every SQLite connection of a [`Db`] gets after WAL mode
+/// and its busy timeout (the pool's and the inline writing connection's),
+/// with a `cache_kib` page cache when not 0.
+fn sqlite_pragmas(wal_restart_pages: i64, cache_kib: i64) -> Vec<String> {
+    let mut pragmas = vec![
+        "PRAGMA foreign_keys = ON".to_owned(),
+        "PRAGMA synchronous = NORMAL".to_owned(),
+        // Statement journals (a multi-row INSERT into indexed tables needs
+        // one) stay in memory instead of spilling to a temporary file.
+        "PRAGMA temp_store = MEMORY".to_owned(),
+        // Checkpoints run in the background (see `spawn_checkpointer`), not
+        // inside some writer's commit, which they used to stall for tens of
+        // ms.
+        "PRAGMA wal_autocheckpoint = 0".to_owned(),
+        format!("PRAGMA journal_size_limit = {}", wal_restart_pages * 4096),
+    ];
+    if cache_kib > 0 {
+        pragmas.push(format!("PRAGMA cache_size = -{cache_kib}"));
+    }
+    pragmas
+}
+
 /// Pool options for `backend`: at most `max` connections, each set up for
 /// this mesh when it connects; on SQLite a `cache_kib` page cache when not 0.
 fn pool_options(
@@ -455,21 +471,8 @@ fn pool_options(
                     Backend::Sqlite => {
                         conn.execute("PRAGMA journal_mode = WAL").await?;
                         conn.execute("PRAGMA busy_timeout = 5000").await?;
-                        conn.execute("PRAGMA foreign_keys = ON").await?;
-                        conn.execute("PRAGMA synchronous = NORMAL").await?;
-                        // Statement journals (a multi-row INSERT into
-                        // indexed tables needs one) stay in memory
-                        // instead of spilling to a temporary file.
-                        conn.execute("PRAGMA temp_store = MEMORY").await?;
-                        // Checkpoints run in the background (see
-                        // `spawn_checkpointer`), not inside some writer's
-                        // commit, which they used to stall for tens of ms.
-                        conn.execute("PRAGMA wal_autocheckpoint = 0").await?;
-                        let limit = format!("PRAGMA journal_size_limit = {}", wal_restart_pages * 4096);
-                        conn.execute(sqlx::AssertSqlSafe(limit)).await?;
-                        if cache_kib > 0 {
-                            let cache = format!("PRAGMA cache_size = -{cache_kib}");
-                            conn.execute(sqlx::AssertSqlSafe(cache)).await?;
+                        for pragma in sqlite_pragmas(wal_restart_pages, cache_kib) {
+                            conn.execute(sqlx::AssertSqlSafe(pragma)).await?;
                         }
                     }
                     Backend::Postgres => {
@@ -613,7 +616,6 @@ impl Db {
                 wal_syncs,
                 db_syncs,
                 file: db_file,
-                cache_kib: WRITER_CACHE_KIB,
                 wal_restart_pages,
             })
         } else {
@@ -721,7 +723,7 @@ impl Db {
             // the write lock: roll it back first.
             writer.clean(&mut slot).await;
             if slot.inline.is_none() {
-                match Inline::open(file, writer.cache_kib, writer.wal_restart_pages) {
+                match Inline::open(file, writer.wal_restart_pages) {
                     Ok(inline) => slot.inline = Some(inline),
                     Err(e) => {
                         tracing::warn!(error = %e, "the inline SQLite connection could not be opened");
